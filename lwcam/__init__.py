@@ -1,0 +1,44 @@
+"""lwcam: layer-wise Grad-CAM explanations of black-box classifiers via a distilled student.
+
+The four steps, each one module:
+
+1. :mod:`lwcam.blackbox` and :mod:`lwcam.distillation`: query the black box, distil a white-box student.
+2. :mod:`lwcam.layercam`: Grad-CAM on every layer of the student in one forward/backward pass.
+3. :mod:`lwcam.fusion`: fuse the layer maps by pixel-wise summation.
+4. :mod:`lwcam.metrics` and :mod:`lwcam.baselines`: deletion/insertion games on the black box.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "BlackBox": "lwcam.blackbox",
+    "TopK": "lwcam.blackbox",
+    "BlackBoxError": "lwcam.blackbox",
+    "distill": "lwcam.distillation",
+    "DistillResult": "lwcam.distillation",
+    "LayerwiseGradCAM": "lwcam.layercam",
+    "LayerMaps": "lwcam.layercam",
+    "fuse": "lwcam.fusion",
+    "deletion_game": "lwcam.metrics",
+    "insertion_game": "lwcam.metrics",
+    "GameResult": "lwcam.metrics",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:  # lazy: importing lwcam stays cheap
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in ("data", "models", "baselines", "plots", "pipeline", "metrics", "fusion", "layercam", "distillation"):
+        return importlib.import_module(f"lwcam.{name}")
+    raise AttributeError(f"module 'lwcam' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

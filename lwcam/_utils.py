@@ -1,0 +1,114 @@
+"""Small shared helpers: seeding, progress bars, atomic file writes, devices."""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+T = TypeVar("T")
+
+__all__ = [
+    "seed_everything",
+    "progress",
+    "progress_enabled",
+    "atomic_save",
+    "atomic_write_bytes",
+    "resolve_device",
+]
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch, and return a fresh ``torch.Generator`` seeded with ``seed``.
+
+    Args:
+        seed: any non-negative integer.
+
+    Example:
+        >>> g = seed_everything(0)
+        >>> torch.rand(1, generator=g).item() == torch.rand(1, generator=seed_everything(0)).item()
+        True
+    """
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+def progress_enabled(progress: bool | None = None) -> bool:
+    """Decide whether to draw a progress bar.
+
+    ``progress=False`` always disables, ``True`` always enables. ``None`` (the default
+    everywhere in lwcam) enables the bar only when stderr is a TTY and the environment
+    variable ``LWCAM_PROGRESS`` is not ``0``.
+    """
+    if progress is not None:
+        return bool(progress)
+    env = os.environ.get("LWCAM_PROGRESS")
+    if env is not None:
+        return env not in ("0", "false", "False", "")
+    return sys.stderr.isatty()
+
+
+def progress(iterable: Iterable[T], *, total: int | None = None, desc: str = "",
+             enabled: bool | None = None, **kwargs: Any) -> Iterator[T]:
+    """Wrap ``iterable`` in a tqdm bar when :func:`progress_enabled` says so."""
+    if not progress_enabled(enabled):
+        return iter(iterable)
+    from tqdm.auto import tqdm
+
+    return iter(tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, **kwargs))
+
+
+def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
+    """Write ``data`` to ``path`` atomically: a temporary file in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` ``obj`` to ``path`` atomically (temporary file, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``None`` or ``"auto"`` picks CUDA when available, else CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)

@@ -1,0 +1,68 @@
+"""Single-layer Grad-CAM (Selvaraju et al., ICCV 2017), the usual one-layer comparison."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..layercam import LayerwiseGradCAM, auto_layers
+from ._base import Recorder, Targets, check_images, check_targets, finish, require_module
+
+__all__ = ["gradcam"]
+
+
+def gradcam(
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: Targets,
+    *,
+    layer: str | nn.Module = "last",
+    stats: dict | None = None,
+) -> torch.Tensor:
+    """Grad-CAM of one layer, upsampled to the input size.
+
+    For the layer's activations ``A`` (K,h,w) and the target logit ``y``:
+    ``α_k = mean_{h,w} ∂y/∂A_k`` and ``map = ReLU(Σ_k α_k A_k)``, upsampled bilinearly
+    (``align_corners=False``). It is exactly the one-layer case of
+    :class:`lwcam.LayerwiseGradCAM` (computed with ``layers=[layer]``).
+
+    Used two ways in the benchmark:
+
+    * on the distilled **student**'s last layer: the paper's single-layer comparison
+      (white-box access to the student only, 0 black-box queries);
+    * on the **teacher** itself: a white-box *oracle* that a real black-box setting does not
+      allow. It is possible here only because the default black box is a model we trained
+      ourselves and can open; it shows what Grad-CAM would give with full access.
+
+    Args:
+        model: an ``nn.Module`` returning logits (the student, or the teacher as an oracle).
+        images: ``(B,3,H,W)`` images in the model's normalised space.
+        targets: the class to explain per image: an int, a sequence or a ``(B,)`` tensor.
+        layer: ``"last"`` (the deepest of the layers ``LayerwiseGradCAM(layers="auto")``
+            picks at this input size), or a layer name / module.
+        stats: optional dict that receives ``queries`` (0), ``seconds``, their per-image values
+            and ``layer``, the layer used.
+
+    Returns:
+        ``(B,H,W)`` float32 non-negative maps.
+
+    Example:
+        >>> import torchvision
+        >>> net = torchvision.models.resnet18(num_classes=10)
+        >>> st = {}
+        >>> gradcam(net, torch.rand(2, 3, 64, 64), [1, 2], stats=st).shape, st["layer"]
+        (torch.Size([2, 64, 64]), 'layer4')
+    """
+    model = require_module(model, "gradcam")
+    images = check_images(images)
+    b, _, h, w = images.shape
+    targets = check_targets(targets, b, None)  # the class range is checked against the logits
+    with Recorder(stats, b) as rec:
+        if isinstance(layer, str) and layer == "last":
+            layer = auto_layers(model, (h, w), in_channels=images.shape[1])[-1]
+        with LayerwiseGradCAM(model, layers=[layer], verbose=False) as lw:
+            maps = lw(images, targets)
+        name = maps.names[0]
+        out = maps.maps[name]
+        rec.note(layer=name)
+    return finish(out)

@@ -1,0 +1,562 @@
+"""Data sets: the embedded synthetic default and loaders for the paper's four data sets.
+
+Every data set yields ``(image, label, mask)``:
+
+* ``image``: float tensor (3,H,W) in the model's normalised space, ``(x - mean) / std``;
+* ``label``: int class index;
+* ``mask``: bool tensor (H,W), the ground-truth object (all False where none is known;
+  CUB-200-2011's mask is its bounding box).
+
+The embedded default, :class:`SyntheticTextures`, runs anywhere without downloads. Each
+image holds one class-carrying object on a photographic background (crops of the photos
+bundled with scikit-image) with distractor objects. **The class is the object's internal
+texture** (stripes, checkerboard, dots, rings, ...), drawn in two random colours, inside a
+random silhouette with random position, scale and rotation. Distractors share the
+silhouettes and colours but are filled with smooth, texture-free shading, so neither
+colour, shape, position nor the image border tells the class. Deleting the object's
+pixels (the deletion game's default zero substrate) removes the class evidence, which is
+what makes the oracle check of the benchmark hold.
+
+Every image is a pure function of ``(seed, split, index)``.
+
+Example:
+    >>> ds = get_dataset("synthetic", split="test", n=4)
+    >>> image, label, mask = ds[0]
+    >>> image.shape, mask.shape, mask.dtype
+    (torch.Size([3, 64, 64]), torch.Size([64, 64]), torch.bool)
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+__all__ = [
+    "CLASS_NAMES",
+    "SPLITS",
+    "SPLIT_SIZES",
+    "SYNTHETIC_MEAN",
+    "SYNTHETIC_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "MEAN",
+    "STD",
+    "SyntheticTextures",
+    "ImageFolderWithMasks",
+    "CUB200",
+    "get_dataset",
+    "normalization",
+    "denormalize",
+    "load_tensors",
+    "render_synthetic",
+]
+
+SPLITS = ("train", "transfer", "val", "test")
+_SPLIT_IDS = {s: i for i, s in enumerate(SPLITS)}
+#: Default number of images per split of the synthetic set.
+SPLIT_SIZES = {"train": 12000, "transfer": 20000, "val": 1000, "test": 1000}
+
+CLASS_NAMES = (
+    "stripes",
+    "checkerboard",
+    "dots",
+    "rings",
+    "spokes",
+    "grid",
+    "waves",
+    "spiral",
+    "bricks",
+    "speckle",
+)
+
+#: Per-channel pixel statistics of the synthetic set (measured on 4000 train images at 64x64,
+#: seed 0; ``tests/test_data.py`` re-measures them).
+SYNTHETIC_MEAN = (0.4940, 0.4644, 0.4504)
+SYNTHETIC_STD = (0.1952, 0.1920, 0.1929)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MEAN, STD = SYNTHETIC_MEAN, SYNTHETIC_STD
+
+
+def normalization(name: str = "synthetic") -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` of the normalised input space for a data set name."""
+    return (SYNTHETIC_MEAN, SYNTHETIC_STD) if name == "synthetic" else (IMAGENET_MEAN, IMAGENET_STD)
+
+
+def denormalize(images: torch.Tensor, mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> torch.Tensor:
+    """Map normalised images (...,3,H,W) back to [0,1] pixel space (clamped)."""
+    m = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+    s = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+    return (images * s + m).clamp(0, 1)
+
+
+# --------------------------------------------------------------------------- synthetic
+@functools.lru_cache(maxsize=1)
+def _backgrounds() -> tuple[np.ndarray, ...]:
+    """Photos bundled with scikit-image, as float32 RGB in [0,1], downsampled to <= 256 px."""
+    import skimage.data as skd
+
+    names = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "camera", "grass", "gravel", "brick")
+    out = []
+    for name in names:
+        img = np.asarray(getattr(skd, name)())
+        if img.ndim == 2:
+            img = np.repeat(img[..., None], 3, axis=2)
+        pil = Image.fromarray(img[..., :3].astype(np.uint8))
+        scale = 256 / max(pil.size)
+        if scale < 1:
+            pil = pil.resize((round(pil.size[0] * scale), round(pil.size[1] * scale)), Image.BILINEAR)
+        out.append(np.asarray(pil, dtype=np.float32) / 255.0)
+    return tuple(out)
+
+
+def _smoothstep(x: np.ndarray, sharp: float) -> np.ndarray:
+    """Anti-aliased binarisation of a signed field: ~0 for x<0, ~1 for x>0."""
+    return 0.5 * (1.0 + np.tanh(sharp * x))
+
+
+def _texture(cls: int, u: np.ndarray, v: np.ndarray, r: np.ndarray, theta: np.ndarray, period: float,
+             rng: np.random.Generator) -> np.ndarray:
+    """Class texture in [0,1] at object-frame coordinates ``u, v`` (pixels), polar ``r, theta``."""
+    p = period
+    tau = 2 * np.pi
+    s = 3.0  # edge sharpness of the smooth binarisation
+    if cls == 0:  # stripes
+        return _smoothstep(np.sin(tau * u / p), s)
+    if cls == 1:  # checkerboard
+        return _smoothstep(np.sin(tau * u / (1.6 * p)) * np.sin(tau * v / (1.6 * p)), 2 * s)
+    if cls == 2:  # dots on a square lattice
+        q = 1.3 * p
+        du = (u / q - np.round(u / q)) * q
+        dv = (v / q - np.round(v / q)) * q
+        return _smoothstep(0.3 * q - np.sqrt(du**2 + dv**2), 1.5)
+    if cls == 3:  # concentric rings around the object centre
+        return _smoothstep(np.sin(tau * r / p), s)
+    if cls == 4:  # radial spokes
+        n = int(rng.integers(5, 8))
+        return _smoothstep(np.sin(n * theta), s)
+    if cls == 5:  # grid lines
+        q = 1.3 * p
+        du = np.abs((u / q - np.round(u / q)) * q)
+        dv = np.abs((v / q - np.round(v / q)) * q)
+        return _smoothstep(0.17 * q - np.minimum(du, dv), 2.0)
+    if cls == 6:  # wavy stripes
+        return _smoothstep(np.sin(tau * (u + 0.35 * p * np.sin(tau * v / (2.2 * p))) / p), s)
+    if cls == 7:  # spiral
+        return _smoothstep(np.sin(2 * theta + tau * r / p), s)
+    if cls == 8:  # bricks: rows with staggered joints
+        q = 1.1 * p
+        row = np.floor(v / q)
+        dv = np.abs((v / q - np.round(v / q)) * q)
+        shift = (row % 2) * q
+        du = np.abs(((u + shift) / (2 * q) - np.round((u + shift) / (2 * q))) * 2 * q)
+        return _smoothstep(np.minimum(dv, du) - 0.15 * q, 2.0)
+    if cls == 9:  # speckle: fine random binary noise, upsampled 2x
+        h, w = u.shape
+        noise = rng.random(((h + 1) // 2, (w + 1) // 2)) > 0.5
+        return np.kron(noise, np.ones((2, 2)))[:h, :w].astype(np.float32)
+    raise ValueError(f"class index must be in [0, {len(CLASS_NAMES)}), got {cls}")
+
+
+def _silhouette(kind: int, u: np.ndarray, v: np.ndarray, radius: float, rng: np.random.Generator) -> np.ndarray:
+    """A soft-edged shape (0..1) in object coordinates: ellipse, rounded square, polygon or blob."""
+    if kind == 0:  # ellipse
+        a = radius
+        b = radius * rng.uniform(0.65, 1.0)
+        d = 1 - np.sqrt((u / a) ** 2 + (v / b) ** 2)
+        return np.clip(d * radius + 0.5, 0, 1)
+    if kind == 1:  # rounded square / rectangle
+        a = radius * 0.85
+        b = a * rng.uniform(0.7, 1.0)
+        d = np.minimum(a - np.abs(u), b - np.abs(v))
+        return np.clip(d + 0.5, 0, 1)
+    theta = np.arctan2(v, u)
+    rr = np.sqrt(u**2 + v**2)
+    if kind == 2:  # regular polygon
+        n = int(rng.integers(3, 7))
+        apothem = radius * np.cos(np.pi / n) * (1.1 if n == 3 else 1.0)
+        sector = np.mod(theta, 2 * np.pi / n) - np.pi / n
+        d = apothem - rr * np.cos(sector)
+        return np.clip(d + 0.5, 0, 1)
+    # kind == 3: smooth blob with random harmonics
+    coef = rng.uniform(-0.12, 0.12, size=3)
+    phase = rng.uniform(0, 2 * np.pi, size=3)
+    rad = radius * (1 + sum(c * np.cos((k + 2) * theta + ph) for k, (c, ph) in enumerate(zip(coef, phase, strict=True))))
+    return np.clip(rad - rr + 0.5, 0, 1)
+
+
+def _colour_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Two random RGB colours with a clear luminance difference."""
+    lum = np.array([0.299, 0.587, 0.114])
+    while True:
+        c1, c2 = rng.uniform(0, 1, size=3), rng.uniform(0, 1, size=3)
+        if abs(lum @ c1 - lum @ c2) > 0.3:
+            return c1.astype(np.float32), c2.astype(np.float32)
+
+
+def _background(size: int, rng: np.random.Generator) -> np.ndarray:
+    photos = _backgrounds()
+    photo = photos[int(rng.integers(len(photos)))]
+    h, w = photo.shape[:2]
+    crop = int(rng.integers(min(h, w) // 3, min(h, w) + 1))
+    y0, x0 = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
+    patch = photo[y0 : y0 + crop, x0 : x0 + crop]
+    pil = Image.fromarray((patch * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR)
+    bg = np.asarray(pil, dtype=np.float32) / 255.0
+    if rng.random() < 0.5:
+        bg = bg[:, ::-1]
+    if rng.random() < 0.5:
+        bg = bg[::-1]
+    bg = np.rot90(bg, int(rng.integers(4)))
+    tint = rng.uniform(0.6, 1.2, size=3).astype(np.float32)
+    contrast = rng.uniform(0.4, 0.8)
+    bg = (bg - bg.mean()) * contrast + rng.uniform(0.3, 0.7)
+    return np.clip(bg * tint, 0, 1).astype(np.float32)
+
+
+def render_synthetic(seed: int, split: str, index: int, image_size: int = 64, num_classes: int = 10,
+                     n_distractors: tuple[int, int] = (1, 3)) -> tuple[np.ndarray, int, np.ndarray]:
+    """Render one synthetic image: a pure function of ``(seed, split, index)`` and the sizes.
+
+    Returns:
+        ``(image, label, mask)``: float32 RGB (H,W,3) in [0,1], the class index, bool mask (H,W).
+    """
+    if split not in _SPLIT_IDS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if not 2 <= num_classes <= len(CLASS_NAMES):
+        raise ValueError(f"num_classes must be in [2, {len(CLASS_NAMES)}], got {num_classes}")
+    if image_size < 16:
+        raise ValueError(f"image_size must be >= 16, got {image_size}")
+    rng = np.random.default_rng([seed, _SPLIT_IDS[split], index, 7919])
+    size = image_size
+    label = int(rng.integers(num_classes))
+    img = _background(size, rng)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    unit = size / 64.0  # geometry scales with the image
+
+    def place(radius: float) -> tuple[np.ndarray, np.ndarray, float, float]:
+        margin = radius + 1
+        cx, cy = rng.uniform(margin, size - margin, size=2)
+        angle = rng.uniform(0, 2 * np.pi)
+        ca, sa = np.cos(angle), np.sin(angle)
+        u = ca * (xx - cx) + sa * (yy - cy)
+        v = -sa * (xx - cx) + ca * (yy - cy)
+        return u, v, cx, cy
+
+    # distractors first (they may be partly covered by the object)
+    for _ in range(int(rng.integers(n_distractors[0], n_distractors[1] + 1))):
+        radius = rng.uniform(7, 13) * unit
+        u, v, _, _ = place(radius)
+        alpha = _silhouette(int(rng.integers(4)), u, v, radius, rng)[..., None]
+        c1, c2 = _colour_pair(rng)
+        g = np.clip(0.5 + (u * np.cos(rng.uniform(0, 6.3)) + v * np.sin(rng.uniform(0, 6.3))) / (2.5 * radius), 0, 1)
+        fill = c1 * (1 - g[..., None]) + c2 * g[..., None]  # smooth two-colour gradient: no texture
+        img = img * (1 - alpha) + fill * alpha
+
+    radius = rng.uniform(12, 19) * unit
+    u, v, cx, cy = place(radius)
+    alpha = _silhouette(int(rng.integers(4)), u, v, radius, rng)
+    period = rng.uniform(5.0, 6.5) * unit
+    u_t = u + rng.uniform(0, period)
+    v_t = v + rng.uniform(0, period)
+    rr = np.sqrt(u**2 + v**2)
+    theta = np.arctan2(v, u)
+    tex = _texture(label, u_t, v_t, rr, theta, period, rng)[..., None]
+    c1, c2 = _colour_pair(rng)
+    fill = c1 * (1 - tex) + c2 * tex
+    img = img * (1 - alpha[..., None]) + fill * alpha[..., None]
+    img = img + rng.normal(0, 0.02, size=img.shape).astype(np.float32)  # sensor noise
+    mask = alpha >= 0.5
+    return np.clip(img, 0, 1).astype(np.float32), label, mask
+
+
+class SyntheticTextures(Dataset):
+    """The embedded default: textured objects on photographic clutter, with object masks.
+
+    Args:
+        split: ``"train"`` (teacher only), ``"transfer"`` (unlabelled distillation images),
+            ``"val"`` or ``"test"``. The splits are disjoint: each draws from its own stream.
+        n: number of images (default :data:`SPLIT_SIZES` of the split).
+        image_size: side length H = W in pixels.
+        num_classes: number of texture classes (2..10).
+        seed: data seed; every image is a pure function of ``(seed, split, index)``.
+        cache_dir: optional folder where a rendered split is kept as one ``.npz`` file and
+            reused (written atomically).
+        transform: optional callable applied to the normalised image tensor.
+
+    Example:
+        >>> ds = SyntheticTextures("val", n=2, image_size=32)
+        >>> [tuple(t.shape) if hasattr(t, "shape") else t for t in ds[1]][:1]
+        [(3, 32, 32)]
+    """
+
+    mean = SYNTHETIC_MEAN
+    std = SYNTHETIC_STD
+
+    def __init__(self, split: str = "test", n: int | None = None, image_size: int = 64, num_classes: int = 10,
+                 seed: int = 0, cache_dir: str | os.PathLike | None = None,
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        n = SPLIT_SIZES[split] if n is None else n
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        if not 2 <= num_classes <= len(CLASS_NAMES):
+            raise ValueError(f"num_classes must be in [2, {len(CLASS_NAMES)}], got {num_classes}")
+        self.split, self.n, self.image_size = split, n, image_size
+        self.num_classes, self.seed, self.transform = num_classes, seed, transform
+        self.classes = list(CLASS_NAMES[:num_classes])
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self._arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._norm = (
+            torch.tensor(SYNTHETIC_MEAN).view(3, 1, 1),
+            torch.tensor(SYNTHETIC_STD).view(3, 1, 1),
+        )
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _render(self, index: int) -> tuple[np.ndarray, int, np.ndarray]:
+        return render_synthetic(self.seed, self.split, index, self.image_size, self.num_classes)
+
+    def _cache_file(self) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        return self.cache_dir / (
+            f"synthetic_v1_s{self.seed}_{self.split}_n{self.n}_{self.image_size}px_c{self.num_classes}.npz"
+        )
+
+    def arrays(self, progress: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Render (or load) the whole split: uint8 images (N,H,W,3), int64 labels, bool masks."""
+        if self._arrays is not None:
+            return self._arrays
+        path = self._cache_file()
+        if path is not None and path.exists():
+            with np.load(path) as z:
+                self._arrays = (z["images"], z["labels"], z["masks"])
+            return self._arrays
+        from ._utils import progress as bar
+
+        s = self.image_size
+        images = np.empty((self.n, s, s, 3), dtype=np.uint8)
+        labels = np.empty(self.n, dtype=np.int64)
+        masks = np.empty((self.n, s, s), dtype=bool)
+        for i in bar(range(self.n), total=self.n, desc=f"render {self.split}", enabled=progress):
+            img, lab, m = self._render(i)
+            images[i] = np.round(img * 255).astype(np.uint8)
+            labels[i], masks[i] = lab, m
+        self._arrays = (images, labels, masks)
+        if path is not None:
+            import io
+
+            from ._utils import atomic_write_bytes
+
+            buf = io.BytesIO()
+            np.savez(buf, images=images, labels=labels, masks=masks)
+            atomic_write_bytes(buf.getvalue(), path)
+        return self._arrays
+
+    def _to_tensor(self, img_u8: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(img_u8)).permute(2, 0, 1).float() / 255.0
+        mean, std = self._norm
+        return (x - mean) / std
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+        if not -self.n <= index < self.n:
+            raise IndexError(f"index {index} out of range for {self.n} images")
+        index %= self.n
+        if self._arrays is not None:
+            img_u8, lab, m = self._arrays[0][index], int(self._arrays[1][index]), self._arrays[2][index]
+        else:
+            img, lab, m = self._render(index)
+            img_u8 = np.round(img * 255).astype(np.uint8)
+        x = self._to_tensor(img_u8)
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, lab, torch.from_numpy(np.ascontiguousarray(m))
+
+    def tensors(self, progress: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The whole split as ``(images (N,3,H,W) normalised float, labels (N,), masks (N,H,W))``."""
+        images, labels, masks = self.arrays(progress)
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+        mean, std = self._norm
+        x = (x - mean) / std
+        if self.transform is not None:
+            x = torch.stack([self.transform(xi) for xi in x])
+        return x, torch.from_numpy(labels), torch.from_numpy(masks)
+
+
+# ----------------------------------------------------------------------- real data sets
+class _PairTransform:
+    """Resize the shorter side to ``resize``, centre-crop ``size``, normalise; the mask follows."""
+
+    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float], resize: int | None = None) -> None:
+        self.size = size
+        self.resize = resize if resize is not None else round(size * 256 / 224)
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def _geom(self, img: Image.Image, resample: int) -> Image.Image:
+        w, h = img.size
+        scale = self.resize / min(w, h)
+        img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), resample)
+        w, h = img.size
+        left, top = (w - self.size) // 2, (h - self.size) // 2
+        return img.crop((left, top, left + self.size, top + self.size))
+
+    def __call__(self, img: Image.Image, mask: Image.Image | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        img = self._geom(img.convert("RGB"), Image.BILINEAR)
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        x = (x - self.mean) / self.std
+        if mask is None:
+            m = torch.zeros(self.size, self.size, dtype=torch.bool)
+        else:
+            m = torch.from_numpy(np.asarray(self._geom(mask, Image.NEAREST)) > 0)
+        return x, m
+
+
+class _Wrapped(Dataset):
+    """Wrap a torchvision (image, label) data set into (image, label, all-False mask)."""
+
+    def __init__(self, base: Any, pair: _PairTransform, transform: Callable | None) -> None:
+        self.base, self.pair, self.transform = base, pair, transform
+        self.classes = list(getattr(base, "classes", []))
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+        img, label = self.base[index]
+        x, m = self.pair(img)
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, int(label), m
+
+
+class ImageFolderWithMasks(_Wrapped):
+    """ImageNet in ``torchvision.datasets.ImageFolder`` layout: ``root/<split>/<wnid>/<image>.JPEG``."""
+
+
+class CUB200(Dataset):
+    """CUB-200-2011 in its release layout; the mask is the bounding box.
+
+    ``root`` holds ``CUB_200_2011/`` (or is it), with ``images.txt``, ``image_class_labels.txt``,
+    ``train_test_split.txt``, ``bounding_boxes.txt``, ``classes.txt`` and ``images/<class>/<file>.jpg``.
+    Split ``"train"`` is ``is_training_image == 1``; ``"test"`` (and ``"val"``) the rest.
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str, pair: _PairTransform,
+                 transform: Callable | None = None) -> None:
+        base = Path(root)
+        if (base / "CUB_200_2011").is_dir():
+            base = base / "CUB_200_2011"
+        need = ["images.txt", "image_class_labels.txt", "train_test_split.txt", "bounding_boxes.txt", "images"]
+        missing = [f for f in need if not (base / f).exists()]
+        if missing:
+            raise FileNotFoundError(f"CUB-200-2011 root {base} lacks {missing}; expected the CUB_200_2011 release layout")
+
+        def table(name: str) -> dict[int, list[str]]:
+            rows = {}
+            for line in (base / name).read_text().splitlines():
+                if line.strip():
+                    parts = line.split()
+                    rows[int(parts[0])] = parts[1:]
+            return rows
+
+        paths, labels, split_of, boxes = (table(n) for n in need[:4])
+        want = 1 if split == "train" else 0
+        self.items = [
+            (base / "images" / paths[i][0], int(labels[i][0]) - 1, tuple(float(b) for b in boxes[i]))
+            for i in sorted(paths)
+            if int(split_of[i][0]) == want
+        ]
+        classes_file = base / "classes.txt"
+        self.classes = (
+            [line.split(maxsplit=1)[1] for line in classes_file.read_text().splitlines() if line.strip()]
+            if classes_file.exists()
+            else []
+        )
+        self.pair, self.transform = pair, transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+        path, label, (bx, by, bw, bh) = self.items[index]
+        img = Image.open(path).convert("RGB")
+        box = np.zeros((img.size[1], img.size[0]), dtype=np.uint8)
+        box[int(round(by)) : int(round(by + bh)), int(round(bx)) : int(round(bx + bw))] = 255
+        x, m = self.pair(img, Image.fromarray(box))
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, label, m
+
+
+def get_dataset(name: str, root: str | os.PathLike | None = None, split: str = "test", image_size: int | None = None,
+                transform: Callable[[torch.Tensor], torch.Tensor] | None = None, **kwargs: Any) -> Dataset:
+    """Build a data set by name.
+
+    Args:
+        name: ``"synthetic"`` (embedded default), ``"imagenet"`` (ImageFolder layout),
+            ``"cub200"`` (CUB-200-2011 release layout), ``"cars"`` (``torchvision.datasets.StanfordCars``)
+            or ``"aircraft"`` (``torchvision.datasets.FGVCAircraft``, variant level).
+        root: data root; required for all but ``synthetic``. Nothing is downloaded.
+        split: ``train``/``transfer``/``val``/``test`` for synthetic; ``train``/``val``/``test`` for the rest
+            (ImageNet's ``test`` reads ``val``; CUB's and Cars' ``val`` read ``test``).
+        image_size: output side length (default 64 for synthetic, 224 otherwise).
+        transform: optional callable on the normalised image tensor.
+        **kwargs: passed to :class:`SyntheticTextures` (``n``, ``num_classes``, ``seed``, ``cache_dir``).
+
+    Returns:
+        a ``Dataset`` of ``(image, label, mask)``.
+    """
+    name = name.lower()
+    if name == "synthetic":
+        return SyntheticTextures(split=split, image_size=image_size or 64, transform=transform, **kwargs)
+    if name not in ("imagenet", "cub200", "cars", "aircraft"):
+        raise ValueError(f"unknown data set {name!r}; expected one of synthetic, imagenet, cub200, cars, aircraft")
+    if kwargs:
+        raise TypeError(f"unexpected arguments for {name}: {sorted(kwargs)}")
+    if root is None:
+        raise ValueError(f"data set {name!r} needs root= (nothing is downloaded)")
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split for {name!r} must be 'train', 'val' or 'test', got {split!r}")
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"data root {root} does not exist")
+    pair = _PairTransform(image_size or 224, IMAGENET_MEAN, IMAGENET_STD)
+    import torchvision.datasets as tvd
+
+    if name == "imagenet":
+        folder = root / ("train" if split == "train" else "val")
+        if not folder.is_dir():
+            raise FileNotFoundError(f"ImageNet split folder {folder} does not exist (ImageFolder layout: root/train, root/val)")
+        return ImageFolderWithMasks(tvd.ImageFolder(str(folder)), pair, transform)
+    if name == "cub200":
+        return CUB200(root, split, pair, transform)
+    if name == "cars":
+        return _Wrapped(tvd.StanfordCars(str(root), split="train" if split == "train" else "test", download=False),
+                        pair, transform)
+    return _Wrapped(tvd.FGVCAircraft(str(root), split=split, annotation_level="variant", download=False), pair, transform)
+
+
+def load_tensors(dataset: Dataset, indices: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack ``(image, label, mask)`` items into tensors ``(N,3,H,W)``, ``(N,)``, ``(N,H,W)``."""
+    if isinstance(dataset, SyntheticTextures) and indices is None:
+        return dataset.tensors()
+    idx = range(len(dataset)) if indices is None else indices  # type: ignore[arg-type]
+    items = [dataset[i] for i in idx]
+    if not items:
+        raise ValueError("no items to load: the data set (or the index list) is empty")
+    images = torch.stack([it[0] for it in items])
+    labels = torch.tensor([int(it[1]) for it in items], dtype=torch.long)
+    masks = torch.stack([it[2] for it in items])
+    return images, labels, masks

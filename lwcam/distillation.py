@@ -1,0 +1,940 @@
+"""Distil a black-box classifier into a white-box student from its answers only.
+
+The student never sees the black box's weights, gradients or training labels. It is trained
+on the black box's answers to a set of unlabelled *transfer* images (knowledge distillation,
+Hinton, Vinyals and Dean 2015). What the loss can use depends on what the black box reveals:
+
+* ``output="probs"`` or ``"logits"``: soft-label distillation at temperature ``τ``::
+
+      L = τ² · KL(p_T^τ ‖ p_S^τ) = τ² · Σ_c p_T^τ(c) · (log p_T^τ(c) − log p_S^τ(c))
+      p_T^τ = softmax(log p_T / τ)      (= p_T^(1/τ) renormalised; softmax(z_T / τ) for logits z_T)
+      p_S^τ = softmax(z_S / τ)          (z_S: the student's logits)
+
+  The ``τ²`` factor keeps the gradient scale independent of ``τ``.
+* ``output="topk"``: the k revealed probabilities are completed to a full distribution, the
+  remaining mass ``1 − Σ top-k`` spread evenly over the other ``C − k`` classes, then the same loss.
+* ``output="label"``: cross-entropy on the black box's hard labels, with optional label smoothing.
+
+Queries. Every transfer image is sent to the black box exactly once, at the start; the answers are
+kept (and written into the checkpoint, so a resumed run never asks again). The default augmentation
+(random horizontal flip plus a random translation of up to 1/8 of the image size, zero padded) is
+label preserving and reuses the answer of the original image: it costs no query. With
+``augment="query"`` every augmented view is sent to the black box instead, and each one counts.
+``query_budget`` is a hard cap on everything :func:`distill` spends: transfer and held-out images,
+``eval_images`` and augmented views. When the budget is smaller than the number of transfer images
+(plus ``eval_images``), only the *first* ``query_budget − len(eval_images)`` transfer images are used.
+Augmented views that no longer fit in the budget reuse their original image's answer.
+
+Held-out fidelity. A seeded random share (``holdout``) of the used transfer images is answered by the
+black box but never trained on; after every epoch the student's top-1 agreement with the black box
+and ``KL(black box ‖ student)`` at ``T = 1`` are measured there.
+
+Determinism and resuming. With a fixed ``seed`` the run is deterministic: the student's
+initialisation, the hold-out split, the data order (its own ``torch.Generator``) and the
+augmentation (another generator) all derive from it. With ``checkpoint_dir`` a checkpoint is written
+atomically after the queries and after every epoch (student, optimiser, scheduler, epoch, every RNG
+state, history, black-box answers and the query count). Calling :func:`distill` again with the same
+arguments and ``resume=True`` continues from it without asking the black box again and, on the same
+machine (CPU, same thread count), ends with bitwise the same student as an uninterrupted run.
+A checkpoint written with different arguments raises ``ValueError``; pass ``resume=False`` to
+start afresh (the old checkpoint is then overwritten).
+
+Distributed training. The same call runs under ``torchrun``. When ``WORLD_SIZE > 1`` and no process
+group exists, one is created (``nccl`` on CUDA, ``gloo`` on CPU) and destroyed at the end. The student
+is wrapped in ``DistributedDataParallel``. ``batch_size`` is the *global* batch: every rank draws the
+same permutation and augmentation parameters, and takes a contiguous ``1/world_size`` share of each
+batch; the loss is scaled so the averaged gradient is the mean over the global batch. Rank 0 alone
+talks to the black box (the transfer answers, and augmented views with ``augment="query"``) and
+broadcasts the answers, so every query is paid and counted once; held-out evaluation is sharded and
+all-reduced. Only rank 0 writes checkpoints (and reads them, broadcasting their content, so nodes need
+no shared file system); every rank returns the same student. On one machine::
+
+    torchrun --standalone --nproc_per_node=4 my_script.py
+
+Across two nodes (run on each, with ``--node_rank`` 0 and 1)::
+
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 \\
+        --rdzv_id=lwcam --rdzv_backend=c10d --rdzv_endpoint=HOST_OF_NODE0:29500 my_script.py
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from lwcam import BlackBox, distill
+    >>> teacher = nn.Sequential(nn.Conv2d(3, 10, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    >>> bb = BlackBox(teacher, num_classes=10, output="probs")
+    >>> student = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    ...                         nn.Linear(8, 10))
+    >>> result = distill(bb, torch.randn(64, 3, 16, 16), student=student, epochs=2, batch_size=16,
+    ...                  progress=False)
+    >>> result.queries, sorted(result.fidelity)[:3]
+    (64, ['accuracy', 'agreement', 'kl'])
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ._utils import atomic_save, progress_enabled, resolve_device, seed_everything
+from ._utils import progress as _progress_bar
+from .blackbox import BlackBox, TopK
+
+__all__ = [
+    "distill",
+    "DistillResult",
+    "kd_loss",
+    "label_loss",
+    "topk_distribution",
+    "answers_to_log_probs",
+    "CHECKPOINT_NAME",
+]
+
+CHECKPOINT_NAME = "distill_checkpoint.pt"
+_CHECKPOINT_VERSION = 1
+_MATERIALIZE_BYTES = 2 * 2**30  # a Dataset up to this size is loaded into memory once
+_QUERY_CHUNK = 1024  # images handed to the black box per call while answering the transfer set
+
+Augment = Literal["default", "query", "none"]
+
+
+# ----------------------------------------------------------------------------- losses
+def topk_distribution(values: torch.Tensor, indices: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Complete top-k probabilities to a full distribution.
+
+    The k revealed probabilities stay where they are; the remaining mass ``1 − Σ values`` (clamped
+    at 0) is spread evenly over the other ``C − k`` classes. With ``k = C`` nothing is spread.
+
+    Args:
+        values: (B,k) revealed probabilities.
+        indices: (B,k) their class indices.
+        num_classes: C.
+
+    Returns:
+        (B,C) probabilities that sum to 1 (up to the revealed values' own rounding).
+
+    Example:
+        >>> topk_distribution(torch.tensor([[0.6, 0.2]]), torch.tensor([[2, 0]]), 4)
+        tensor([[0.2000, 0.1000, 0.6000, 0.1000]])
+    """
+    if values.shape != indices.shape or values.dim() != 2:
+        raise ValueError(f"values and indices must both be (B,k), got {tuple(values.shape)} and {tuple(indices.shape)}")
+    k = values.shape[1]
+    if not 1 <= k <= num_classes:
+        raise ValueError(f"k={k} must lie in [1, num_classes={num_classes}]")
+    values = values.float()
+    rest = (1.0 - values.sum(dim=1, keepdim=True)).clamp_min(0.0)
+    fill = rest / (num_classes - k) if k < num_classes else torch.zeros_like(rest)
+    full = fill.expand(values.shape[0], num_classes).clone()
+    return full.scatter_(1, indices.long(), values)
+
+
+def answers_to_log_probs(answers: torch.Tensor | TopK, output: str, num_classes: int) -> torch.Tensor:
+    """Turn a black box's soft answers into (B,C) log-probabilities (``-inf`` where a probability is 0).
+
+    ``probs`` → ``log p``; ``logits`` → ``log_softmax(z)``; ``topk`` → ``log`` of
+    :func:`topk_distribution`. A ``label`` black box has no soft answer (``ValueError``).
+    """
+    if output == "probs":
+        return torch.log(answers.float())  # type: ignore[union-attr]
+    if output == "logits":
+        return torch.log_softmax(answers.float(), dim=1)  # type: ignore[union-attr]
+    if output == "topk":
+        top: TopK = answers  # type: ignore[assignment]
+        return torch.log(topk_distribution(top.values, top.indices, num_classes))
+    raise ValueError(f"a black box with output={output!r} reveals no probabilities")
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_log_probs: torch.Tensor, temperature: float = 4.0,
+            reduction: Literal["mean", "sum", "none"] = "mean") -> torch.Tensor:
+    """Soft-label distillation loss ``τ² · KL(p_T^τ ‖ p_S^τ)``.
+
+    With ``p_T^τ = softmax(t / τ)`` for the teacher's log-probabilities (or logits) ``t`` and
+    ``p_S^τ = softmax(z / τ)`` for the student's logits ``z``::
+
+        L_i = τ² · Σ_c p_T^τ(c) · (log p_T^τ(c) − log p_S^τ(c))
+
+    Classes with teacher probability 0 (``t = -inf``) contribute 0. At ``τ = 1`` this is the plain
+    ``KL(teacher ‖ student)``.
+
+    Args:
+        student_logits: (B,C) student logits.
+        teacher_log_probs: (B,C) teacher log-probabilities or logits (softmax is shift invariant).
+        temperature: ``τ > 0``.
+        reduction: ``"mean"`` over the batch (``batchmean``), ``"sum"``, or ``"none"`` for (B,).
+
+    Example:
+        >>> z = torch.tensor([[2.0, 0.0]])
+        >>> abs(float(kd_loss(z, z.log_softmax(1), temperature=3.0))) < 1e-6
+        True
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if student_logits.shape != teacher_log_probs.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher answers "
+                         f"{tuple(teacher_log_probs.shape)} differ in shape")
+    p_t = torch.softmax(teacher_log_probs.float() / temperature, dim=1)
+    log_p_s = torch.log_softmax(student_logits.float() / temperature, dim=1)
+    per = (torch.xlogy(p_t, p_t) - p_t * log_p_s).sum(dim=1) * temperature**2
+    if reduction == "none":
+        return per
+    if reduction == "sum":
+        return per.sum()
+    return per.mean()
+
+
+def label_loss(student_logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0,
+               reduction: Literal["mean", "sum", "none"] = "mean") -> torch.Tensor:
+    """Cross-entropy on hard labels with label smoothing ``ε``, for a ``label`` black box::
+
+        L_i = −(1 − ε) · log p_S(y_i) − ε / C · Σ_c log p_S(c)
+
+    Example:
+        >>> round(float(label_loss(torch.zeros(1, 4), torch.tensor([1]))), 4)  # log 4
+        1.3863
+    """
+    return F.cross_entropy(student_logits.float(), labels.long(), label_smoothing=label_smoothing,
+                           reduction=reduction)
+
+
+# ----------------------------------------------------------------------------- result
+@dataclass
+class DistillResult:
+    """Outcome of :func:`distill`.
+
+    Attributes:
+        student: the distilled student, in eval mode, on the CPU.
+        history: one dict per epoch: ``epoch``, ``loss`` (mean training loss), ``agreement`` and
+            ``kl`` (held-out top-1 agreement and ``KL(black box ‖ student)`` at T=1; ``None`` without
+            a hold-out, ``kl`` also ``None`` for a ``label`` black box; for ``topk`` it is measured
+            against the completed distribution of :func:`topk_distribution`), ``queries`` (cumulative),
+            ``lr`` (at the epoch's end) and ``seconds`` (cumulative wall time).
+        fidelity: ``agreement``, ``kl``, ``n_holdout`` on the held-out transfer images; ``accuracy``
+            (student vs ``eval_labels``, else ``None``); with ``eval_images`` also ``eval_agreement``,
+            ``eval_kl``, ``n_eval`` and, with labels, ``blackbox_accuracy``.
+        queries: black-box queries spent by this distillation, over all resumed runs.
+        seconds: wall time, over all resumed runs.
+        config: the settings and sizes the run used.
+    """
+
+    student: nn.Module
+    history: list[dict[str, Any]] = field(default_factory=list)
+    fidelity: dict[str, Any] = field(default_factory=dict)
+    queries: int = 0
+    seconds: float = 0.0
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        fid = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.fidelity.items())
+        return (f"DistillResult(student={type(self.student).__name__}, epochs={len(self.history)}, "
+                f"queries={self.queries}, seconds={self.seconds:.1f}, fidelity=({fid}))")
+
+
+# ----------------------------------------------------------------------------- data access
+class _Images:
+    """Uniform batched access to a (N,3,H,W) tensor or a Dataset of images / (image, ...) tuples."""
+
+    def __init__(self, data: Any, name: str, channels: int) -> None:
+        self.name = name
+        self.dataset: Any = None
+        self.labels: torch.Tensor | None = None
+        if isinstance(data, torch.Tensor):
+            if not data.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point tensor, got dtype {data.dtype}")
+            if data.dim() != 4 or data.shape[1] != channels:
+                raise ValueError(f"{name} must have shape (N,{channels},H,W), got {tuple(data.shape)}")
+            if data.shape[0] == 0:
+                raise ValueError(f"{name} is empty: it holds no image")
+            self.tensor: torch.Tensor | None = data.detach()
+            self.n = int(data.shape[0])
+            self.shape = tuple(int(s) for s in data.shape[1:])
+            return
+        if not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
+            raise TypeError(f"{name} must be a (N,{channels},H,W) float tensor or a Dataset of images, "
+                            f"got {type(data).__name__}")
+        self.n = len(data)
+        if self.n == 0:
+            raise ValueError(f"{name} is empty: it holds no image")
+        first = self._image(data[0], 0)
+        if first.dim() != 3 or first.shape[0] != channels:
+            raise ValueError(f"{name} items must be images of shape ({channels},H,W), got {tuple(first.shape)}")
+        self.shape = tuple(int(s) for s in first.shape)
+        self.dataset = data
+        self.tensor = None
+        if self.n * first.numel() * first.element_size() <= _MATERIALIZE_BYTES:
+            self.tensor = self._load(range(self.n))
+
+    def _image(self, item: Any, i: int) -> torch.Tensor:
+        img = item[0] if isinstance(item, (tuple, list)) else item
+        if not isinstance(img, torch.Tensor) or not img.is_floating_point():
+            raise TypeError(f"{self.name}[{i}] must be a float image tensor or a tuple starting with one, "
+                            f"got {type(img).__name__}")
+        return img
+
+    def _load(self, idx: Sequence[int]) -> torch.Tensor:
+        imgs = []
+        for i in idx:
+            img = self._image(self.dataset[int(i)], int(i))
+            if tuple(img.shape) != self.shape:
+                raise ValueError(f"{self.name}[{int(i)}] has shape {tuple(img.shape)}; every image must be {self.shape}")
+            imgs.append(img)
+        return torch.stack(imgs)
+
+    def labels_from_items(self) -> torch.Tensor | None:
+        """Second element of every tuple item, when it is an integer label (for evaluation only)."""
+        if self.dataset is None:
+            return None
+        first = self.dataset[0]
+        if not isinstance(first, (tuple, list)) or len(first) < 2:
+            return None
+        if not isinstance(first[1], (int, torch.Tensor)) or (isinstance(first[1], torch.Tensor) and first[1].numel() != 1):
+            return None
+        return torch.tensor([int(self.dataset[i][1]) for i in range(self.n)], dtype=torch.long)
+
+    def get(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.tensor is not None:
+            return self.tensor[idx.to(self.tensor.device)]
+        return self._load(idx.tolist())
+
+    def fingerprint(self, n: int | None = None) -> str:
+        """SHA-256 over the shape and up to 32 evenly spaced images of the first ``n``."""
+        n = self.n if n is None else n
+        h = hashlib.sha256(repr((self.n, self.shape)).encode())
+        picks = torch.linspace(0, n - 1, steps=min(32, n)).round().long().unique()
+        for img in self.get(picks):
+            h.update(img.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- distributed
+class _Dist:
+    """World size, rank and the collectives distill needs (no-ops in a single process)."""
+
+    def __init__(self, device_arg: str | torch.device | None) -> None:
+        self.created = False
+        env_world = int(os.environ.get("WORLD_SIZE", "1"))
+        initialised = dist.is_available() and dist.is_initialized()
+        self.world = dist.get_world_size() if initialised else env_world
+        self.rank = dist.get_rank() if initialised else int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", str(self.rank if initialised else 0)))
+        device = resolve_device(device_arg)
+        if device.type == "cuda" and self.world > 1 and device.index is None:
+            device = torch.device("cuda", self.local_rank)
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)
+        self.device = device
+        if self.world > 1 and not initialised:
+            if not dist.is_available():
+                raise RuntimeError("WORLD_SIZE > 1 but torch.distributed is not available in this build")
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            self.created = True
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def broadcast(self, obj: Any) -> Any:
+        if not self.active:
+            return obj
+        box = [obj if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def rank0(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on rank 0 and broadcast its value; an error there is raised on every rank."""
+        if not self.active:
+            return fn()
+        payload: Any = None
+        error: Exception | None = None
+        if self.rank == 0:
+            try:
+                payload = ("ok", fn())
+            except Exception as err:
+                error = err
+                payload = ("error", f"{type(err).__name__}: {err}")
+        payload = self.broadcast(payload)
+        if payload[0] == "error":
+            if error is not None:
+                raise error
+            raise RuntimeError(f"rank 0 failed: {payload[1]}")
+        return payload[1]
+
+    def gather(self, obj: Any) -> list[Any]:
+        if not self.active:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.active:
+            dev = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+            buf = t.to(dev)
+            dist.all_reduce(buf)
+            return buf.to(t.device)
+        return t
+
+    def sync_module(self, module: nn.Module) -> None:
+        """Copy rank 0's parameters and buffers to every rank."""
+        if not self.active:
+            return
+        with torch.no_grad():
+            for t in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(t.data, src=0)
+
+    def shard(self, n: int) -> torch.Tensor:
+        """This rank's contiguous share of positions ``0..n-1``."""
+        return torch.tensor_split(torch.arange(n), self.world)[self.rank]
+
+    def close(self) -> None:
+        if self.created and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- helpers
+def _classification_models() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _build_student(name: str, num_classes: int) -> nn.Module:
+    """A torchvision classification architecture with random weights, auxiliary heads removed."""
+    if name not in _classification_models():
+        raise ValueError(f"student={name!r} is not a torchvision classification model; pass an nn.Module or "
+                         f"one of torchvision.models.list_models(module=torchvision.models), e.g. 'resnet18'")
+    from .models import build_model
+
+    model = build_model(name, num_classes=num_classes, weights=None)
+    if getattr(model, "aux_logits", False):  # inception_v3 / googlenet: train on the main head only
+        model.aux_logits = False
+        for attr in ("AuxLogits", "aux1", "aux2"):
+            if hasattr(model, attr):
+                setattr(model, attr, None)
+    return model
+
+
+def _logits(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"the student must return a (B,C) logits tensor, got {type(out).__name__}")
+
+
+def _state_hash(module: nn.Module) -> str:
+    h = hashlib.sha256(type(module).__qualname__.encode())
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                 if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _augment_params(n: int, pad: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    flips = torch.rand(n, generator=gen) < 0.5
+    shifts = torch.randint(-pad, pad + 1, (n, 2), generator=gen)
+    return flips, shifts
+
+
+def _apply_augment(x: torch.Tensor, flips: torch.Tensor, shifts: torch.Tensor, pad: int) -> torch.Tensor:
+    """Per-image horizontal flip and translation by ``shifts`` (dy, dx) with zero padding."""
+    b, _, h, w = x.shape
+    dev = x.device
+    padded = F.pad(x, (pad, pad, pad, pad))
+    flips, shifts = flips.to(dev), shifts.to(dev)
+    cols = torch.arange(w, device=dev).expand(b, w)
+    cols = torch.where(flips[:, None], w - 1 - cols, cols) + pad + shifts[:, 1:2]
+    rows = torch.arange(h, device=dev).expand(b, h) + pad + shifts[:, 0:1]
+    bidx = torch.arange(b, device=dev)[:, None, None]
+    out = padded[bidx, :, rows[:, :, None], cols[:, None, :]]  # (B,H,W,C)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def _query(bb: BlackBox, images: _Images, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Ask the black box about images ``idx`` (in chunks); answers as CPU tensors."""
+    parts: list[Any] = []
+    for s in range(0, len(idx), _QUERY_CHUNK):
+        parts.append(bb(images.get(idx[s : s + _QUERY_CHUNK])))
+    return _cat_answers(parts, bb.output)
+
+
+def _cat_answers(parts: list[Any], output: str) -> dict[str, torch.Tensor]:
+    if output == "topk":
+        return {"values": torch.cat([p.values for p in parts]).float().cpu(),
+                "indices": torch.cat([p.indices for p in parts]).long().cpu()}
+    key = {"probs": "probs", "logits": "logits", "label": "labels"}[output]
+    t = torch.cat([p for p in parts]).cpu()
+    return {key: t.long() if output == "label" else t.float()}
+
+
+def _targets(answers: dict[str, torch.Tensor], output: str, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training targets (log-probs (N,C) or labels (N,)) and the black box's top-1 class (N,)."""
+    if output == "label":
+        labels = answers["labels"]
+        return labels, labels
+    if output == "topk":
+        raw: Any = TopK(answers["values"], answers["indices"])
+        top1 = answers["indices"][:, 0]
+    else:
+        raw = answers[output]
+        top1 = raw.argmax(dim=1)
+    return answers_to_log_probs(raw, output, num_classes), top1
+
+
+def _check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    def fn(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress_ = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_)))
+
+    return fn
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, images: _Images, idx: torch.Tensor, top1: torch.Tensor,
+              log_probs: torch.Tensor | None, labels: torch.Tensor | None, ctx: _Dist,
+              batch_size: int) -> dict[str, float | None]:
+    """Agreement with ``top1``, KL(black box ‖ student) at T=1 and accuracy, sharded over ranks."""
+    was = model.training
+    model.eval()
+    mine = ctx.shard(len(idx))
+    acc = torch.zeros(4, dtype=torch.float64)  # agree, kl_sum, correct, n
+    try:
+        for s in range(0, len(mine), batch_size):
+            sel = idx[mine[s : s + batch_size]]
+            out = _logits(model(images.get(sel).to(ctx.device))).float()
+            pred = out.argmax(dim=1).cpu()
+            acc[0] += float((pred == top1[sel]).sum())
+            if log_probs is not None:
+                acc[1] += float(kd_loss(out, log_probs[sel].to(out.device), 1.0, reduction="sum"))
+            if labels is not None:
+                acc[2] += float((pred == labels[sel]).sum())
+            acc[3] += len(sel)
+    finally:
+        model.train(was)
+    acc = ctx.all_reduce(acc)
+    n = float(acc[3])
+    if n == 0:
+        return {"agreement": None, "kl": None, "accuracy": None}
+    return {"agreement": float(acc[0]) / n,
+            "kl": float(acc[1]) / n if log_probs is not None else None,
+            "accuracy": float(acc[2]) / n if labels is not None else None}
+
+
+# ----------------------------------------------------------------------------- distill
+def distill(
+    blackbox: BlackBox,
+    transfer_images: torch.Tensor | Any,
+    student: str | nn.Module = "resnet18",
+    temperature: float = 4.0,
+    epochs: int = 30,
+    batch_size: int = 64,
+    lr: float | None = None,
+    weight_decay: float | None = None,
+    optimizer: Literal["adamw", "sgd"] = "adamw",
+    augment: bool | Augment = True,
+    query_budget: int | None = None,
+    holdout: float | int = 0.1,
+    eval_images: torch.Tensor | Any | None = None,
+    eval_labels: torch.Tensor | Sequence[int] | None = None,
+    label_smoothing: float = 0.0,
+    seed: int = 0,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = True,
+    progress: bool | None = None,
+    device: str | torch.device | None = None,
+) -> DistillResult:
+    """Distil ``blackbox`` into a white-box ``student`` from its answers on ``transfer_images``.
+
+    The loss follows what the black box reveals (see the module docstring): for ``probs``,
+    ``logits`` and ``topk`` (completed to a full distribution) it is
+    ``τ² · KL(softmax(log p_T / τ) ‖ softmax(z_S / τ))``; for ``label`` it is cross-entropy on
+    the black box's labels with ``label_smoothing``. Optimisation: AdamW (or SGD with Nesterov
+    momentum 0.9) with a one-epoch linear warm-up and a cosine decay, stepped per batch.
+
+    Args:
+        blackbox: the model to explain, reachable only through its answers.
+        transfer_images: unlabelled images in the model's normalised space: a float tensor
+            (N,3,H,W), or a Dataset whose items are an image (3,H,W) or a tuple starting with one,
+            e.g. ``(image, label, mask)``; anything after the image is ignored.
+        student: a torchvision classification architecture name (built with random weights and
+            ``blackbox.num_classes`` outputs) or an ``nn.Module`` (copied; the argument is left untouched).
+        temperature: distillation temperature ``τ > 0`` (soft-label modes).
+        epochs: passes over the training share of the transfer images.
+        batch_size: global batch size (shared out over ranks under ``torchrun``).
+        lr: peak learning rate; ``None``: 2e-3 for AdamW, 0.05 for SGD.
+        weight_decay: ``None``: 0.05 for AdamW (decoupled), 5e-4 for SGD.
+        optimizer: ``"adamw"`` (default: distils fastest in few epochs) or ``"sgd"``.
+        augment: ``True``/``"default"``: random horizontal flip and translation, reusing the original
+            image's answer (no query); ``"query"``: the same views, each sent to the black box and
+            counted; ``False``/``"none"``: no augmentation.
+        query_budget: hard cap on black-box queries (``None``: no cap). If it is smaller than the
+            transfer set plus ``eval_images``, only the first ``query_budget − len(eval_images)``
+            transfer images are used. It must pay for at least one batch.
+        holdout: fraction (float in [0,1)) or count (int) of the used transfer images held out,
+            answered but not trained on, to measure fidelity.
+        eval_images: optional extra images (tensor or Dataset) answered by the black box (counted)
+            to report ``eval_agreement`` and, with labels, student and black-box accuracy.
+        eval_labels: true labels of ``eval_images``, for evaluation only; when ``None`` and
+            ``eval_images`` is a Dataset of ``(image, label, ...)`` tuples, its labels are used.
+        label_smoothing: label smoothing for a ``label`` black box.
+        seed: seeds initialisation, split, data order and augmentation.
+        checkpoint_dir: folder for an atomically written checkpoint (``distill_checkpoint.pt``)
+            after the queries and after every epoch.
+        resume: continue from the checkpoint in ``checkpoint_dir`` if there is one.
+        progress: a progress bar over batches (``None``: only on a TTY).
+        device: where the student trains (``None``: CUDA if available).
+
+    Returns:
+        a :class:`DistillResult`.
+
+    Raises:
+        TypeError: ``blackbox`` is not a :class:`~lwcam.blackbox.BlackBox`, or images are not float tensors.
+        ValueError: an unknown ``student`` name, ``temperature <= 0``, a ``query_budget`` smaller than a
+            batch, an empty or wrongly shaped ``transfer_images``, a student whose output width differs
+            from ``blackbox.num_classes``, a checkpoint written with other arguments, or any other
+            out-of-range argument.
+
+    Example:
+        >>> result = distill(bb, transfer, student="resnet18", epochs=20)  # doctest: +SKIP
+        >>> result.fidelity["agreement"], result.queries                     # doctest: +SKIP
+        (0.93, 5000)
+    """
+    t_start = time.perf_counter()
+    # ---- argument checks (identical on every rank, before any collective)
+    if not isinstance(blackbox, BlackBox):
+        raise TypeError(f"blackbox must be an lwcam.BlackBox, got {type(blackbox).__name__}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0 \
+            or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    epochs = _check_positive_int(epochs, "epochs")
+    batch_size = _check_positive_int(batch_size, "batch_size")
+    seed = _check_positive_int(seed, "seed", minimum=0)
+    if optimizer not in ("adamw", "sgd"):
+        raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
+    lr = (2e-3 if optimizer == "adamw" else 0.05) if lr is None else lr
+    weight_decay = (0.05 if optimizer == "adamw" else 5e-4) if weight_decay is None else weight_decay
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    if not weight_decay >= 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing!r}")
+    aug_mode: Augment
+    if augment is True or augment == "default":
+        aug_mode = "default"
+    elif augment is False or augment is None or augment == "none":
+        aug_mode = "none"
+    elif augment == "query":
+        aug_mode = "query"
+    else:
+        raise ValueError(f"augment must be True/'default', 'query' or False/'none', got {augment!r}")
+    if isinstance(student, str):
+        if student not in _classification_models():
+            raise ValueError(f"student={student!r} is not a torchvision classification model; pass an "
+                             f"nn.Module or one of torchvision.models.list_models(module=torchvision.models), "
+                             f"e.g. 'resnet18'")
+    elif not isinstance(student, nn.Module):
+        raise TypeError(f"student must be a torchvision model name or an nn.Module, got {type(student).__name__}")
+    output = blackbox.output
+    num_classes = blackbox.num_classes
+
+    source = _Images(transfer_images, "transfer_images", blackbox.channels)
+    evals = _Images(eval_images, "eval_images", blackbox.channels) if eval_images is not None else None
+    if eval_labels is not None and evals is None:
+        raise ValueError("eval_labels were given without eval_images")
+    labels_eval: torch.Tensor | None = None
+    if evals is not None:
+        labels_eval = evals.labels_from_items() if eval_labels is None else torch.as_tensor(eval_labels).long()
+        if labels_eval is not None:
+            if labels_eval.shape != (evals.n,):
+                raise ValueError(f"eval_labels must have shape ({evals.n},), got {tuple(labels_eval.shape)}")
+            if labels_eval.min() < 0 or labels_eval.max() >= num_classes:
+                raise ValueError(f"eval_labels must lie in [0, {num_classes}), got values in "
+                                 f"[{int(labels_eval.min())}, {int(labels_eval.max())}]")
+    n_eval = evals.n if evals is not None else 0
+
+    # ---- how many images the budget pays for
+    n_used = source.n
+    if query_budget is not None:
+        query_budget = _check_positive_int(query_budget, "query_budget")
+        one_batch = min(batch_size, source.n)
+        if query_budget < one_batch:
+            raise ValueError(f"query_budget={query_budget} is smaller than one batch ({one_batch} images)")
+        if query_budget - n_eval < one_batch:
+            raise ValueError(f"query_budget={query_budget} leaves {query_budget - n_eval} queries after the "
+                             f"{n_eval} eval_images: less than one batch ({one_batch} images)")
+        n_used = min(source.n, query_budget - n_eval)
+    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)):
+        raise ValueError(f"holdout must be a fraction in [0, 1) or an int count, got {holdout!r}")
+    if isinstance(holdout, int):
+        if holdout < 0:
+            raise ValueError(f"holdout must be >= 0, got {holdout}")
+        n_hold = holdout
+    else:
+        if not 0.0 <= holdout < 1.0:
+            raise ValueError(f"holdout as a fraction must lie in [0, 1), got {holdout!r}")
+        n_hold = int(round(holdout * n_used))
+    n_train = n_used - n_hold
+    if n_train < 1:
+        raise ValueError(f"holdout={holdout!r} leaves no transfer image to train on ({n_used} used)")
+
+    ctx = _Dist(device)
+    try:
+        return _run(
+            blackbox=blackbox, student=student, temperature=float(temperature), epochs=epochs,
+            batch_size=batch_size, lr=float(lr), weight_decay=float(weight_decay), optimizer=optimizer,
+            aug_mode=aug_mode, query_budget=query_budget, label_smoothing=float(label_smoothing), seed=seed,
+            checkpoint_dir=checkpoint_dir, resume=resume, progress=progress, output=output,
+            num_classes=num_classes, source=source, evals=evals, labels_eval=labels_eval, n_eval=n_eval,
+            n_used=n_used, n_hold=n_hold, n_train=n_train, ctx=ctx, t_start=t_start)
+    finally:
+        ctx.close()
+
+
+def _run(*, blackbox: BlackBox, student: str | nn.Module, temperature: float, epochs: int, batch_size: int,
+         lr: float, weight_decay: float, optimizer: str, aug_mode: str, query_budget: int | None,
+         label_smoothing: float, seed: int, checkpoint_dir: str | os.PathLike | None, resume: bool,
+         progress: bool | None, output: str, num_classes: int, source: _Images, evals: _Images | None,
+         labels_eval: torch.Tensor | None, n_eval: int, n_used: int, n_hold: int, n_train: int,
+         ctx: _Dist, t_start: float) -> DistillResult:
+    device = ctx.device
+    world = ctx.world
+    if batch_size < world:
+        raise ValueError(f"batch_size={batch_size} is smaller than the number of processes ({world})")
+
+    # ---- split, student
+    split_gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n_used, generator=split_gen)
+    holdout_idx = perm[:n_hold].sort().values
+    train_idx = perm[n_hold:].sort().values
+
+    seed_everything(seed)
+    if isinstance(student, str):
+        student_name = student
+        model = _build_student(student, num_classes)
+    else:
+        student_name = f"{type(student).__module__}.{type(student).__qualname__}"
+        model = copy.deepcopy(student)
+    init_hash = _state_hash(model)
+    model.to(device)
+    model.eval()
+    with torch.no_grad():
+        try:
+            probe = _logits(model(source.get(torch.tensor([0])).to(device)))
+        except Exception as err:
+            raise ValueError(f"student {student_name} cannot take transfer_images of shape {source.shape}: "
+                             f"{type(err).__name__}: {err}") from err
+    if probe.dim() != 2 or probe.shape[1] != num_classes:
+        raise ValueError(f"student {student_name} outputs shape {tuple(probe.shape)} for one image, but the "
+                         f"black box has num_classes={num_classes}: its output width must match")
+    model.train()
+
+    fingerprint = {
+        "version": _CHECKPOINT_VERSION, "student": student_name, "student_init": init_hash,
+        "temperature": float(temperature), "epochs": epochs, "batch_size": batch_size, "lr": float(lr),
+        "weight_decay": float(weight_decay), "optimizer": optimizer, "augment": aug_mode,
+        "query_budget": query_budget, "n_holdout": n_hold, "label_smoothing": float(label_smoothing),
+        "seed": seed, "output": output, "num_classes": num_classes,
+        "k": blackbox.k if output == "topk" else None, "n_transfer": source.n, "n_used": n_used,
+        "image_shape": list(source.shape), "transfer": source.fingerprint(n_used),
+        "eval": evals.fingerprint() if evals is not None else None,
+    }
+
+    # ---- checkpoint (rank 0 reads, every rank receives)
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+
+    def load() -> dict[str, Any] | None:
+        if ckpt_path is None or not resume or not ckpt_path.exists():
+            return None
+        return torch.load(ckpt_path, map_location="cpu", weights_only=True)
+
+    ckpt = ctx.rank0(load)
+    if ckpt is not None:
+        old = ckpt.get("fingerprint", {})
+        diff = [f"{k}: {old.get(k)!r} != {v!r}" for k, v in fingerprint.items() if old.get(k) != v]
+        if diff:
+            raise ValueError(f"the checkpoint {ckpt_path} was written by a run with other arguments "
+                             f"({'; '.join(diff)[:800]}); pass resume=False to start afresh or use another "
+                             f"checkpoint_dir")
+
+    # ---- black-box answers: asked once, on rank 0, then broadcast
+    spent = 0  # queries paid by this distillation (over resumed runs)
+    if ckpt is not None:
+        answers, eval_answers, spent = ckpt["answers"], ckpt["eval_answers"], int(ckpt["queries"])
+    else:
+        def ask() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, int]:
+            before = blackbox.queries
+            ans = _query(blackbox, source, torch.arange(n_used))
+            ev = _query(blackbox, evals, torch.arange(evals.n)) if evals is not None else None
+            return ans, ev, blackbox.queries - before
+
+        answers, eval_answers, spent = ctx.rank0(ask)
+    targets, top1 = _targets(answers, output, num_classes)
+    soft = output != "label"
+
+    # ---- optimisation
+    if ctx.active and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    params = model.parameters()
+    if optimizer == "adamw":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    steps_per_epoch = max(1, n_train // batch_size)
+    global_batch = min(batch_size, n_train)
+    total_steps = epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, _lr_lambda(total_steps, max(1, min(steps_per_epoch, total_steps // 10))))
+    order_gen = torch.Generator().manual_seed(seed + 1)
+    aug_gen = torch.Generator().manual_seed(seed + 2)
+    pad = max(1, round(source.shape[1] / 8))
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    seconds_before = 0.0
+    if ckpt is not None:
+        (model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model).load_state_dict(
+            ckpt["student"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        order_gen.set_state(ckpt["order_rng"])
+        aug_gen.set_state(ckpt["aug_rng"])
+        rng = ckpt["torch_rng"]
+        torch.set_rng_state(rng[ctx.rank] if len(rng) == world else rng[0])
+        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+            cuda_rng = ckpt["cuda_rng"]
+            torch.cuda.set_rng_state(cuda_rng[ctx.rank] if len(cuda_rng) == world else cuda_rng[0], device)
+        history = list(ckpt["history"])
+        start_epoch = int(ckpt["epoch"])
+        seconds_before = float(ckpt["seconds"])
+
+    def elapsed() -> float:
+        return seconds_before + time.perf_counter() - t_start
+
+    net = model
+    if ctx.active:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def save(epoch: int) -> None:
+        rngs = ctx.gather(torch.get_rng_state())
+        cuda_rngs = ctx.gather(torch.cuda.get_rng_state(device)) if device.type == "cuda" else None
+        if ckpt_path is None or ctx.rank != 0:
+            return
+        atomic_save({
+            "fingerprint": fingerprint, "epoch": epoch, "epochs": epochs,
+            "student": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "order_rng": order_gen.get_state(), "aug_rng": aug_gen.get_state(),
+            "torch_rng": rngs, "cuda_rng": cuda_rngs, "history": history,
+            "answers": answers, "eval_answers": eval_answers, "queries": spent,
+            "seconds": elapsed(),
+            "holdout_indices": holdout_idx, "train_indices": train_idx,
+        }, ckpt_path)
+
+    if ckpt is None:
+        save(0)  # the answers are safe before the first epoch
+
+    show = progress_enabled(progress) and ctx.rank == 0
+    for epoch in range(start_epoch, epochs):
+        model.train()
+        order = train_idx[torch.randperm(n_train, generator=order_gen)]
+        mine = ctx.shard(global_batch)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        steps = _progress_bar(range(steps_per_epoch), total=steps_per_epoch, desc=f"distil {epoch + 1}/{epochs}",
+                         enabled=show)
+        for step in steps:
+            gidx = order[step * global_batch : (step + 1) * global_batch]
+            if aug_mode != "none":
+                flips, shifts = _augment_params(len(gidx), pad, aug_gen)
+            if aug_mode == "query":
+                def ask_views(gidx: torch.Tensor = gidx, flips: torch.Tensor = flips,
+                              shifts: torch.Tensor = shifts, spent: int = spent) -> tuple[torch.Tensor, int]:
+                    views = _apply_augment(source.get(gidx).cpu(), flips, shifts, pad)
+                    batch_t = targets[gidx].clone()
+                    room = len(views) if query_budget is None else max(0, query_budget - spent)
+                    m = min(room, len(views))
+                    if m == 0:
+                        return batch_t, 0
+                    before = blackbox.queries
+                    fresh, _ = _targets(_cat_answers([blackbox(views[:m])], output), output, num_classes)
+                    batch_t[:m] = fresh
+                    return batch_t, blackbox.queries - before
+
+                batch_targets, paid = ctx.rank0(ask_views)
+                spent += paid
+                tgt = batch_targets[mine]
+            else:
+                tgt = targets[gidx[mine]]
+            x = source.get(gidx[mine]).to(device)
+            if aug_mode != "none":
+                x = _apply_augment(x, flips[mine], shifts[mine], pad)
+            out = _logits(net(x))
+            tgt = tgt.to(device)
+            if soft:
+                per = kd_loss(out, tgt, temperature, reduction="none")
+            else:
+                per = label_loss(out, tgt, label_smoothing, reduction="none")
+            loss = per.sum() * (world / len(gidx))  # DDP averages over ranks: the mean over the global batch
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += per.detach().sum().double()
+        loss_sum = ctx.all_reduce(loss_sum.cpu())
+        ctx.sync_module(model)  # BatchNorm statistics are per rank: take rank 0's
+        ev = _evaluate(model, source, holdout_idx, top1, targets if soft else None, None, ctx, batch_size)
+        history.append({
+            "epoch": epoch + 1, "loss": float(loss_sum) / (steps_per_epoch * global_batch),
+            "agreement": ev["agreement"], "kl": ev["kl"], "queries": spent,
+            "lr": float(opt.param_groups[0]["lr"]),
+            "seconds": elapsed(),
+        })
+        save(epoch + 1)
+
+    # ---- final fidelity
+    ctx.sync_module(model)
+    last = history[-1]
+    fidelity: dict[str, Any] = {"agreement": last["agreement"], "kl": last["kl"], "accuracy": None,
+                                "n_holdout": n_hold}
+    if evals is not None and eval_answers is not None:
+        ev_targets, ev_top1 = _targets(eval_answers, output, num_classes)
+        ev = _evaluate(model, evals, torch.arange(evals.n), ev_top1, ev_targets if soft else None, labels_eval,
+                       ctx, batch_size)
+        fidelity.update(accuracy=ev["accuracy"], eval_agreement=ev["agreement"], eval_kl=ev["kl"], n_eval=n_eval)
+        if labels_eval is not None:
+            fidelity["blackbox_accuracy"] = float((ev_top1 == labels_eval).double().mean())
+    seconds = elapsed()
+    config = {
+        "student": student_name, "temperature": float(temperature), "epochs": epochs, "batch_size": batch_size,
+        "lr": float(lr), "weight_decay": float(weight_decay), "optimizer": optimizer, "augment": aug_mode,
+        "query_budget": query_budget, "label_smoothing": float(label_smoothing), "seed": seed,
+        "output": output, "k": blackbox.k if output == "topk" else None, "num_classes": num_classes,
+        "n_transfer": source.n, "n_used": n_used, "n_train": n_train, "n_holdout": n_hold, "n_eval": n_eval,
+        "image_shape": tuple(source.shape), "steps_per_epoch": steps_per_epoch, "world_size": world,
+        "device": str(device), "resumed_from_epoch": start_epoch if ckpt is not None else None,
+        "checkpoint": str(ckpt_path) if ckpt_path is not None else None,
+    }
+    return DistillResult(student=model.cpu().eval(), history=history, fidelity=fidelity, queries=spent,
+                         seconds=seconds, config=config)

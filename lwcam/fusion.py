@@ -1,0 +1,199 @@
+"""Fusing per-layer saliency maps into one map (the paper: pixel-wise summation).
+
+With upsampled layer maps :math:`M_1, \\dots, M_L` of one image and the per-image min-max
+normalisation :math:`N(X) = (X - \\min X) / (\\max X - \\min X)` (a constant map gives zeros),
+the default fusion is
+
+.. math::
+
+    S = N\\Big(\\sum_{l=1}^{L} N(M_l)\\Big).
+
+``normalize="none"`` skips both normalisations: :math:`S = \\sum_l M_l`, the paper's words read
+literally (the deepest, largest-valued layers then dominate). The ``mode`` replaces the sum:
+
+=============  ============================================
+mode           combination of the (normalised) layer maps
+=============  ============================================
+``"sum"``      :math:`\\sum_l M_l`
+``"mean"``     :math:`\\frac{1}{L}\\sum_l M_l` (same result as ``"sum"`` once normalised)
+``"max"``      :math:`\\max_l M_l`, pixel-wise
+``"weighted"`` :math:`\\sum_l w_l M_l`, weights finite, ≥ 0, not all zero
+=============  ============================================
+
+Example:
+    >>> import torch
+    >>> a = torch.tensor([[[0., 2.], [4., 4.]]])      # one image, 2x2, layer 1
+    >>> b = torch.tensor([[[1., 1.], [1., 3.]]])      # layer 2
+    >>> fuse([a, b])
+    tensor([[[0.0000, 0.2500],
+             [0.5000, 1.0000]]])
+    >>> fuse([a, b], normalize="none")
+    tensor([[[1., 3.],
+             [5., 7.]]])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .layercam import LayerMaps
+
+__all__ = ["fuse", "minmax_normalize", "MODES", "NORMALIZE"]
+
+MODES = ("sum", "mean", "max", "weighted")
+NORMALIZE = ("minmax", "none")
+
+
+def minmax_normalize(x: Tensor) -> Tensor:
+    """Min-max normalise each map to [0, 1] over its last two dimensions (H, W).
+
+    Works for (H,W), (B,H,W), (B,L,H,W), ... A constant map becomes all zeros (never NaN).
+
+    Args:
+        x: a real tensor with at least 2 dimensions, all values finite.
+
+    Returns:
+        A float tensor of the same shape with values in [0, 1].
+
+    Example:
+        >>> minmax_normalize(torch.tensor([[1., 3.], [2., 5.]]))
+        tensor([[0.0000, 0.5000],
+                [0.2500, 1.0000]])
+        >>> minmax_normalize(torch.full((2, 2), 7.0))
+        tensor([[0., 0.],
+                [0., 0.]])
+    """
+    x = torch.as_tensor(x)
+    if x.ndim < 2:
+        raise ValueError(f"minmax_normalize needs at least 2 dimensions (..., H, W), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        x = x.float()
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        raise ValueError("minmax_normalize got NaN or infinite values")
+    if x.numel() == 0:
+        return x.clone()
+    lo = x.amin(dim=(-2, -1), keepdim=True)
+    hi = x.amax(dim=(-2, -1), keepdim=True)
+    rng = hi - lo
+    safe = torch.where(rng > 0, rng, torch.ones_like(rng))
+    out = torch.where(rng > 0, (x - lo) / safe, torch.zeros_like(x))
+    return out.clamp_(0.0, 1.0)
+
+
+def _as_stack(maps: Any) -> tuple[Tensor, list[str] | None]:
+    """(B,L,H,W) float tensor and layer names (None when the input carries none)."""
+    from .layercam import LayerMaps
+
+    names: list[str] | None = None
+    if isinstance(maps, LayerMaps):
+        names = list(maps.names)
+        items = [maps.maps[n] for n in names]
+    elif isinstance(maps, Mapping):
+        names = [str(k) for k in maps]
+        items = list(maps.values())
+    elif isinstance(maps, (Tensor, np.ndarray)):
+        t = torch.as_tensor(maps)
+        if t.ndim != 4:
+            raise ValueError(f"a tensor of maps must be (B,L,H,W), got shape {tuple(t.shape)}")
+        items = list(t.unbind(1))
+    elif isinstance(maps, Sequence) and not isinstance(maps, (str, bytes)):
+        items = list(maps)
+    else:
+        raise TypeError("maps must be a LayerMaps, a dict name -> (B,H,W), a list of (B,H,W) "
+                        f"or a (B,L,H,W) tensor; got {type(maps).__name__}")
+    if not items:
+        raise ValueError("no maps to fuse")
+    tensors = [torch.as_tensor(m) for m in items]
+    labels = names if names is not None else [f"#{i}" for i in range(len(tensors))]
+    shape = tuple(tensors[0].shape)
+    for lab, t in zip(labels, tensors, strict=True):
+        if t.ndim != 3:
+            raise ValueError(f"map {lab} must be (B,H,W), got shape {tuple(t.shape)}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"maps have mismatched shapes: {labels[0]} is {shape}, {lab} is {tuple(t.shape)} "
+                             "(upsample every map to the input size first)")
+        if t.is_complex():
+            raise TypeError(f"map {lab} is complex")
+        if not bool(torch.isfinite(t.float()).all()):
+            raise ValueError(f"map {lab} contains NaN or infinite values")
+    stack = torch.stack([t.float() for t in tensors], dim=1)
+    return stack, names
+
+
+def _weights(weights: Any, names: list[str] | None, n_layers: int, device: torch.device) -> Tensor:
+    if weights is None:
+        raise ValueError("mode='weighted' needs weights (one per layer)")
+    if isinstance(weights, Mapping):
+        if names is None:
+            raise ValueError("weights given as a dict need named maps (a LayerMaps or a dict of maps)")
+        missing = [n for n in names if n not in weights]
+        extra = [k for k in weights if k not in names]
+        if missing or extra:
+            raise ValueError(f"weights keys must match the layer names {names}: missing {missing}, unknown {extra}")
+        w = torch.tensor([float(weights[n]) for n in names])
+    else:
+        w = torch.as_tensor(weights, dtype=torch.float32).flatten() if not isinstance(weights, Tensor) \
+            else weights.detach().float().flatten()
+        if w.numel() != n_layers:
+            raise ValueError(f"got {w.numel()} weights for {n_layers} layer maps")
+    w = w.to(device=device, dtype=torch.float32)
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"weights must be finite, got {w.tolist()}")
+    if bool((w < 0).any()):
+        raise ValueError(f"weights must be >= 0, got {w.tolist()}")
+    if not bool((w > 0).any()):
+        raise ValueError("at least one weight must be positive")
+    return w
+
+
+def fuse(maps: LayerMaps | Mapping[str, Tensor] | Sequence[Tensor] | Tensor, mode: str = "sum",
+         normalize: str = "minmax", weights: Sequence[float] | Tensor | Mapping[str, float] | None = None
+         ) -> Tensor:
+    """Fuse L per-layer maps of B images into one (B,H,W) saliency map.
+
+    Args:
+        maps: a :class:`~lwcam.layercam.LayerMaps` (its upsampled ``.maps``), a dict
+            ``name -> (B,H,W)``, a list of (B,H,W) tensors, or a (B,L,H,W) tensor. All maps must
+            share one shape and be finite.
+        mode: ``"sum"`` (default, the paper's pixel-wise summation), ``"mean"``, ``"max"`` or
+            ``"weighted"``.
+        normalize: ``"minmax"`` (default): min-max normalise each layer map per image, combine,
+            min-max normalise the result, so the output lies in [0, 1]. ``"none"``: combine the
+            raw maps, no normalisation at all.
+        weights: for ``mode="weighted"`` only: L non-negative finite weights (sequence or
+            tensor in layer order, or a dict ``name -> weight`` for named maps), not all zero.
+
+    Returns:
+        (B,H,W) float32 tensor on the maps' device.
+
+    Raises:
+        ValueError: unknown mode/normalize, weights missing or of the wrong length, weights
+            given for a mode that does not use them, mismatched shapes, NaN/inf in the maps.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown fusion mode {mode!r}; choose one of {MODES}")
+    if normalize not in NORMALIZE:
+        raise ValueError(f"unknown normalize {normalize!r}; choose one of {NORMALIZE}")
+    if mode != "weighted" and weights is not None:
+        raise ValueError(f"weights are only used by mode='weighted', not mode={mode!r}")
+    stack, names = _as_stack(maps)
+    if normalize == "minmax":
+        stack = minmax_normalize(stack)
+    if mode == "sum":
+        out = stack.sum(dim=1)
+    elif mode == "mean":
+        out = stack.mean(dim=1)
+    elif mode == "max":
+        out = stack.amax(dim=1)
+    else:
+        w = _weights(weights, names, stack.shape[1], stack.device)
+        out = torch.einsum("blhw,l->bhw", stack, w)
+    if normalize == "minmax":
+        out = minmax_normalize(out)
+    return out

@@ -1,0 +1,632 @@
+"""Grad-CAM on every layer of a white-box model, from one forward and one backward pass.
+
+For a layer with activations ``A`` of shape (B,K,h,w) and the target score ``y`` (the
+*logit* of the target class, before softmax), Grad-CAM is
+
+.. math::
+
+    \\alpha_k = \\frac{1}{hw} \\sum_{i,j} \\frac{\\partial y}{\\partial A_{k,i,j}}, \\qquad
+    M = \\mathrm{ReLU}\\Big(\\sum_k \\alpha_k A_k\\Big) \\in \\mathbb{R}^{h \\times w}.
+
+:class:`LayerwiseGradCAM` computes ``M`` for all selected layers at once. Forward hooks keep
+the layer outputs in the autograd graph; the selected logits are summed over the batch and
+``torch.autograd.grad`` differentiates that sum with respect to every layer output in a single
+backward pass. Samples do not interact in ``eval()`` mode, so the gradient of the sum with
+respect to sample ``b``'s activations is the gradient of sample ``b``'s own score. Parameter
+``.grad`` fields are never touched. Each map is then upsampled to the input size (bilinear,
+``align_corners=False``).
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+    ...                     nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+    ...                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    >>> with LayerwiseGradCAM(net, verbose=False) as cam:
+    ...     lm = cam(torch.randn(2, 3, 32, 32), targets=[3, 7])
+    >>> lm.names, tuple(lm.raw["4"].shape), tuple(lm.maps["4"].shape)
+    (['1', '4'], (2, 16, 16), (2, 32, 32))
+    >>> tuple(lm.fuse().shape)
+    (2, 32, 32)
+"""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["LayerwiseGradCAM", "LayerMaps", "ClassifierOutputTarget", "auto_layers"]
+
+TargetSpec = (None | int | Sequence[int] | Tensor | Callable[[Tensor], Tensor]
+              | Sequence[Callable[[Tensor], Tensor]])
+LayerSpec = str | Sequence[str | nn.Module]
+
+
+class ClassifierOutputTarget:
+    """Target score = the logit of one class, for every sample.
+
+    Works on a batch of logits (B,C) (returns (B,)) and on one sample's logits (C,) (returns a
+    scalar), so it can be passed as ``targets`` itself or as one element of a per-sample list.
+
+    Args:
+        category: the class index.
+    """
+
+    def __init__(self, category: int) -> None:
+        if isinstance(category, bool) or not isinstance(category, numbers.Integral):
+            raise TypeError(f"category must be an int, got {category!r}")
+        self.category = int(category)
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        if logits.ndim == 1:
+            return logits[self.category]
+        return logits[:, self.category]
+
+    def __repr__(self) -> str:
+        return f"ClassifierOutputTarget({self.category})"
+
+
+@dataclass
+class LayerMaps:
+    """Per-layer Grad-CAM maps of one batch, as returned by :class:`LayerwiseGradCAM`.
+
+    All tensors are detached and live on the model's device.
+
+    Attributes:
+        names: layer names (as in ``model.named_modules()``), shallow to deep.
+        raw: ``name -> (B,h,w)`` Grad-CAM at the layer's own resolution (non-negative).
+        maps: ``name -> (B,H,W)`` the raw maps upsampled to the input size (bilinear,
+            ``align_corners=False``).
+        targets: (B,) long, the explained class per image; ``-1`` where the target was given
+            as a callable that is not a :class:`ClassifierOutputTarget`.
+        logits: (B,C) the model's output logits.
+        probs: (B,) the model's softmax probability of the target class (NaN where the target
+            is ``-1``).
+        student_pred: (B,) long, the model's own argmax.
+    """
+
+    names: list[str]
+    raw: dict[str, Tensor]
+    maps: dict[str, Tensor]
+    targets: Tensor
+    logits: Tensor
+    probs: Tensor
+    student_pred: Tensor
+
+    def __len__(self) -> int:
+        return int(self.targets.shape[0])
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(H, W) of the input images (and of every map in :attr:`maps`)."""
+        h, w = self.maps[self.names[0]].shape[-2:]
+        return int(h), int(w)
+
+    @property
+    def resolutions(self) -> dict[str, tuple[int, int]]:
+        """``name -> (h, w)``, each layer's native resolution."""
+        return {n: (int(self.raw[n].shape[-2]), int(self.raw[n].shape[-1])) for n in self.names}
+
+    def fuse(self, mode: str = "sum", normalize: str = "minmax",
+             weights: Sequence[float] | Tensor | dict[str, float] | None = None) -> Tensor:
+        """Fuse the upsampled maps into one (B,H,W) saliency map; see :func:`lwcam.fusion.fuse`."""
+        from .fusion import fuse
+
+        return fuse(self, mode=mode, normalize=normalize, weights=weights)
+
+    def stack(self) -> Tensor:
+        """The upsampled maps as one (B,L,H,W) tensor, layers in :attr:`names` order."""
+        return torch.stack([self.maps[n] for n in self.names], dim=1)
+
+    def agrees_with(self, labels: int | Sequence[int] | Tensor) -> Tensor:
+        """Bool (B,): whether the model's argmax equals ``labels`` (e.g. the black box's labels)."""
+        lab = torch.as_tensor(labels, device=self.student_pred.device)
+        if lab.is_floating_point() or lab.dtype == torch.bool:
+            raise TypeError(f"labels must be integers, got dtype {lab.dtype}")
+        lab = lab.long()
+        if lab.ndim == 0:
+            lab = lab.expand_as(self.student_pred)
+        if lab.shape != self.student_pred.shape:
+            raise ValueError(f"labels has shape {tuple(lab.shape)}, expected ({len(self)},)")
+        return self.student_pred == lab
+
+    def cpu(self) -> LayerMaps:
+        """A copy with every tensor moved to the CPU."""
+        return LayerMaps(
+            names=list(self.names),
+            raw={n: t.cpu() for n, t in self.raw.items()},
+            maps={n: t.cpu() for n, t in self.maps.items()},
+            targets=self.targets.cpu(), logits=self.logits.cpu(), probs=self.probs.cpu(),
+            student_pred=self.student_pred.cpu(),
+        )
+
+
+def _is_container(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Sequential, nn.ModuleList))
+
+
+def _describe(out: Any) -> str:
+    if isinstance(out, Tensor):
+        return f"a tensor of shape {tuple(out.shape)}"
+    return f"a {type(out).__name__}"
+
+
+class LayerwiseGradCAM:
+    """Grad-CAM of every selected layer of ``model`` from one forward and one backward pass.
+
+    Use it as a context manager (hooks stay registered inside the ``with`` block) or call it
+    directly (hooks are registered for the duration of each call only). Every hook is removed
+    and every stored activation released when the block exits or the call returns or raises.
+
+    During a call the model is put in ``eval()`` mode and afterwards every submodule gets its
+    own previous ``training`` flag back; parameters' ``requires_grad`` and ``.grad`` are left
+    untouched (the gradient graph is obtained by making a detached copy of the *input* require
+    grad). Calls work inside ``torch.no_grad()`` and ``torch.inference_mode()``.
+
+    A hooked layer's output is kept as it is and a copy is passed on to the rest of the network,
+    so in-place operations further on (e.g. ``nn.ReLU(inplace=True)`` after a BatchNorm) cannot
+    alter the stored activations: the map of a hooked ``bn1`` is the map of ``bn1``'s output,
+    not of the ReLU applied to it. If a hooked module runs several times in one forward pass,
+    its last output is used.
+
+    ``layers="auto"`` selects the model's stages:
+
+    1. A model with exactly one child is unwrapped (repeatedly) to that child.
+    2. Candidates are the direct children of the model. A direct child that is an
+       ``nn.Sequential``/``nn.ModuleList`` whose own children's outputs have two or more
+       different spatial resolutions is a trunk of stages (torchvision's ``features``,
+       ``trunk_output``) and is replaced by its children (one level only).
+    3. The first call runs with hooks on all candidates (this is the same single forward pass
+       that computes the maps) and keeps candidates whose output is a 4-D (B,C,h,w) tensor with
+       h·w > 1, in execution order.
+    4. Among consecutive candidates with the same (h, w) the deepest is kept; a candidate whose
+       resolution is larger than the one before it (an adaptive pooling that upsamples, a
+       decoder) is dropped.
+
+    The selection is made once, on the first call, and printed (shallow to deep) when
+    ``verbose``; it depends on the input size of that call. With 64×64 inputs torchvision
+    models (``weights=None``) give:
+
+    =====================  ================================================================
+    model                  auto layers (resolution)
+    =====================  ================================================================
+    ``resnet18``           relu 32, layer1 16, layer2 8, layer3 4, layer4 2
+    ``regnet_x_400mf``     stem 32, trunk_output.block1 16, trunk_output.block2 8,
+                           trunk_output.block3 4, trunk_output.block4 2
+    ``shufflenet_v2_x1_0`` conv1 32, maxpool 16, stage2 8, stage3 4, conv5 2
+    ``mobilenet_v3_small`` features.0 32, features.1 16, features.3 8, features.8 4,
+                           features.12 2
+    ``vgg11``              features.1 64, features.4 32, features.9 16, features.14 8,
+                           features.19 4, features.20 2
+    =====================  ================================================================
+
+    Explicit ``layers`` are names as in ``model.named_modules()`` or module objects; they are
+    reported shallow to deep in execution order.
+
+    Args:
+        model: the white-box classifier, mapping (B,C_in,H,W) floats to logits (B,num_classes).
+        layers: ``"auto"`` or a sequence of layer names / modules.
+        verbose: print the automatically chosen layers.
+
+    Example:
+        >>> import torchvision
+        >>> net = torchvision.models.resnet18(weights=None, num_classes=10)
+        >>> with LayerwiseGradCAM(net, verbose=False) as cam:
+        ...     lm = cam(torch.randn(4, 3, 64, 64), targets=[0, 1, 2, 3])
+        >>> lm.names
+        ['relu', 'layer1', 'layer2', 'layer3', 'layer4']
+        >>> {n: tuple(r.shape) for n, r in lm.raw.items()}["layer4"]
+        (4, 2, 2)
+    """
+
+    def __init__(self, model: nn.Module, layers: LayerSpec = "auto", *, verbose: bool = True) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.verbose = bool(verbose)
+        self._modules = dict(model.named_modules())
+        self._auto = isinstance(layers, str)
+        if self._auto:
+            if layers != "auto":
+                raise ValueError(
+                    f"layers must be 'auto' or a sequence of layer names/modules, got {layers!r}")
+            self._requested: list[str] = []
+        else:
+            self._requested = self._resolve_explicit(layers)
+        self._names: list[str] | None = None  # resolved and ordered on the first call
+        self._handles: list[Any] = []
+        self._store: dict[str, Any] = {}
+        self._fired: dict[str, int] = {}
+        self._tick = 0
+        self._active = False
+        self._in_context = False
+        self._in_channels = next(
+            (m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+
+    # ------------------------------------------------------------------ public helpers
+    @property
+    def layer_names(self) -> list[str] | None:
+        """The selected layer names, shallow to deep (``None`` before the first ``"auto"`` call)."""
+        if self._names is not None:
+            return list(self._names)
+        return None if self._auto else list(self._requested)
+
+    def __enter__(self) -> LayerwiseGradCAM:
+        if self._in_context:
+            raise RuntimeError("this LayerwiseGradCAM is already in use as a context manager")
+        self._in_context = True
+        self._attach()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._in_context = False
+        self._detach()
+        self._release()
+
+    def __repr__(self) -> str:
+        layers = self.layer_names if self.layer_names is not None else "auto (unresolved)"
+        return f"LayerwiseGradCAM({type(self.model).__name__}, layers={layers})"
+
+    # ------------------------------------------------------------------ layer bookkeeping
+    def _resolve_explicit(self, layers: Iterable[str | nn.Module]) -> list[str]:
+        if isinstance(layers, nn.Module):
+            layers = [layers]
+        try:
+            items = list(layers)
+        except TypeError:
+            raise TypeError(f"layers must be 'auto' or a sequence of names/modules, got {layers!r}") from None
+        if not items:
+            raise ValueError("layers is empty: pass 'auto' or at least one layer")
+        by_id = {}
+        for name, mod in self._modules.items():
+            by_id.setdefault(id(mod), name)
+        names: list[str] = []
+        for item in items:
+            if isinstance(item, str):
+                if item not in self._modules:
+                    valid = [n for n in self._modules if n][:12]
+                    raise ValueError(
+                        f"unknown layer name {item!r}; valid names include {valid}"
+                        f"{' ...' if len(self._modules) > 13 else ''} (see model.named_modules())")
+                name = item
+            elif isinstance(item, nn.Module):
+                if id(item) not in by_id:
+                    raise ValueError(f"layer {type(item).__name__} is not a submodule of the model")
+                name = by_id[id(item)]
+            else:
+                raise TypeError(f"a layer must be a name or an nn.Module, got {type(item).__name__}")
+            if name in names:
+                raise ValueError(f"layer {name!r} is listed twice")
+            names.append(name)
+        return names
+
+    def _auto_candidates(self) -> tuple[list[str], dict[str, list[str]]]:
+        """Direct children (after unwrapping) and, for containers, their children."""
+        prefix, root = "", self.model
+        while True:
+            kids = list(root.named_children())
+            if len(kids) != 1:
+                break
+            prefix = f"{prefix}{kids[0][0]}."
+            root = kids[0][1]
+        if not kids:  # a single leaf module
+            name = prefix[:-1]
+            return [name], {}
+        top: list[str] = []
+        containers: dict[str, list[str]] = {}
+        for local, child in kids:
+            name = prefix + local
+            top.append(name)
+            if _is_container(child):
+                containers[name] = [f"{name}.{sub}" for sub, _ in child.named_children()]
+        return top, containers
+
+    def _hook_targets(self) -> list[str]:
+        if self._names is not None:
+            return list(self._names)
+        if not self._auto:
+            return list(self._requested)
+        top, containers = self._auto_candidates()
+        return top + [c for subs in containers.values() for c in subs]
+
+    def _make_hook(self, name: str) -> Callable[..., Any]:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
+            if not self._active:
+                return None
+            self._tick += 1
+            self._fired[name] = self._tick
+            self._store[name] = output
+            if isinstance(output, Tensor):
+                # Downstream layers get a copy: in-place ops further on cannot alter the stored
+                # activation, and gradients still flow to it through the copy.
+                return output.clone()
+            return None
+
+        return hook
+
+    def _attach(self) -> None:
+        if self._handles:
+            return
+        for name in self._hook_targets():
+            self._handles.append(self._modules[name].register_forward_hook(self._make_hook(name)))
+
+    def _detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _release(self) -> None:
+        self._store.clear()
+        self._fired.clear()
+        self._tick = 0
+
+    def _select_auto(self) -> list[str]:
+        top, containers = self._auto_candidates()
+
+        def res(name: str) -> tuple[int, int] | None:
+            out = self._store.get(name)
+            if isinstance(out, Tensor) and out.ndim == 4:
+                return int(out.shape[-2]), int(out.shape[-1])
+            return None
+
+        cands: list[str] = []
+        for name in top:
+            subs = [s for s in containers.get(name, []) if s in self._fired]
+            if len({r for s in subs if (r := res(s)) is not None}) >= 2:
+                cands.extend(subs)
+            elif name in self._fired:
+                cands.append(name)
+        cands.sort(key=lambda n: self._fired[n])
+        kept: list[tuple[str, tuple[int, int]]] = []
+        for name in cands:
+            r = res(name)
+            if r is None or r[0] * r[1] <= 1:
+                continue
+            if kept and r == kept[-1][1]:
+                kept[-1] = (name, r)
+            elif kept and r[0] * r[1] > kept[-1][1][0] * kept[-1][1][1]:
+                continue
+            else:
+                kept.append((name, r))
+        if not kept:
+            raise ValueError(
+                "layers='auto' found no stage with a 4-D (B,C,h,w) output larger than 1x1; "
+                f"pass layers explicitly (candidates were {cands})")
+        if self.verbose:
+            desc = ", ".join(f"{n} ({h}x{w})" for n, (h, w) in kept)
+            print(f"LayerwiseGradCAM: auto layers, shallow to deep: {desc}")
+        return [n for n, _ in kept]
+
+    def _check_explicit_outputs(self) -> list[str]:
+        for name in self._requested:
+            if name not in self._fired:
+                raise ValueError(
+                    f"layer {name!r} did not run in the forward pass, so it has no activations")
+            out = self._store[name]
+            if not (isinstance(out, Tensor) and out.ndim == 4):
+                raise ValueError(
+                    f"layer {name!r} must output a 4-D (B,C,h,w) tensor, but it gave {_describe(out)}")
+        return sorted(self._requested, key=lambda n: self._fired[n])
+
+    # ------------------------------------------------------------------ inputs
+    def _check_images(self, images: Any) -> Tensor:
+        if not isinstance(images, Tensor):
+            raise TypeError(f"images must be a torch.Tensor (B,C,H,W), got {type(images).__name__}")
+        if images.ndim != 4:
+            raise ValueError(f"images must be 4-D (B,C,H,W), got shape {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise ValueError(f"images must be floating point, got dtype {images.dtype}")
+        if images.shape[0] == 0:
+            raise ValueError("images is an empty batch")
+        if self._in_channels is not None and images.shape[1] != self._in_channels:
+            raise ValueError(
+                f"images have {images.shape[1]} channels but the model's first convolution "
+                f"expects {self._in_channels} (shape {tuple(images.shape)})")
+        param = next(self.model.parameters(), None)
+        if param is not None:
+            dtype = param.dtype if param.is_floating_point() else images.dtype
+            images = images.to(device=param.device, dtype=dtype)
+        return images
+
+    @staticmethod
+    def _check_targets(targets: TargetSpec, batch: int) -> Any:
+        """Validate what can be validated before the forward pass."""
+        if targets is None or (callable(targets) and not isinstance(targets, Tensor)):
+            return targets
+        if isinstance(targets, bool):
+            raise TypeError("targets must be class indices, got a bool")
+        if isinstance(targets, numbers.Integral):
+            return int(targets)
+        if isinstance(targets, (list, tuple)) and targets and all(callable(t) for t in targets):
+            if len(targets) != batch:
+                raise ValueError(f"got {len(targets)} target callables for a batch of {batch} images")
+            return list(targets)
+        try:
+            t = torch.as_tensor(targets)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"targets must be None, an int, a sequence or 1-D tensor of ints, "
+                            f"or a callable; got {type(targets).__name__}") from None
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"targets must be integer class indices, got dtype {t.dtype}")
+        if t.ndim == 0:
+            return int(t)
+        if t.ndim != 1 or t.shape[0] != batch:
+            raise ValueError(f"targets has shape {tuple(t.shape)}, expected ({batch},) for a batch of {batch}")
+        return t.long()
+
+    @staticmethod
+    def _scores(logits: Tensor, targets: Any) -> tuple[Tensor, Tensor]:
+        """(scores (B,), target indices (B,) with -1 where unknown)."""
+        b, c = logits.shape
+        unknown = torch.full((b,), -1, dtype=torch.long, device=logits.device)
+        if targets is None:
+            idx = logits.detach().argmax(dim=1)
+        elif _category(targets) is not None:
+            idx = torch.full((b,), _category(targets), dtype=torch.long, device=logits.device)
+        elif isinstance(targets, list):  # per-sample callables
+            idx = torch.tensor([c_ if (c_ := _category(t)) is not None else -1 for t in targets],
+                               dtype=torch.long, device=logits.device)
+            _check_range(idx[idx >= 0], c)
+            scores = []
+            for i, fn in enumerate(targets):
+                s = fn(logits[i])
+                if not isinstance(s, Tensor) or s.numel() != 1:
+                    raise ValueError(f"target callable #{i} must return a scalar tensor, got {_describe(s)}")
+                scores.append(s.reshape(()))
+            return torch.stack(scores), idx
+        elif callable(targets) and not isinstance(targets, Tensor):
+            s = targets(logits)
+            if not isinstance(s, Tensor) or s.shape != (b,):
+                raise ValueError(f"a target callable must map logits ({b},{c}) to scores ({b},), "
+                                 f"got {_describe(s)}")
+            return s, unknown
+        elif isinstance(targets, int):
+            idx = torch.full((b,), targets, dtype=torch.long, device=logits.device)
+        else:
+            idx = targets.to(logits.device).clone()  # a normal tensor even if made in inference mode
+        _check_range(idx, c)
+        return logits.gather(1, idx[:, None]).squeeze(1), idx
+
+    # ------------------------------------------------------------------ the call
+    def __call__(self, images: Tensor, targets: TargetSpec = None) -> LayerMaps:
+        """Compute the Grad-CAM of every selected layer.
+
+        Args:
+            images: (B,C,H,W) floating-point batch in the model's input space.
+            targets: the class to explain per image: ``None`` (the model's own argmax), an int
+                (same class for all), a sequence or 1-D tensor of B ints, a callable mapping the
+                logits (B,C) to scores (B,), or a list of B callables each mapping one sample's
+                logits (C,) to a scalar (e.g. :class:`ClassifierOutputTarget`).
+
+        Returns:
+            A :class:`LayerMaps`; tensors are detached, float32, on the model's device.
+
+        Raises:
+            ValueError: bad image shape/dtype/channels, target out of range, unknown or
+                unusable layer.
+        """
+        x = self._check_images(images)
+        targets = self._check_targets(targets, x.shape[0])
+        height, width = int(x.shape[-2]), int(x.shape[-1])
+        training = [(m, m.training) for m in self.model.modules()]
+        attached_here = not self._handles
+        try:
+            self._attach()
+            self.model.eval()
+            with torch.inference_mode(False), torch.enable_grad():
+                x = x.detach()
+                if x.is_inference():
+                    x = x.clone()
+                x.requires_grad_(True)
+                self._release()
+                self._active = True
+                try:
+                    logits = self.model(x)
+                finally:
+                    self._active = False
+                if not (isinstance(logits, Tensor) and logits.ndim == 2 and logits.shape[0] == x.shape[0]):
+                    raise ValueError(f"the model must return logits of shape (B, num_classes); "
+                                     f"it returned {_describe(logits)}")
+                first = self._names is None
+                if not first:
+                    names = list(self._names)
+                elif self._auto:
+                    names = self._select_auto()
+                else:
+                    names = self._check_explicit_outputs()
+                for name in names:
+                    if name not in self._fired:
+                        raise ValueError(f"layer {name!r} did not run in the forward pass")
+                    out = self._store[name]
+                    if not (isinstance(out, Tensor) and out.ndim == 4):
+                        raise ValueError(f"layer {name!r} must output a 4-D (B,C,h,w) tensor, "
+                                         f"but it gave {_describe(out)}")
+                    if not out.requires_grad:
+                        raise ValueError(f"layer {name!r} output does not depend on the input through "
+                                         "autograd (detached or computed under no_grad)")
+                scores, idx = self._scores(logits, targets)
+                acts = [self._store[n] for n in names]
+                grads = torch.autograd.grad(scores.sum(), acts, allow_unused=True)
+            raw: dict[str, Tensor] = {}
+            maps: dict[str, Tensor] = {}
+            for name, act, grad in zip(names, acts, grads, strict=True):
+                a = act.detach().float()
+                if grad is None:
+                    warnings.warn(f"the target score does not depend on layer {name!r}; its map is zero",
+                                  stacklevel=2)
+                    cam = a.new_zeros(a.shape[0], a.shape[2], a.shape[3])
+                else:
+                    alpha = grad.float().mean(dim=(2, 3))
+                    cam = torch.relu(torch.einsum("bk,bkhw->bhw", alpha, a))
+                if not torch.isfinite(cam).all():
+                    raise ValueError(f"layer {name!r} produced non-finite Grad-CAM values "
+                                     "(non-finite activations or gradients in the model)")
+                raw[name] = cam
+                up = F.interpolate(cam[:, None], size=(height, width), mode="bilinear", align_corners=False)
+                maps[name] = up[:, 0].clamp_min(0.0)
+            del acts, grads
+            logits_d = logits.detach().float()
+            probs = torch.softmax(logits_d, dim=1)
+            p = torch.full(idx.shape, float("nan"), device=logits_d.device)
+            known = idx >= 0
+            p[known] = probs[known, idx[known]]
+            if first:
+                self._names = list(names)
+                if self._in_context and self._auto:  # keep hooks on the chosen layers only
+                    self._detach()
+                    self._attach()
+            return LayerMaps(names=list(names), raw=raw, maps=maps, targets=idx.detach(), logits=logits_d,
+                             probs=p, student_pred=logits_d.argmax(dim=1))
+        finally:
+            self._active = False
+            self._release()
+            if attached_here and not self._in_context:
+                self._detach()
+            for m, flag in training:
+                m.training = flag
+
+
+def _category(target: Any) -> int | None:
+    """The class index of a class-logit target callable (ours or pytorch-grad-cam's), else None."""
+    if isinstance(target, (Tensor, numbers.Number)) or not callable(target):
+        return None
+    cat = getattr(target, "category", None)
+    if isinstance(cat, numbers.Integral) and not isinstance(cat, bool):
+        return int(cat)
+    return None
+
+
+def _check_range(idx: Tensor, num_classes: int) -> None:
+    bad = (idx < 0) | (idx >= num_classes)
+    if bool(bad.any()):
+        first = int(idx[bad][0])
+        raise ValueError(f"target {first} is out of range for a model with num_classes={num_classes} "
+                         f"(valid: 0..{num_classes - 1})")
+
+
+def auto_layers(model: nn.Module, image_size: int | tuple[int, int] = 64, in_channels: int | None = None) -> list[str]:
+    """The layers ``layers="auto"`` picks for ``model`` at ``image_size``, from one probe pass.
+
+    Args:
+        model: the classifier.
+        image_size: H (=W) or (H, W) of the probe input.
+        in_channels: channels of the probe input (default: the first convolution's, else 3).
+
+    Returns:
+        Layer names, shallow to deep.
+    """
+    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+    cam = LayerwiseGradCAM(model, "auto", verbose=False)
+    c = in_channels or cam._in_channels or 3
+    param = next(model.parameters(), None)
+    x = torch.zeros(1, c, h, w, device=param.device if param is not None else None)
+    cam(x, targets=0)
+    assert cam.layer_names is not None
+    return cam.layer_names

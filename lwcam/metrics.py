@@ -1,0 +1,682 @@
+"""Faithfulness and ground-truth metrics for saliency maps, plus the statistics to report them.
+
+Deletion and insertion games (Petsiuk et al., 2018, "RISE") score a saliency map on the
+model being explained, which in lwcam is the black box:
+
+* Pixels are ranked by saliency, descending. Ties are broken by flat pixel index
+  (row-major, lower index first), so the order is deterministic.
+* At step ``t`` the first ``min(t * step, H * W)`` ranked pixels (all channels) are taken from the
+  *finish* image and every other pixel from the *start* image:
+
+  - deletion: start = the image, finish = a substrate (zeros in the model's normalised space by
+    default);
+  - insertion: start = a Gaussian-blurred copy of the image (kernel 11, sigma 5), finish = the image.
+
+* The curve ``s_0, ..., s_{n-1}`` is the softmax probability of the target class at each of the
+  ``n = ceil(H * W / step) + 1`` steps, and
+
+  .. math:: \\mathrm{AUC} = \\frac{1}{n - 1}\\Big(\\sum_{t=0}^{n-1} s_t - \\frac{s_0}{2} - \\frac{s_{n-1}}{2}\\Big),
+
+  the trapezoid rule on ``n`` equally spaced points of ``[0, 1]``. The AUC lies in ``[0, 1]``.
+  Deletion: lower is better. Insertion: higher is better.
+
+Every (image, step) pair is built with one vectorised ``torch.where`` on a pixel-rank map, and the
+pairs are sent to the model in chunks of ``batch_size`` images, so there is no Python loop over
+pixels or steps.
+
+Ground-truth metrics (:func:`pointing_game`, :func:`relevance_mass`) compare a saliency map with an
+object mask. :func:`bootstrap_ci` and :func:`paired_test` turn per-image scores into a mean with a
+95% confidence interval and a paired comparison of two methods on the same images.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))
+    >>> images, saliency = torch.rand(2, 3, 8, 8), torch.rand(2, 8, 8)
+    >>> res = deletion_game(net, images, saliency, targets=[0, 1])
+    >>> res.curves.shape, res.auc.shape, res.queries
+    (torch.Size([2, 9]), torch.Size([2]), 18)
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._utils import progress as _progress
+from .blackbox import BlackBox, as_prob_fn
+
+__all__ = [
+    "GameResult",
+    "PairedResult",
+    "deletion_game",
+    "insertion_game",
+    "gaussian_blur",
+    "game_auc",
+    "pointing_game",
+    "relevance_mass",
+    "bootstrap_ci",
+    "paired_test",
+]
+
+Model = BlackBox | nn.Module | Callable[[torch.Tensor], torch.Tensor]
+Canvas = str | torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
+Targets = int | Sequence[int] | torch.Tensor | np.ndarray
+
+_NAMED_CANVASES = ("zeros", "mean", "blur")
+
+
+# --------------------------------------------------------------------------- results
+@dataclass
+class GameResult:
+    """The outcome of a deletion or insertion game on B images.
+
+    Attributes:
+        kind: ``"deletion"`` or ``"insertion"``.
+        curves: (B, n) float32, the target-class probability after each step; column 0 is the
+            start image, column ``n - 1`` the finish image.
+        auc: (B,) float32, the area under each curve, see :func:`game_auc`.
+        fractions: (n,) float32, the share of pixels taken from the finish image at each step,
+            ``min(t * step, H * W) / (H * W)``.
+        queries: the number of images this call sent to the model, ``B * n``.
+        blackbox_queries: for a :class:`~lwcam.blackbox.BlackBox`, how much its ``queries``
+            counter grew during the call (less than ``queries`` only when its cache answered);
+            ``None`` for a module or a plain callable.
+        step: pixels moved per step.
+        targets: (B,) int64, the class scored on each image.
+        canvas: a description of the substrate (deletion) or start image (insertion).
+    """
+
+    kind: Literal["deletion", "insertion"]
+    curves: torch.Tensor
+    auc: torch.Tensor
+    fractions: torch.Tensor
+    queries: int
+    step: int
+    targets: torch.Tensor
+    canvas: str
+    blackbox_queries: int | None = field(default=None)
+
+    @property
+    def n_images(self) -> int:
+        return int(self.curves.shape[0])
+
+    @property
+    def n_steps(self) -> int:
+        """Number of steps, one fewer than the points on each curve."""
+        return int(self.curves.shape[1]) - 1
+
+    def mean_curve(self) -> torch.Tensor:
+        """(n,) the curve averaged over images."""
+        return self.curves.mean(dim=0)
+
+    def mean_ci(self, n_boot: int = 10000, ci: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+        """Mean AUC with a percentile bootstrap confidence interval: ``(mean, low, high)``.
+
+        See :func:`bootstrap_ci`.
+        """
+        return bootstrap_ci(self.auc, n_boot=n_boot, ci=ci, seed=seed)
+
+    def __repr__(self) -> str:
+        m = float(self.auc.mean()) if self.auc.numel() else float("nan")
+        return (
+            f"GameResult(kind={self.kind!r}, images={self.n_images}, steps={self.n_steps}, step={self.step}, "
+            f"canvas={self.canvas!r}, mean_auc={m:.4f}, queries={self.queries})"
+        )
+
+
+class PairedResult(NamedTuple):
+    """A paired comparison of two methods on the same images (see :func:`paired_test`)."""
+
+    mean_diff: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+    n: int
+    test: str = "wilcoxon"
+    alternative: str = "two-sided"
+
+
+# --------------------------------------------------------------------------- helpers
+def game_auc(curves: torch.Tensor) -> torch.Tensor:
+    """Area under equally spaced curves on ``[0, 1]`` by the trapezoid rule.
+
+    For a curve of ``n >= 2`` points ``s_0 .. s_{n-1}``:
+    ``AUC = (sum(s) - s_0 / 2 - s_{n-1} / 2) / (n - 1)``. A constant curve ``c`` has AUC ``c``.
+
+    Args:
+        curves: (n,) or (B, n) tensor.
+
+    Returns:
+        A 0-d or (B,) tensor of the input's floating dtype (float32 for integer input).
+
+    Example:
+        >>> game_auc(torch.tensor([1.0, 0.5, 0.0])).item()
+        0.5
+    """
+    if not isinstance(curves, torch.Tensor):
+        curves = torch.as_tensor(curves)
+    if curves.dim() not in (1, 2):
+        raise ValueError(f"curves must be (n,) or (B, n), got shape {tuple(curves.shape)}")
+    n = curves.shape[-1]
+    if n < 2:
+        raise ValueError(f"a curve needs at least 2 points to have an area, got {n}")
+    out_dtype = curves.dtype if curves.is_floating_point() else torch.float32
+    c = curves.to(torch.float64)
+    auc = (c.sum(dim=-1) - c[..., 0] / 2 - c[..., -1] / 2) / (n - 1)
+    return auc.to(out_dtype)
+
+
+def _gaussian_kernel1d(kernel_size: int, sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    half = (kernel_size - 1) / 2
+    x = torch.linspace(-half, half, kernel_size, dtype=torch.float64)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (k / k.sum()).to(device=device, dtype=dtype)
+
+
+def gaussian_blur(images: torch.Tensor, kernel_size: int = 11, sigma: float = 5.0) -> torch.Tensor:
+    """Per-channel Gaussian blur with reflect padding, as two 1-D convolutions.
+
+    The kernel is ``exp(-x^2 / (2 sigma^2))`` on ``x = -(k-1)/2 .. (k-1)/2``, normalised to sum 1
+    (the same kernel and padding as ``torchvision.transforms.functional.gaussian_blur``). Reflect
+    padding needs ``k // 2 < min(H, W)``; smaller images are padded by replication instead.
+
+    Args:
+        images: (B, C, H, W) float tensor.
+        kernel_size: odd positive int.
+        sigma: positive standard deviation in pixels.
+
+    Returns:
+        The blurred images, same shape and dtype.
+    """
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, numbers.Integral) or kernel_size < 1 \
+            or kernel_size % 2 == 0:
+        raise ValueError(f"blur kernel_size must be an odd positive int, got {kernel_size!r}")
+    if not isinstance(sigma, numbers.Real) or not math.isfinite(sigma) or sigma <= 0:
+        raise ValueError(f"blur sigma must be a positive finite number, got {sigma!r}")
+    if images.dim() != 4 or not images.is_floating_point():
+        raise ValueError(f"images must be a (B,C,H,W) float tensor, got shape {tuple(images.shape)}")
+    kernel_size = int(kernel_size)
+    if kernel_size == 1:
+        return images.clone()
+    b, c, h, w = images.shape
+    pad = kernel_size // 2
+    mode = "reflect" if pad < min(h, w) else "replicate"
+    k = _gaussian_kernel1d(kernel_size, float(sigma), images.dtype, images.device)
+    x = F.pad(images, (pad, pad, pad, pad), mode=mode)
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, kernel_size), groups=c)  # along W
+    x = F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, kernel_size, 1), groups=c)  # along H
+    return x
+
+
+def _check_images(images: object) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor of shape (B,C,H,W), got {type(images).__name__}")
+    if not images.is_floating_point():
+        raise TypeError(f"images must be a floating-point tensor, got dtype {images.dtype}")
+    if images.dim() != 4:
+        raise ValueError(f"images must have shape (B,C,H,W), got {images.dim()} dimensions {tuple(images.shape)}")
+    if images.shape[0] == 0:
+        raise ValueError("images is an empty batch (B=0)")
+    if images.shape[2] == 0 or images.shape[3] == 0:
+        raise ValueError(f"images have no pixels, shape {tuple(images.shape)}")
+    if not torch.isfinite(images).all():
+        raise ValueError("images contain NaN or Inf")
+    return images.detach()
+
+
+def _check_map(saliency: object, b: int, h: int, w: int, name: str = "saliency") -> torch.Tensor:
+    """Validate a (B,H,W) or (B,1,H,W) map and return it as (B,H,W) (dtype unchanged)."""
+    if isinstance(saliency, np.ndarray):
+        saliency = torch.from_numpy(saliency)
+    if not isinstance(saliency, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (B,H,W), got {type(saliency).__name__}")
+    if saliency.dim() == 4 and saliency.shape[1] == 1:
+        saliency = saliency[:, 0]
+    if tuple(saliency.shape) != (b, h, w):
+        raise ValueError(f"{name} must have shape (B,H,W)=({b},{h},{w}) or (B,1,H,W), got {tuple(saliency.shape)}")
+    if saliency.is_floating_point() and not torch.isfinite(saliency).all():
+        raise ValueError(f"{name} contains NaN or Inf")
+    return saliency.detach()
+
+
+def _check_targets(targets: object, b: int) -> torch.Tensor:
+    if isinstance(targets, numbers.Integral) and not isinstance(targets, bool):
+        t = torch.full((b,), int(targets), dtype=torch.long)
+    else:
+        if isinstance(targets, np.ndarray):
+            targets = torch.from_numpy(targets)
+        if isinstance(targets, torch.Tensor):
+            t = targets.detach().cpu()
+        elif isinstance(targets, Sequence) and not isinstance(targets, str):
+            if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in targets):
+                raise TypeError("targets must contain ints (class indices)")
+            t = torch.tensor(list(targets), dtype=torch.long)
+        else:
+            raise TypeError(f"targets must be an int, a sequence of ints or an integer tensor, got {type(targets).__name__}")
+        if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+            raise TypeError(f"targets must be integer class indices, got dtype {t.dtype}")
+        if t.dim() != 1:
+            raise ValueError(f"targets must be one class index per image, shape (B,), got shape {tuple(t.shape)}")
+        t = t.to(torch.long)
+        if t.shape[0] != b:
+            raise ValueError(f"targets has {t.shape[0]} entries but there are {b} images")
+    if (t < 0).any():
+        raise ValueError(f"targets must be class indices >= 0, got {int(t.min())}")
+    return t
+
+
+def _check_step(step: object, w: int) -> int:
+    if step is None:
+        return w
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+        raise TypeError(f"step must be a positive int (pixels per step), got {type(step).__name__} {step!r}")
+    if step <= 0:
+        raise ValueError(f"step must be a positive int (pixels per step), got {step}")
+    return int(step)
+
+
+def _make_canvas(spec: Canvas, images: torch.Tensor, role: str, blur_kernel: int, blur_sigma: float
+                 ) -> tuple[torch.Tensor, str]:
+    """The substrate / start image for every input image, shape (B,C,H,W), and its description."""
+    if isinstance(spec, str):
+        if spec == "zeros":
+            return torch.zeros_like(images), "zeros"
+        if spec == "mean":
+            return images.mean(dim=(2, 3), keepdim=True).expand_as(images).clone(), "mean"
+        if spec == "blur":
+            return gaussian_blur(images, blur_kernel, blur_sigma), f"blur(k={blur_kernel}, sigma={blur_sigma:g})"
+        raise ValueError(f"{role} must be one of {_NAMED_CANVASES}, a tensor or a callable, got {spec!r}")
+    if isinstance(spec, torch.Tensor):
+        out, desc = spec, "tensor"
+    elif callable(spec):
+        out = spec(images)
+        desc = f"callable {getattr(spec, '__name__', type(spec).__name__)}"
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"the {role} callable must return a tensor, got {type(out).__name__}")
+    else:
+        raise TypeError(f"{role} must be one of {_NAMED_CANVASES}, a tensor or a callable, got {type(spec).__name__}")
+    try:
+        out = torch.broadcast_to(out.detach().to(device=images.device, dtype=images.dtype), images.shape)
+    except RuntimeError as err:
+        raise ValueError(
+            f"{role} of shape {tuple(out.shape)} does not broadcast to the images' shape {tuple(images.shape)}"
+        ) from err
+    if not torch.isfinite(out).all():
+        raise ValueError(f"{role} contains NaN or Inf")
+    return out, desc
+
+
+def _pixel_ranks(saliency: torch.Tensor) -> torch.Tensor:
+    """(B, H*W) int64: the position of each pixel in the descending-saliency order.
+
+    Ties keep raster order (a stable sort on ``-saliency``).
+    """
+    flat = saliency.flatten(1).to(torch.float64)
+    order = torch.sort(-flat, dim=1, stable=True).indices
+    ranks = torch.empty_like(order)
+    positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    ranks.scatter_(1, order, positions)
+    return ranks
+
+
+def _play(kind: Literal["deletion", "insertion"], model: Model, images: torch.Tensor, saliency: torch.Tensor,
+          targets: Targets, *, step: int | None, canvas: Canvas, blur_kernel: int, blur_sigma: float,
+          batch_size: int, progress: bool | None) -> GameResult:
+    images = _check_images(images)
+    b, c, h, w = images.shape
+    sal = _check_map(saliency, b, h, w)
+    tgt = _check_targets(targets, b)
+    step = _check_step(step, w)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    num_classes: int | None = model.num_classes if isinstance(model, BlackBox) else None
+    if num_classes is not None and (tgt >= num_classes).any():
+        raise ValueError(f"targets must be class indices in [0, {num_classes}), got {int(tgt.max())}")
+    prob_fn = as_prob_fn(model)  # raises for a label-only BlackBox
+
+    canvas_img, desc = _make_canvas(canvas, images, "substrate" if kind == "deletion" else "start",
+                                    blur_kernel, blur_sigma)
+    if kind == "deletion":
+        start, finish = images, canvas_img
+    else:
+        start, finish = canvas_img, images
+
+    hw = h * w
+    n_steps = -(-hw // step)
+    n_points = n_steps + 1
+    counts = (torch.arange(n_points, dtype=torch.long) * step).clamp_(max=hw)
+    fractions = counts.to(torch.float64).div(hw).to(torch.float32)
+
+    device = images.device
+    ranks = _pixel_ranks(sal.to(device))
+    counts_d = counts.to(device)
+    start_flat = start.reshape(b, c, hw)
+    finish_flat = finish.reshape(b, c, hw)
+    tgt_d = tgt.to(device)
+
+    total = b * n_points
+    scores = torch.empty(total, dtype=torch.float32)
+    before = model.queries if isinstance(model, BlackBox) else None
+    chunks = range(0, total, batch_size)
+    for lo in _progress(chunks, total=len(chunks), desc=f"{kind} game", enabled=progress):
+        hi = min(lo + batch_size, total)
+        pair = torch.arange(lo, hi, device=device)
+        img, t = pair // n_points, pair % n_points
+        moved = ranks[img] < counts_d[t].unsqueeze(1)  # (m, H*W): pixel already taken from finish
+        x = torch.where(moved.unsqueeze(1), finish_flat[img], start_flat[img]).view(hi - lo, c, h, w)
+        probs = prob_fn(x)
+        if not isinstance(probs, torch.Tensor):
+            probs = torch.as_tensor(np.asarray(probs))
+        if probs.dim() != 2 or probs.shape[0] != hi - lo:
+            raise ValueError(f"the model returned shape {tuple(probs.shape)} for {hi - lo} images; expected (B, C)")
+        if num_classes is None:
+            num_classes = int(probs.shape[1])
+            if (tgt >= num_classes).any():
+                raise ValueError(
+                    f"targets must be class indices in [0, {num_classes}) (the model's output width), "
+                    f"got {int(tgt.max())}"
+                )
+        elif probs.shape[1] != num_classes:
+            raise ValueError(f"the model returned {probs.shape[1]} classes, expected {num_classes}")
+        if not torch.isfinite(probs).all():
+            raise ValueError("the model returned NaN or Inf probabilities")
+        got = probs.gather(1, tgt_d[img].to(probs.device).unsqueeze(1)).squeeze(1)
+        scores[lo:hi] = got.detach().to("cpu", torch.float32)
+
+    curves = scores.view(b, n_points)
+    spent = None if before is None else int(model.queries - before)  # type: ignore[union-attr]
+    return GameResult(kind=kind, curves=curves, auc=game_auc(curves), fractions=fractions, queries=total,
+                      step=step, targets=tgt, canvas=desc, blackbox_queries=spent)
+
+
+# --------------------------------------------------------------------------- games
+def deletion_game(model: Model, images: torch.Tensor, saliency: torch.Tensor, targets: Targets, *,
+                  step: int | None = None, substrate: Canvas = "zeros", blur_kernel: int = 11,
+                  blur_sigma: float = 5.0, batch_size: int = 256, progress: bool | None = None) -> GameResult:
+    """Deletion game: replace the most salient pixels first and watch the target probability fall.
+
+    The image at step ``t`` (``t = 0 .. n-1``, ``n = ceil(H*W / step) + 1``) is
+
+    ``x_t = where(rank < min(t * step, H*W), substrate, image)``
+
+    where ``rank`` is each pixel's position in the descending-saliency order (ties: lower flat
+    index first). Its score is ``p(target | x_t)``, the softmax probability from ``model``, and
+    the AUC is the equally spaced trapezoid rule (see :func:`game_auc`). Lower is better.
+
+    Args:
+        model: the model being explained: a :class:`~lwcam.blackbox.BlackBox` (``probs``,
+            ``logits`` or ``topk`` output; a ``label`` black box reveals no score and raises),
+            an ``nn.Module`` returning logits, or a callable returning (B, C) probabilities.
+        images: (B, C, H, W) float images in the model's input space.
+        saliency: (B, H, W) or (B, 1, H, W) maps; any real dtype (a bool mask works too).
+            Constant maps are valid: every pixel ties and the order is raster order.
+        targets: the class scored on each image: an int for all, or B ints.
+        step: pixels moved per step; ``None`` means the image width W (so H steps). The last step
+            moves fewer pixels when ``H*W`` is not a multiple of ``step``.
+        substrate: what deleted pixels become: ``"zeros"`` (zeros in the model's normalised
+            space, i.e. the data set mean in pixel space), ``"mean"`` (each image's per-channel
+            mean), ``"blur"`` (Gaussian blur, see :func:`gaussian_blur`), a tensor that broadcasts
+            to ``images``, or a callable ``images -> substrate``.
+        blur_kernel: kernel size for ``"blur"``.
+        blur_sigma: sigma for ``"blur"``.
+        batch_size: how many (image, step) inputs are built and sent to the model at once.
+        progress: show a progress bar (``None``: only on a TTY).
+
+    Returns:
+        A :class:`GameResult`; ``.queries == B * n`` model evaluations.
+
+    Raises:
+        TypeError: images not a float tensor, non-integer ``step`` or ``targets``.
+        ValueError: wrong shapes, NaN/Inf, ``step <= 0``, targets out of ``[0, C)``, a
+            ``label`` black box.
+
+    Example:
+        >>> probs = lambda x: torch.stack([x.mean((1, 2, 3)), 1 - x.mean((1, 2, 3))], 1)
+        >>> res = deletion_game(probs, torch.ones(1, 3, 2, 2), torch.rand(1, 2, 2), 0, step=1)
+        >>> res.curves.tolist(), round(res.auc.item(), 4)
+        ([[1.0, 0.75, 0.5, 0.25, 0.0]], 0.5)
+    """
+    return _play("deletion", model, images, saliency, targets, step=step, canvas=substrate,
+                 blur_kernel=blur_kernel, blur_sigma=blur_sigma, batch_size=batch_size, progress=progress)
+
+
+def insertion_game(model: Model, images: torch.Tensor, saliency: torch.Tensor, targets: Targets, *,
+                   step: int | None = None, start: Canvas = "blur", blur_kernel: int = 11,
+                   blur_sigma: float = 5.0, batch_size: int = 256, progress: bool | None = None) -> GameResult:
+    """Insertion game: restore the most salient pixels first, starting from a blurred image.
+
+    The image at step ``t`` is ``x_t = where(rank < min(t * step, H*W), image, start)``, so
+    ``x_0`` is the start image and ``x_{n-1}`` the original image. Higher AUC is better.
+    All arguments are as in :func:`deletion_game`, except:
+
+    Args:
+        start: the image insertion starts from: ``"blur"`` (default: Gaussian blur with
+            ``blur_kernel``, ``blur_sigma``), ``"zeros"``, ``"mean"``, a tensor that broadcasts to
+            ``images``, or a callable ``images -> start``.
+
+    Returns:
+        A :class:`GameResult` of kind ``"insertion"``; ``.queries == B * n``.
+
+    Example:
+        >>> probs = lambda x: torch.stack([x.mean((1, 2, 3)), 1 - x.mean((1, 2, 3))], 1)
+        >>> res = insertion_game(probs, torch.ones(1, 3, 2, 2), torch.rand(1, 2, 2), 0, step=2, start="zeros")
+        >>> res.curves.tolist(), res.fractions.tolist()
+        ([[0.0, 0.5, 1.0]], [0.0, 0.5, 1.0])
+    """
+    return _play("insertion", model, images, saliency, targets, step=step, canvas=start,
+                 blur_kernel=blur_kernel, blur_sigma=blur_sigma, batch_size=batch_size, progress=progress)
+
+
+# --------------------------------------------------------------------------- ground truth
+def _check_pair(saliency: object, masks: object) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(saliency, np.ndarray):
+        saliency = torch.from_numpy(saliency)
+    if not isinstance(saliency, torch.Tensor):
+        raise TypeError(f"saliency must be a torch.Tensor of shape (B,H,W), got {type(saliency).__name__}")
+    if saliency.dim() == 4 and saliency.shape[1] == 1:
+        saliency = saliency[:, 0]
+    if saliency.dim() != 3:
+        raise ValueError(f"saliency must have shape (B,H,W) or (B,1,H,W), got {tuple(saliency.shape)}")
+    b, h, w = saliency.shape
+    sal = _check_map(saliency, b, h, w)
+    m = _check_map(masks, b, h, w, name="masks")
+    if m.dtype != torch.bool:
+        if not ((m == 0) | (m == 1)).all():
+            raise ValueError("masks must be boolean or contain only 0 and 1")
+        m = m != 0
+    return sal, m.to(sal.device)
+
+
+def pointing_game(saliency: torch.Tensor, masks: torch.Tensor, *, return_valid: bool = False
+                  ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Pointing game: does the saliency maximum fall inside the object mask?
+
+    ``hit_i = masks_i[argmax(saliency_i)]``, where ties go to the lowest flat (row-major) index.
+
+    An image whose mask is empty has no object to point at: its ``hit`` is ``False`` and its
+    ``valid`` flag is ``False``. Average ``hit[valid]`` to score a method; pass
+    ``return_valid=True`` to get the flag.
+
+    Args:
+        saliency: (B, H, W) or (B, 1, H, W) real-valued maps (no NaN/Inf).
+        masks: (B, H, W) or (B, 1, H, W) bool (or 0/1) object masks.
+        return_valid: also return ``valid = masks.any()`` per image.
+
+    Returns:
+        ``hit`` (B,) bool, or ``(hit, valid)`` when ``return_valid``.
+
+    Example:
+        >>> s = torch.tensor([[[0.0, 1.0], [0.0, 0.0]]])
+        >>> pointing_game(s, torch.tensor([[[False, True], [False, False]]])).tolist()
+        [True]
+    """
+    sal, m = _check_pair(saliency, masks)
+    idx = sal.flatten(1).argmax(dim=1)  # first maximal index
+    valid = m.flatten(1).any(dim=1)
+    hit = m.flatten(1).gather(1, idx.unsqueeze(1)).squeeze(1) & valid
+    return (hit, valid) if return_valid else hit
+
+
+def relevance_mass(saliency: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Relevance mass accuracy (Arras et al., CLEVR-XAI): the share of positive saliency inside the mask.
+
+    ``mass_i = sum(relu(s_i) * mask_i) / sum(relu(s_i))``, in ``[0, 1]``. A map with no positive
+    value (all zeros or negative) has no mass to place and scores ``0.0`` (never NaN).
+
+    Args:
+        saliency: (B, H, W) or (B, 1, H, W) real-valued maps (no NaN/Inf).
+        masks: (B, H, W) or (B, 1, H, W) bool (or 0/1) object masks.
+
+    Returns:
+        (B,) float64.
+
+    Example:
+        >>> s = torch.tensor([[[3.0, 1.0], [-2.0, 0.0]]])
+        >>> relevance_mass(s, torch.tensor([[[True, False], [True, False]]])).tolist()
+        [0.75]
+    """
+    sal, m = _check_pair(saliency, masks)
+    pos = sal.to(torch.float64).clamp_min(0).flatten(1)
+    total = pos.sum(dim=1)
+    inside = (pos * m.flatten(1)).sum(dim=1)
+    return torch.where(total > 0, inside / torch.where(total > 0, total, torch.ones_like(total)),
+                       torch.zeros_like(total))
+
+
+# --------------------------------------------------------------------------- statistics
+def _as_1d_float(values: object, name: str) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().to(torch.float64).numpy()
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional, got shape {arr.shape}")
+    if np.isinf(arr).any():
+        raise ValueError(f"{name} contains Inf")
+    return arr
+
+
+def _bootstrap_means(x: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """``n_boot`` means of resamples of ``x`` with replacement, vectorised in bounded chunks."""
+    rng = np.random.default_rng(seed)
+    n = x.shape[0]
+    out = np.empty(n_boot, dtype=np.float64)
+    per = max(1, 4_000_000 // n)
+    for lo in range(0, n_boot, per):
+        hi = min(lo + per, n_boot)
+        idx = rng.integers(0, n, size=(hi - lo, n))
+        out[lo:hi] = x[idx].mean(axis=1)
+    return out
+
+
+def _check_boot_args(n_boot: int, ci: float, seed: int) -> None:
+    if isinstance(n_boot, bool) or not isinstance(n_boot, numbers.Integral) or n_boot < 1:
+        raise ValueError(f"n_boot must be a positive int, got {n_boot!r}")
+    if not 0 < ci < 1:
+        raise ValueError(f"ci must be in (0, 1), got {ci!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+
+
+def bootstrap_ci(values: object, n_boot: int = 10000, ci: float = 0.95, seed: int = 0
+                 ) -> tuple[float, float, float]:
+    """Mean with a percentile bootstrap confidence interval.
+
+    Resample the values with replacement ``n_boot`` times, take each resample's mean, and report
+    the ``(1 - ci) / 2`` and ``(1 + ci) / 2`` quantiles of those means. NaN values (for example
+    images a metric does not apply to) are dropped first; Inf raises. Deterministic given ``seed``.
+
+    Args:
+        values: 1-D array-like or tensor of per-image scores.
+        n_boot: number of bootstrap resamples.
+        ci: confidence level in (0, 1).
+        seed: seed of the resampling generator.
+
+    Returns:
+        ``(mean, low, high)`` as floats; ``low <= mean <= high`` up to resampling noise.
+
+    Raises:
+        ValueError: no values, or only NaN values.
+
+    Example:
+        >>> m, lo, hi = bootstrap_ci([0.2, 0.4, 0.6, 0.8], n_boot=2000)
+        >>> round(m, 2), lo < m < hi
+        (0.5, True)
+    """
+    _check_boot_args(n_boot, ci, seed)
+    x = _as_1d_float(values, "values")
+    if x.size == 0:
+        raise ValueError("bootstrap_ci needs at least one value, got an empty input")
+    x = x[~np.isnan(x)]
+    if x.size == 0:
+        raise ValueError("bootstrap_ci got only NaN values")
+    mean = float(x.mean())
+    if x.size == 1:
+        return mean, mean, mean
+    means = _bootstrap_means(x, int(n_boot), int(seed))
+    low, high = np.quantile(means, [(1 - ci) / 2, (1 + ci) / 2])
+    return mean, float(low), float(high)
+
+
+def paired_test(a: object, b: object, *, n_boot: int = 10000, ci: float = 0.95, seed: int = 0,
+                alternative: Literal["two-sided", "less", "greater"] = "two-sided") -> PairedResult:
+    """Compare two methods scored on the same images.
+
+    ``d_i = a_i - b_i``. The result holds ``mean(d)`` with a paired percentile bootstrap CI
+    (images resampled together, see :func:`bootstrap_ci`) and the p-value of a Wilcoxon
+    signed-rank test of ``d`` (``scipy.stats.wilcoxon``, zero differences dropped, its default
+    ``zero_method="wilcox"``). ``alternative="less"`` tests whether ``a`` tends to be below ``b``
+    (e.g. a lower deletion AUC), ``"greater"`` the reverse.
+
+    Pairs in which either value is NaN are dropped. When every difference is zero there is no
+    evidence of a difference and the p-value is ``1.0``.
+
+    Args:
+        a: 1-D per-image scores of the first method.
+        b: 1-D per-image scores of the second method, same length and order.
+        n_boot: bootstrap resamples for the CI.
+        ci: confidence level of the CI.
+        seed: seed of the resampling generator.
+        alternative: ``"two-sided"``, ``"less"`` or ``"greater"``.
+
+    Returns:
+        A :class:`PairedResult` ``(mean_diff, ci_low, ci_high, p_value, n, test, alternative)``.
+
+    Raises:
+        ValueError: ``a`` and ``b`` differ in shape, or no complete pair is left.
+
+    Example:
+        >>> r = paired_test([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], [0.3, 0.5, 0.4, 0.6, 0.9, 0.7])
+        >>> round(r.mean_diff, 3), r.p_value < 0.05, r.n
+        (-0.217, True, 6)
+    """
+    from scipy import stats
+
+    if alternative not in ("two-sided", "less", "greater"):
+        raise ValueError(f"alternative must be 'two-sided', 'less' or 'greater', got {alternative!r}")
+    _check_boot_args(n_boot, ci, seed)
+    xa, xb = _as_1d_float(a, "a"), _as_1d_float(b, "b")
+    if xa.shape != xb.shape:
+        raise ValueError(f"a and b must have the same shape (paired per image), got {xa.shape} and {xb.shape}")
+    keep = ~(np.isnan(xa) | np.isnan(xb))
+    d = xa[keep] - xb[keep]
+    if d.size == 0:
+        raise ValueError("paired_test needs at least one pair without NaN")
+    mean, low, high = bootstrap_ci(d, n_boot=n_boot, ci=ci, seed=seed)
+    if not np.any(d != 0):
+        p = 1.0
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=RuntimeWarning)
+            p = float(stats.wilcoxon(d, zero_method="wilcox", alternative=alternative).pvalue)
+    return PairedResult(mean_diff=mean, ci_low=low, ci_high=high, p_value=p, n=int(d.size),
+                        test="wilcoxon", alternative=alternative)

@@ -1,0 +1,244 @@
+"""Models: torchvision architectures by name, pretrained weights, and the default black box.
+
+``build_model`` makes any torchvision classification architecture sized to a class count.
+The pretrained route stays in the code: a torchvision weights enum name
+(``"ResNet50_Weights.IMAGENET1K_V2"``, ``"DEFAULT"``) or a local weight file, loaded with
+``torch.load(..., weights_only=True)``. Here nothing is downloaded: the default black box
+is trained from scratch by :func:`train_teacher` on the synthetic ``train`` split.
+
+Example:
+    >>> net = build_model("resnet18", num_classes=10)
+    >>> net(torch.zeros(2, 3, 64, 64)).shape
+    torch.Size([2, 10])
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from ._utils import atomic_save, progress, resolve_device, seed_everything
+
+__all__ = [
+    "build_model",
+    "classification_models",
+    "load_weights",
+    "save_checkpoint",
+    "load_checkpoint",
+    "train_teacher",
+    "TeacherResult",
+    "evaluate_accuracy",
+    "predict_logits",
+    "random_flip_shift",
+]
+
+
+def classification_models() -> list[str]:
+    """Names of torchvision's classification architectures."""
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def build_model(name: str, num_classes: int, weights: str | os.PathLike | None = None) -> nn.Module:
+    """Build a torchvision classification architecture by name.
+
+    Args:
+        name: a torchvision classification model name (``"resnet18"``, ``"regnet_x_400mf"``, ...).
+        num_classes: width of the output layer.
+        weights: ``None`` (random init, the default here), a torchvision weights enum name
+            (``"ResNet18_Weights.IMAGENET1K_V1"`` or ``"DEFAULT"``; torchvision downloads it on first
+            use, which needs internet) or the path of a local state-dict file, loaded with
+            ``torch.load(path, weights_only=True)`` (a dict with a ``"model"`` entry also works).
+
+    Raises:
+        ValueError: unknown architecture, or a class-count mismatch with the weights.
+    """
+    if name not in classification_models():
+        raise ValueError(
+            f"unknown architecture {name!r}: expected a torchvision classification model name such as "
+            f"'resnet18', 'regnet_x_400mf' or 'shufflenet_v2_x1_0' (see lwcam.models.classification_models())"
+        )
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    if weights is None:
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    path = Path(weights)
+    if path.suffix in (".pt", ".pth", ".ckpt", ".bin") or path.exists():
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        load_weights(model, path)
+        return model
+    enum = torchvision.models.get_weight(f"{torchvision.models.get_model_weights(name).__name__}.{weights}"
+                                         if "." not in str(weights) else str(weights))
+    n_enum = len(enum.meta.get("categories", []))
+    if n_enum and n_enum != num_classes:
+        raise ValueError(f"weights {weights} have {n_enum} classes but num_classes={num_classes}")
+    return torchvision.models.get_model(name, weights=enum)
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a local state dict into ``model`` with ``torch.load(..., weights_only=True)``."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"weight file {path} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    model.load_state_dict(state)
+    return model
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, **meta: Any) -> Path:
+    """Atomically save ``{"model": state_dict, "meta": meta}`` (tensors only, ``weights_only``-safe)."""
+    return atomic_save({"model": model.state_dict(), "meta": meta}, path)
+
+
+def load_checkpoint(path: str | os.PathLike, arch: str | None = None,
+                    num_classes: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a checkpoint written by :func:`save_checkpoint`; the architecture comes from its meta."""
+    ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
+    meta = ckpt.get("meta", {})
+    arch = arch or meta.get("arch")
+    num_classes = num_classes or meta.get("num_classes")
+    if arch is None or num_classes is None:
+        raise ValueError(f"checkpoint {path} names no architecture/num_classes; pass arch= and num_classes=")
+    model = build_model(arch, int(num_classes))
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    return model, meta
+
+
+def random_flip_shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 4) -> torch.Tensor:
+    """Label-preserving augmentation: random horizontal/vertical flips and a small translation."""
+    b = x.shape[0]
+    flip_h = torch.rand(b, generator=generator) < 0.5
+    flip_v = torch.rand(b, generator=generator) < 0.5
+    x = torch.where(flip_h.view(-1, 1, 1, 1), x.flip(3), x)
+    x = torch.where(flip_v.view(-1, 1, 1, 1), x.flip(2), x)
+    if max_shift > 0:
+        pad = F.pad(x, (max_shift,) * 4, mode="reflect")
+        dx, dy = torch.randint(0, 2 * max_shift + 1, (2,), generator=generator).tolist()
+        x = pad[:, :, dy : dy + x.shape[2], dx : dx + x.shape[3]]
+    return x
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 256,
+                   device: str | torch.device | None = None) -> torch.Tensor:
+    """Logits of ``model`` on ``images`` in eval mode, batched; restores train/eval state."""
+    dev = resolve_device(device) if device is not None else next(model.parameters()).device
+    was = model.training
+    model.eval()
+    try:
+        return torch.cat([model(images[i : i + batch_size].to(dev)).float().cpu()
+                          for i in range(0, len(images), batch_size)])
+    finally:
+        model.train(was)
+
+
+def evaluate_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> float:
+    """Top-1 accuracy of ``model`` on labelled images."""
+    return (predict_logits(model, images, batch_size).argmax(1) == labels).float().mean().item()
+
+
+@dataclass
+class TeacherResult:
+    """Outcome of :func:`train_teacher`."""
+
+    model: nn.Module
+    history: list[dict[str, float]] = field(default_factory=list)
+    val_accuracy: float = float("nan")
+    seconds: float = 0.0
+    checkpoint: Path | None = None
+
+
+def train_teacher(
+    arch: str,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    num_classes: int,
+    val_images: torch.Tensor | None = None,
+    val_labels: torch.Tensor | None = None,
+    epochs: int = 10,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    weight_decay: float = 5e-4,
+    label_smoothing: float = 0.05,
+    seed: int = 0,
+    checkpoint_path: str | os.PathLike | None = None,
+    progress_bar: bool | None = None,
+    device: str | torch.device | None = None,
+) -> TeacherResult:
+    """Train the default black box from scratch (AdamW, one-cycle schedule, flip/shift augmentation).
+
+    The loss is cross-entropy with label smoothing ``ε``:
+    ``L = -(1-ε) log p_y - ε/C Σ_c log p_c``.
+
+    Args:
+        arch: torchvision architecture name.
+        images, labels: the ``train`` split, normalised (N,3,H,W) and (N,).
+        num_classes: class count.
+        val_images, val_labels: optional held-out split for the reported accuracy.
+        epochs, batch_size, lr, weight_decay, label_smoothing: optimisation settings.
+        seed: seeds initialisation, data order and augmentation.
+        checkpoint_path: if given, the final model is written there atomically
+            (temporary file, then rename) with its meta data.
+        progress_bar: tqdm bar over steps (``None``: only on a TTY).
+        device: ``None`` picks CUDA when available.
+
+    Returns:
+        a :class:`TeacherResult` with the model in eval mode on the CPU.
+    """
+    if images.ndim != 4 or len(images) != len(labels):
+        raise ValueError(f"images must be (N,3,H,W) matching labels (N,), got {tuple(images.shape)} and {tuple(labels.shape)}")
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be positive, got {epochs}, {batch_size}")
+    t0 = time.perf_counter()
+    gen = seed_everything(seed)
+    dev = resolve_device(device)
+    model = build_model(arch, num_classes).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = math.ceil(len(images) / batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15)
+    history: list[dict[str, float]] = []
+    bar = progress(range(epochs * steps_per_epoch), total=epochs * steps_per_epoch, desc=f"train {arch}",
+                   enabled=progress_bar)
+    for epoch in range(epochs):
+        model.train()
+        order = torch.randperm(len(images), generator=gen)
+        total, correct, seen = 0.0, 0, 0
+        for s in range(steps_per_epoch):
+            idx = order[s * batch_size : (s + 1) * batch_size]
+            x = random_flip_shift(images[idx], gen).to(dev)
+            y = labels[idx].to(dev)
+            out = model(x)
+            loss = F.cross_entropy(out, y, label_smoothing=label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(idx)
+            correct += int((out.argmax(1) == y).sum())
+            seen += len(idx)
+            next(bar, None)
+        row = {"epoch": epoch + 1, "loss": total / seen, "train_accuracy": correct / seen,
+               "seconds": time.perf_counter() - t0}
+        if val_images is not None and val_labels is not None:
+            row["val_accuracy"] = evaluate_accuracy(model, val_images, val_labels)
+        history.append(row)
+    model = model.cpu().eval()
+    val_acc = history[-1].get("val_accuracy", float("nan"))
+    seconds = time.perf_counter() - t0
+    ckpt = None
+    if checkpoint_path is not None:
+        ckpt = save_checkpoint(model, checkpoint_path, arch=arch, num_classes=num_classes, seed=seed,
+                               val_accuracy=val_acc, seconds=seconds, epochs=epochs)
+    return TeacherResult(model=model, history=history, val_accuracy=val_acc, seconds=seconds, checkpoint=ckpt)

@@ -1,0 +1,328 @@
+"""Figures: saliency overlays (F2, F3) and deletion/insertion curves (F5).
+
+Only matplotlib's object API is used (``matplotlib.figure.Figure``, no pyplot state), so every
+function works on a headless machine. Images are passed in the model's normalised input space
+together with the ``mean``/``std`` used to normalise them (e.g. ``lwcam.data.MEAN`` and
+``lwcam.data.STD``); saliency maps are shown min-max scaled per map on a fixed 0–1 colour
+scale, stated by the colour bar.
+
+Example:
+    >>> import torch
+    >>> fig = plot_method_grid(torch.randn(2, 3, 32, 32), {"a": torch.rand(2, 32, 32)},
+    ...                        mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    >>> len(fig.axes)  # 2 rows x (input + 1 method) + the colour bar
+    5
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.axes import Axes
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
+
+from ._utils import atomic_write_bytes
+
+__all__ = [
+    "denormalize",
+    "overlay",
+    "plot_layer_maps",
+    "plot_method_grid",
+    "plot_game_curves",
+    "plot_deletion_insertion",
+    "save_figure",
+    "COLORBAR_LABEL",
+    "DISAGREE_LABEL",
+]
+
+COLORBAR_LABEL = "normalised saliency (0–1)"
+DISAGREE_LABEL = "student ≠ black box"
+_RED = "#d62728"
+
+
+def _np(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float32)
+
+
+def denormalize(image: Any, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """(3,H,W) normalised image -> (H,W,3) float array in [0, 1] for display."""
+    img = _np(image)
+    if img.ndim != 3 or img.shape[0] != len(mean) or len(mean) != len(std):
+        raise ValueError(f"image must be (C,H,W) with C = len(mean) = len(std) = {len(mean)}, "
+                         f"got {img.shape} (mean {len(mean)}, std {len(std)})")
+    m = np.asarray(mean, dtype=np.float32)[:, None, None]
+    s = np.asarray(std, dtype=np.float32)[:, None, None]
+    out = np.clip(img * s + m, 0.0, 1.0).transpose(1, 2, 0)
+    return out[..., 0] if out.shape[-1] == 1 else out
+
+
+def _scaled(saliency: Any) -> np.ndarray:
+    sal = _np(saliency)
+    if sal.ndim != 2:
+        raise ValueError(f"saliency must be (H,W), got shape {sal.shape}")
+    if not np.isfinite(sal).all():
+        raise ValueError("saliency contains NaN or infinite values")
+    lo, hi = float(sal.min()), float(sal.max())
+    if hi > lo:
+        return (sal - lo) / (hi - lo)
+    return np.zeros_like(sal)
+
+
+def overlay(ax: Axes, image: Any, saliency: Any | None, *, mean: Sequence[float], std: Sequence[float],
+            alpha: float = 0.5, cmap: str = "jet", title: str | None = None) -> AxesImage | None:
+    """Draw ``image`` with ``saliency`` on top.
+
+    Args:
+        ax: the axes to draw into (ticks are switched off).
+        image: (3,H,W) in the model's normalised space.
+        saliency: (H,W) map, min-max scaled per map and drawn with ``vmin=0, vmax=1``; ``None``
+            draws the image alone.
+        mean, std: per-channel normalisation constants used to de-normalise ``image``.
+        alpha: opacity of the saliency layer.
+        cmap: colour map of the saliency layer.
+        title: axes title.
+
+    Returns:
+        The saliency ``AxesImage`` (for a colour bar), or ``None`` when ``saliency`` is ``None``.
+    """
+    img = denormalize(image, mean, std)
+    ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
+    handle = None
+    if saliency is not None:
+        sal = _scaled(saliency)
+        if sal.shape != img.shape[:2]:
+            raise ValueError(f"saliency {sal.shape} and image {img.shape[:2]} differ in size")
+        handle = ax.imshow(sal, cmap=cmap, alpha=alpha, vmin=0.0, vmax=1.0, interpolation="bilinear")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title is not None:
+        ax.set_title(title, fontsize=8)
+    return handle
+
+
+def _upsample(m: Any, size: tuple[int, int]) -> torch.Tensor:
+    t = torch.as_tensor(_np(m))
+    if tuple(t.shape[-2:]) == size:
+        return t
+    return torch.nn.functional.interpolate(t[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def _row_title(i: int, labels: Any, class_names: Sequence[str] | None) -> str | None:
+    if labels is None:
+        return None
+    lab = int(labels[i])
+    if class_names is not None and 0 <= lab < len(class_names):
+        return f"{class_names[lab]} ({lab})"
+    return f"class {lab}"
+
+
+def _mark_disagreement(axes_row: Sequence[Axes]) -> None:
+    for ax in axes_row:
+        for spine in ax.spines.values():
+            spine.set_edgecolor(_RED)
+            spine.set_linewidth(2.5)
+
+
+def _grid(images: Any, columns: list[tuple[str, torch.Tensor | None]], *, mean: Sequence[float],
+          std: Sequence[float], labels: Any, agree: Any, class_names: Sequence[str] | None,
+          cell: float = 1.6) -> Figure:
+    imgs = _np(images)
+    if imgs.ndim != 4:
+        raise ValueError(f"images must be (B,3,H,W), got shape {imgs.shape}")
+    n, _, h, w = imgs.shape
+    for name, m in columns:
+        if m is not None and (m.ndim != 3 or m.shape[0] != n or tuple(m.shape[-2:]) != (h, w)):
+            raise ValueError(f"maps of {name!r} must be ({n},{h},{w}), got {tuple(m.shape)}")
+    if labels is not None and len(labels) != n:
+        raise ValueError(f"labels has {len(labels)} entries for {n} images")
+    if agree is not None and len(agree) != n:
+        raise ValueError(f"agree has {len(agree)} entries for {n} images")
+    ncols = len(columns)
+    fig = Figure(figsize=(cell * ncols + 0.9, cell * n + 0.5), layout="constrained")
+    axes = np.asarray(fig.subplots(n, ncols, squeeze=False))
+    handle = None
+    for i in range(n):
+        disagree = agree is not None and not bool(agree[i])
+        for j, (name, m) in enumerate(columns):
+            title = name if i == 0 else None
+            hnd = overlay(axes[i, j], imgs[i], None if m is None else m[i], mean=mean, std=std, title=title)
+            handle = hnd if hnd is not None else handle
+        row = _row_title(i, labels, class_names)
+        ax0 = axes[i, 0]
+        ylabel = row or ""
+        if disagree:
+            ylabel = f"{ylabel}\n{DISAGREE_LABEL}" if ylabel else DISAGREE_LABEL
+            _mark_disagreement(axes[i])
+        if ylabel:
+            ax0.set_ylabel(ylabel, fontsize=8, color=_RED if disagree else "black")
+    if handle is not None:
+        # an opaque mappable with the overlays' colour map and 0-1 scale
+        mappable = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=handle.get_cmap())
+        cb = fig.colorbar(mappable, ax=axes.ravel().tolist(), shrink=min(0.9, 0.35 + 0.12 * n), pad=0.02)
+        cb.set_label(COLORBAR_LABEL, fontsize=8)
+        cb.ax.tick_params(labelsize=7)
+    return fig
+
+
+def plot_layer_maps(images: Any, layer_maps: Any, fused: Any, *, mean: Sequence[float], std: Sequence[float],
+                    labels: Any = None, agree: Any = None, class_names: Sequence[str] | None = None,
+                    layer_names: Sequence[str] | None = None) -> Figure:
+    """F2: one row per image: the input, each layer's Grad-CAM, the fused map.
+
+    Column titles give each layer's name and native resolution h×w. Rows where the student
+    disagrees with the black box (``agree[i]`` false) get a red frame and a red
+    "student ≠ black box" label.
+
+    Args:
+        images: (B,3,H,W) in the model's normalised space.
+        layer_maps: a :class:`~lwcam.layercam.LayerMaps`, or a dict ``name -> (B,h,w)`` (maps
+            smaller than the image are taken as native resolution and upsampled bilinearly).
+        fused: (B,H,W) fused saliency.
+        mean, std: the normalisation constants of ``images``.
+        labels: (B,) class explained per image (the black box's label), for row labels.
+        agree: (B,) bool, whether the student's argmax equals the black box's label.
+        class_names: names for the class indices in ``labels``.
+        layer_names: which layers to show, in this order (default: all, shallow to deep).
+
+    Returns:
+        The figure.
+    """
+    from .layercam import LayerMaps
+
+    imgs = _np(images)
+    if imgs.ndim != 4:
+        raise ValueError(f"images must be (B,3,H,W), got shape {imgs.shape}")
+    size = (imgs.shape[-2], imgs.shape[-1])
+    if isinstance(layer_maps, LayerMaps):
+        names = list(layer_maps.names)
+        native = layer_maps.resolutions
+        source = {n: layer_maps.maps[n] for n in names}
+    elif isinstance(layer_maps, Mapping):
+        names = list(layer_maps)
+        source = dict(layer_maps)
+        native = {n: tuple(int(s) for s in _np(m).shape[-2:]) for n, m in source.items()}
+    else:
+        raise TypeError(f"layer_maps must be a LayerMaps or a dict name -> maps, got {type(layer_maps).__name__}")
+    if layer_names is not None:
+        unknown = [n for n in layer_names if n not in source]
+        if unknown:
+            raise ValueError(f"unknown layer names {unknown}; available: {names}")
+        names = list(layer_names)
+    columns: list[tuple[str, torch.Tensor | None]] = [("input", None)]
+    for n in names:
+        h, w = native[n]
+        columns.append((f"{n}\n{h}×{w}", _upsample(source[n], size)))
+    columns.append(("fused", torch.as_tensor(_np(fused))))
+    return _grid(images, columns, mean=mean, std=std, labels=labels, agree=agree, class_names=class_names)
+
+
+def plot_method_grid(images: Any, saliencies: Mapping[str, Any], *, mean: Sequence[float], std: Sequence[float],
+                     labels: Any = None, agree: Any = None, class_names: Sequence[str] | None = None) -> Figure:
+    """F3: one row per image, the input then one column per method (dict order).
+
+    Args:
+        images: (B,3,H,W) in the model's normalised space.
+        saliencies: ``method -> (B,H,W)``.
+        mean, std: the normalisation constants of ``images``.
+        labels, agree, class_names: as in :func:`plot_layer_maps`.
+
+    Returns:
+        The figure.
+    """
+    if not saliencies:
+        raise ValueError("saliencies is empty")
+    columns: list[tuple[str, torch.Tensor | None]] = [("input", None)]
+    columns += [(str(k), torch.as_tensor(_np(v))) for k, v in saliencies.items()]
+    return _grid(images, columns, mean=mean, std=std, labels=labels, agree=agree, class_names=class_names)
+
+
+def _auc(curve: np.ndarray) -> np.ndarray:
+    n = curve.shape[-1]
+    return (curve.sum(-1) - curve[..., 0] / 2 - curve[..., -1] / 2) / (n - 1)
+
+
+def plot_game_curves(fractions: Any, curves: Mapping[str, Any], ax: Axes | None = None,
+                     title: str = "deletion", *, xlabel: str | None = None,
+                     ylabel: str = "probability of the target class") -> Figure:
+    """F5 panel: the mean deletion or insertion curve per method with a shaded 95% band.
+
+    The band is the 95% confidence interval of the mean curve at each fraction (Student t,
+    B−1 degrees of freedom); the legend gives each method's mean AUC.
+
+    Args:
+        fractions: (steps+1,) fraction of pixels moved at each point.
+        curves: ``method -> (B, steps+1)`` per-image curves.
+        ax: axes to draw into; a new figure is made when ``None``.
+        title: panel title (``"deletion"`` or ``"insertion"`` also set the default x label).
+        xlabel: x-axis label.
+        ylabel: y-axis label.
+
+    Returns:
+        The figure holding ``ax``.
+    """
+    from scipy import stats
+
+    fr = _np(fractions).ravel()
+    if not curves:
+        raise ValueError("curves is empty")
+    if ax is None:
+        fig = Figure(figsize=(4.2, 3.2), layout="constrained")
+        ax = fig.add_subplot()
+    else:
+        fig = ax.figure
+    for method, c in curves.items():
+        arr = _np(c)
+        if arr.ndim == 1:
+            arr = arr[None]
+        if arr.ndim != 2 or arr.shape[1] != fr.size:
+            raise ValueError(f"curves of {method!r} must be (B, {fr.size}), got {arr.shape}")
+        mean = arr.mean(0)
+        b = arr.shape[0]
+        line = ax.plot(fr, mean, lw=1.6, label=f"{method} (AUC {_auc(arr).mean():.3f})")[0]
+        if b > 1:
+            half = stats.t.ppf(0.975, b - 1) * arr.std(0, ddof=1) / np.sqrt(b)
+            ax.fill_between(fr, mean - half, mean + half, color=line.get_color(), alpha=0.2, lw=0)
+    if xlabel is None:
+        verb = {"deletion": "deleted", "insertion": "inserted"}.get(title.lower().split()[0] if title else "", "moved")
+        xlabel = f"fraction of pixels {verb}"
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_xlim(float(fr.min()), float(fr.max()))
+    lo, hi = ax.dataLim.y0, ax.dataLim.y1
+    ax.set_ylim(min(0.0, lo), max(1.0, hi) + 0.02)  # probabilities: always show the full 0-1 range
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, frameon=False)
+    return fig
+
+
+def plot_deletion_insertion(fractions: Any, deletion: Mapping[str, Any], insertion: Mapping[str, Any],
+                            *, suptitle: str | None = None) -> Figure:
+    """F5: deletion (left) and insertion (right) panels side by side, see :func:`plot_game_curves`."""
+    fig = Figure(figsize=(8.4, 3.3), layout="constrained")
+    ax_d, ax_i = fig.subplots(1, 2, sharey=True)
+    plot_game_curves(fractions, deletion, ax=ax_d, title="deletion")
+    plot_game_curves(fractions, insertion, ax=ax_i, title="insertion")
+    ax_i.set_ylabel("")
+    if suptitle:
+        fig.suptitle(suptitle)
+    return fig
+
+
+def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Save ``fig`` atomically (PNG/PDF/SVG by the suffix), tight bounding box, ``dpi`` 120."""
+    path = Path(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=path.suffix.lstrip(".") or "png", dpi=dpi, bbox_inches="tight")
+    return atomic_write_bytes(buf.getvalue(), path)
