@@ -72,7 +72,10 @@ class FixedSaliency:
 
 def build(args: argparse.Namespace) -> tuple[CountingModel, torch.Tensor, torch.Tensor, torch.Tensor]:
     g = seed_everything(args.seed)
-    net = getattr(torchvision.models, args.model)(weights=None, num_classes=10).eval()
+    if args.model == "linear":  # a near-free model: isolates each side's own overhead
+        net = nn.Sequential(nn.Flatten(), nn.Linear(3 * args.size * args.size, 10)).eval()
+    else:
+        net = getattr(torchvision.models, args.model)(weights=None, num_classes=10).eval()
     model = CountingModel(net).eval()
     images = torch.randn(args.n_images, 3, args.size, args.size, generator=g)
     coarse = torch.rand(args.n_images, 1, max(args.size // 8, 1), max(args.size // 8, 1), generator=g)
@@ -124,7 +127,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n-images", type=int, default=500)
     ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--model", default="resnet18", help="a torchvision classification model name")
+    ap.add_argument("--model", default="resnet18",
+                    help="a torchvision classification model name, or 'linear' (one linear layer) to measure "
+                         "the games' own overhead")
     ap.add_argument("--peer-images", type=int, default=50,
                     help="time torchcam on this many of the images and scale to --n-images")
     ap.add_argument("--batch-size", type=int, default=256, help="model batch size, both implementations")

@@ -198,7 +198,7 @@ def _colour_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     lum = np.array([0.299, 0.587, 0.114])
     while True:
         c1, c2 = rng.uniform(0, 1, size=3), rng.uniform(0, 1, size=3)
-        if abs(lum @ c1 - lum @ c2) > 0.3:
+        if abs(lum @ c1 - lum @ c2) > 0.4:
             return c1.astype(np.float32), c2.astype(np.float32)
 
 
@@ -217,13 +217,13 @@ def _background(size: int, rng: np.random.Generator) -> np.ndarray:
         bg = bg[::-1]
     bg = np.rot90(bg, int(rng.integers(4)))
     tint = rng.uniform(0.6, 1.2, size=3).astype(np.float32)
-    contrast = rng.uniform(0.4, 0.8)
+    contrast = rng.uniform(0.3, 0.6)
     bg = (bg - bg.mean()) * contrast + rng.uniform(0.3, 0.7)
     return np.clip(bg * tint, 0, 1).astype(np.float32)
 
 
 def render_synthetic(seed: int, split: str, index: int, image_size: int = 64, num_classes: int = 10,
-                     n_distractors: tuple[int, int] = (1, 3)) -> tuple[np.ndarray, int, np.ndarray]:
+                     n_distractors: tuple[int, int] = (1, 2)) -> tuple[np.ndarray, int, np.ndarray]:
     """Render one synthetic image: a pure function of ``(seed, split, index)`` and the sizes.
 
     Returns:
@@ -261,7 +261,7 @@ def render_synthetic(seed: int, split: str, index: int, image_size: int = 64, nu
         fill = c1 * (1 - g[..., None]) + c2 * g[..., None]  # smooth two-colour gradient: no texture
         img = img * (1 - alpha) + fill * alpha
 
-    radius = rng.uniform(12, 19) * unit
+    radius = rng.uniform(14, 20) * unit
     u, v, cx, cy = place(radius)
     alpha = _silhouette(int(rng.integers(4)), u, v, radius, rng)
     period = rng.uniform(5.0, 6.5) * unit
@@ -331,7 +331,7 @@ class SyntheticTextures(Dataset):
         if self.cache_dir is None:
             return None
         return self.cache_dir / (
-            f"synthetic_v1_s{self.seed}_{self.split}_n{self.n}_{self.image_size}px_c{self.num_classes}.npz"
+            f"synthetic_v2_s{self.seed}_{self.split}_n{self.n}_{self.image_size}px_c{self.num_classes}.npz"
         )
 
     def arrays(self, progress: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

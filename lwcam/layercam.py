@@ -194,21 +194,22 @@ class LayerwiseGradCAM:
     ``verbose``; it depends on the input size of that call. With 64×64 inputs torchvision
     models (``weights=None``) give:
 
-    =====================  ================================================================
-    model                  auto layers (resolution)
-    =====================  ================================================================
-    ``resnet18``           relu 32, layer1 16, layer2 8, layer3 4, layer4 2
-    ``regnet_x_400mf``     stem 32, trunk_output.block1 16, trunk_output.block2 8,
-                           trunk_output.block3 4, trunk_output.block4 2
-    ``shufflenet_v2_x1_0`` conv1 32, maxpool 16, stage2 8, stage3 4, conv5 2
-    ``mobilenet_v3_small`` features.0 32, features.1 16, features.3 8, features.8 4,
-                           features.12 2
-    ``vgg11``              features.1 64, features.4 32, features.9 16, features.14 8,
-                           features.19 4, features.20 2
-    =====================  ================================================================
+    ======================  ===============================================================
+    model                   auto layers (resolution)
+    ======================  ===============================================================
+    ``resnet18``            relu 32, layer1 16, layer2 8, layer3 4, layer4 2
+    ``regnet_x_400mf``      stem 32, trunk_output.block1 16, trunk_output.block2 8,
+                            trunk_output.block3 4, trunk_output.block4 2
+    ``shufflenet_v2_x1_0``  conv1 32, maxpool 16, stage2 8, stage3 4, conv5 2
+    ``mobilenet_v3_small``  features.0 32, features.1 16, features.3 8, features.8 4,
+                            features.12 2
+    ``vgg11``               features.1 64, features.4 32, features.9 16, features.14 8,
+                            features.19 4, features.20 2
+    ======================  ===============================================================
 
-    Explicit ``layers`` are names as in ``model.named_modules()`` or module objects; they are
-    reported shallow to deep in execution order.
+    (:func:`auto_layers` returns the selection for a model and an input size from one probe
+    pass.) Explicit ``layers`` are names as in ``model.named_modules()`` or module objects; they
+    are reported shallow to deep in execution order.
 
     Args:
         model: the white-box classifier, mapping (B,C_in,H,W) floats to logits (B,num_classes).
@@ -242,6 +243,7 @@ class LayerwiseGradCAM:
             self._requested = self._resolve_explicit(layers)
         self._names: list[str] | None = None  # resolved and ordered on the first call
         self._handles: list[Any] = []
+        self._hooked: list[str] = []
         self._store: dict[str, Any] = {}
         self._fired: dict[str, int] = {}
         self._tick = 0
@@ -354,13 +356,15 @@ class LayerwiseGradCAM:
     def _attach(self) -> None:
         if self._handles:
             return
-        for name in self._hook_targets():
+        self._hooked = self._hook_targets()
+        for name in self._hooked:
             self._handles.append(self._modules[name].register_forward_hook(self._make_hook(name)))
 
     def _detach(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._hooked = []
 
     def _release(self) -> None:
         self._store.clear()
@@ -534,13 +538,9 @@ class LayerwiseGradCAM:
                 if not (isinstance(logits, Tensor) and logits.ndim == 2 and logits.shape[0] == x.shape[0]):
                     raise ValueError(f"the model must return logits of shape (B, num_classes); "
                                      f"it returned {_describe(logits)}")
-                first = self._names is None
-                if not first:
-                    names = list(self._names)
-                elif self._auto:
-                    names = self._select_auto()
-                else:
-                    names = self._check_explicit_outputs()
+                if self._names is None:  # the first call also chooses/orders the layers
+                    self._names = self._select_auto() if self._auto else self._check_explicit_outputs()
+                names = list(self._names)
                 for name in names:
                     if name not in self._fired:
                         raise ValueError(f"layer {name!r} did not run in the forward pass")
@@ -577,11 +577,6 @@ class LayerwiseGradCAM:
             p = torch.full(idx.shape, float("nan"), device=logits_d.device)
             known = idx >= 0
             p[known] = probs[known, idx[known]]
-            if first:
-                self._names = list(names)
-                if self._in_context and self._auto:  # keep hooks on the chosen layers only
-                    self._detach()
-                    self._attach()
             return LayerMaps(names=list(names), raw=raw, maps=maps, targets=idx.detach(), logits=logits_d,
                              probs=p, student_pred=logits_d.argmax(dim=1))
         finally:
@@ -589,6 +584,9 @@ class LayerwiseGradCAM:
             self._release()
             if attached_here and not self._in_context:
                 self._detach()
+            elif self._in_context and self._names is not None and self._hooked != self._names:
+                self._detach()  # after the probing call, keep hooks on the chosen layers only
+                self._attach()
             for m, flag in training:
                 m.training = flag
 

@@ -329,6 +329,27 @@ def _pixel_ranks(saliency: torch.Tensor) -> torch.Tensor:
     return ranks
 
 
+def _step_images(lo: int, hi: int, n_points: int, ranks: torch.Tensor, counts: torch.Tensor,
+                 start: torch.Tensor, finish: torch.Tensor) -> torch.Tensor:
+    """The step images for flat (image, step) pairs ``lo .. hi - 1`` (pair ``p`` = image ``p // n_points``,
+    step ``p % n_points``), as a (hi - lo, C, H*W) tensor.
+
+    The chunk is cut into one run of consecutive steps per image; each run is a single broadcast
+    ``where(rank < count_t, finish, start)`` written straight into the output, so no per-pair copy of
+    the start and finish images is made.
+    """
+    b, c, hw = start.shape
+    out = torch.empty(hi - lo, c, hw, dtype=start.dtype, device=start.device)
+    p = lo
+    while p < hi:
+        i, t0 = divmod(p, n_points)
+        t1 = min(n_points, t0 + hi - p)
+        moved = ranks[i] < counts[t0:t1].unsqueeze(1)  # (k, H*W): pixel already taken from finish
+        torch.where(moved.unsqueeze(1), finish[i], start[i], out=out[p - lo : p - lo + t1 - t0])
+        p += t1 - t0
+    return out
+
+
 def _play(kind: Literal["deletion", "insertion"], model: Model, images: torch.Tensor, saliency: torch.Tensor,
           targets: Targets, *, step: int | None, canvas: Canvas, blur_kernel: int, blur_sigma: float,
           batch_size: int, progress: bool | None) -> GameResult:
@@ -370,10 +391,8 @@ def _play(kind: Literal["deletion", "insertion"], model: Model, images: torch.Te
     chunks = range(0, total, batch_size)
     for lo in _progress(chunks, total=len(chunks), desc=f"{kind} game", enabled=progress):
         hi = min(lo + batch_size, total)
-        pair = torch.arange(lo, hi, device=device)
-        img, t = pair // n_points, pair % n_points
-        moved = ranks[img] < counts_d[t].unsqueeze(1)  # (m, H*W): pixel already taken from finish
-        x = torch.where(moved.unsqueeze(1), finish_flat[img], start_flat[img]).view(hi - lo, c, h, w)
+        x = _step_images(lo, hi, n_points, ranks, counts_d, start_flat, finish_flat).view(hi - lo, c, h, w)
+        img = torch.arange(lo, hi, device=device) // n_points
         probs = prob_fn(x)
         if not isinstance(probs, torch.Tensor):
             probs = torch.as_tensor(np.asarray(probs))

@@ -38,6 +38,14 @@ __all__ = [
     "make_blackbox",
     "collect_params",
     "get_student",
+    "table_t1",
+    "blackbox_labels",
+    "pick_indices",
+    "student_agreement",
+    "claim_table",
+    "fusion_variants",
+    "select_fusion",
+    "queries_tradeoff",
     "save_table",
     "save_figure",
     "run",
@@ -236,6 +244,170 @@ def get_student(params: dict[str, Any], paths: RunPaths, teacher: torch.nn.Modul
     return result.student, summary
 
 
+def table_t1(params: dict[str, Any], teacher_meta: dict[str, Any], teacher_accuracy: float,
+             students: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """T1: teacher accuracy, student accuracy, agreement, KL, queries and time, one row per black-box mode."""
+    rows = []
+    for mode, summary in students.items():
+        fid = summary["fidelity"]
+        rows.append({
+            "blackbox_output": mode,
+            "teacher": params["teacher"],
+            "teacher_test_acc": teacher_accuracy,
+            "student": params["student"],
+            "student_test_acc": fid.get("accuracy"),
+            "agreement_test": fid.get("eval_agreement"),
+            "kl_test": fid.get("eval_kl"),
+            "agreement_holdout": fid.get("agreement"),
+            "queries": summary["queries"],
+            "distill_seconds": round(float(summary["seconds"]), 1),
+            "teacher_train_seconds": round(float(teacher_meta.get("seconds", float("nan"))), 1),
+        })
+    return pd.DataFrame(rows)
+
+
+def blackbox_labels(blackbox: Any, images: torch.Tensor) -> torch.Tensor:
+    """The black box's predicted class per image, whatever its output mode."""
+    out = blackbox(images)
+    if blackbox.output == "label":
+        return out
+    if blackbox.output == "topk":
+        return out.indices[:, 0]
+    return out.argmax(1)
+
+
+def pick_indices(n_total: int, n: int, seed: int) -> torch.Tensor:
+    """A seeded, sorted choice of ``n`` indices out of ``n_total`` (the images a figure shows)."""
+    if not 0 < n <= n_total:
+        raise ValueError(f"n must be in [1, {n_total}], got {n}")
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n_total, generator=g)[:n].sort().values
+
+
+def student_agreement(student: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Bool (B,): does the student's argmax equal the black box's label? (Which explanations to distrust.)"""
+    from .models import predict_logits
+
+    return predict_logits(student, images).argmax(1) == labels
+
+
+def claim_table(per_image: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """The paper's claim as paired tests: lwcam's deletion AUC below Grad-CAM's (and every other method's).
+
+    The first row is the main claim (lwcam vs Grad-CAM on the student's last layer, deletion AUC,
+    one-sided). Then the same on the images where student and black box agree, the insertion
+    AUC (higher is better), and lwcam against every other method on their common images.
+    """
+    from .evaluation import compare
+
+    rows = [dict(compare(per_image, "lwcam", "gradcam", "deletion_auc", "less", seed), subset="all images")]
+    if "agrees" in per_image:
+        agreeing = per_image[per_image["agrees"]]
+        if agreeing["method"].eq("lwcam").any():
+            rows.append(dict(compare(agreeing, "lwcam", "gradcam", "deletion_auc", "less", seed),
+                             subset="student agrees with black box"))
+    rows.append(dict(compare(per_image, "lwcam", "gradcam", "insertion_auc", "greater", seed), subset="all images"))
+    for other in per_image["method"].unique():
+        if other not in ("lwcam", "gradcam"):
+            rows.append(dict(compare(per_image, "lwcam", other, "deletion_auc", "less", seed), subset="all images"))
+    cols = ["a", "b", "metric", "subset", "n", "mean_a", "mean_b", "mean_diff", "ci_low", "ci_high", "p_value",
+            "alternative"]
+    return pd.DataFrame(rows)[cols]
+
+
+def fusion_variants(names: list[str]) -> dict[str, dict[str, Any]]:
+    """The fusion settings compared on ``val``: the PROTOCOL modes and each single layer."""
+    variants: dict[str, dict[str, Any]] = {
+        "sum of min-max maps (default)": {"mode": "sum", "normalize": "minmax"},
+        "raw sum (normalize='none')": {"mode": "sum", "normalize": "none"},
+        "max of min-max maps": {"mode": "max", "normalize": "minmax"},
+        "sum without the shallowest layer": {"mode": "weighted", "normalize": "minmax",
+                                             "weights": [0.0] + [1.0] * (len(names) - 1)},
+    }
+    for i, name in enumerate(names):
+        w = [0.0] * len(names)
+        w[i] = 1.0
+        variants[f"layer {name} only"] = {"mode": "weighted", "normalize": "minmax", "weights": w}
+    return variants
+
+
+def select_fusion(params: dict[str, Any], paths: RunPaths, student: torch.nn.Module, scorer: Any,
+                  per_image: pd.DataFrame, test: tuple[torch.Tensor, torch.Tensor], seed: int = 0,
+                  n_val: int | None = None) -> pd.DataFrame:
+    """Choose a fusion setting by deletion AUC on ``val`` images, then report it once on ``test``.
+
+    Returns one row per setting with its validation deletion AUC; the selected setting (and the
+    default) also get their test deletion AUC and a paired one-sided test against Grad-CAM.
+    """
+    from .evaluation import layer_maps_batched
+    from .fusion import fuse
+    from .metrics import deletion_game, paired_test
+
+    n_val = n_val or int(params.get("n_fusion_val", 200))
+    val_x, _, _ = load_split(params, "val", paths)
+    val_x = val_x[:n_val]
+    val_t = blackbox_labels(scorer, val_x)
+    names, stack, _ = layer_maps_batched(student, val_x, val_t)
+    variants = fusion_variants(names)
+    rows = []
+    for label, kw in variants.items():
+        auc = deletion_game(scorer, val_x, fuse(stack, **kw), val_t).auc
+        rows.append({"fusion": label, "val_deletion_auc": float(auc.mean()), "n_val": len(val_x)})
+    table = pd.DataFrame(rows)
+    best = table.loc[table["val_deletion_auc"].idxmin(), "fusion"]
+    table["selected_on_val"] = table["fusion"] == best
+    test_x, test_t = test
+    _, test_stack, _ = layer_maps_batched(student, test_x, test_t)
+    grad = per_image[per_image["method"] == "gradcam"].set_index("image")["deletion_auc"]
+    grad = grad.reindex(range(len(test_x))).to_numpy()
+    for col in ("test_deletion_auc", "test_gradcam_deletion_auc", "test_mean_diff", "test_p_value"):
+        table[col] = float("nan")
+    for label in dict.fromkeys([best, "sum of min-max maps (default)"]):
+        auc = deletion_game(scorer, test_x, fuse(test_stack, **variants[label]), test_t).auc.numpy()
+        res = paired_test(auc, grad, alternative="less", seed=seed)
+        i = table.index[table["fusion"] == label][0]
+        table.loc[i, ["test_deletion_auc", "test_gradcam_deletion_auc", "test_mean_diff", "test_p_value"]] = [
+            float(auc.mean()), float(grad.mean()), res.mean_diff, res.p_value]
+    return table
+
+
+def queries_tradeoff(params: dict[str, Any], blackbox: Any, scorer: Any, images: torch.Tensor,
+                     targets: torch.Tensor, runs: dict[str, Any], distill_summary: dict[str, Any],
+                     seed: int = 0, n_images: int | None = None,
+                     n_masks: tuple[int, ...] = (100, 300, 1000)) -> tuple[pd.DataFrame, str]:
+    """F6 data: RISE's deletion AUC at several mask counts against lwcam's amortised queries.
+
+    Returns the table (one row per RISE setting plus lwcam) and a sentence with the break-even
+    image count: lwcam's distillation queries divided by RISE's queries per image.
+    """
+    from .baselines import rise
+    from .metrics import deletion_game, insertion_game
+
+    n = n_images or min(int(params.get("n_tradeoff", 20)), len(runs["rise"].indices))
+    idx = runs["rise"].indices[:n]
+    x, t = images[idx], targets[idx]
+    rows = []
+    settings = sorted({*n_masks, int(params.get("rise_masks", 4000))})
+    for n_m in settings:
+        if n_m == int(params.get("rise_masks", 4000)):
+            sal = runs["rise"].saliency[:n]
+        else:
+            sal = rise(blackbox, x, t, n_masks=n_m, seed=seed)
+        rows.append({"method": "RISE", "setting": f"N={n_m}", "queries_per_image": float(n_m),
+                     "deletion_auc": float(deletion_game(scorer, x, sal, t).auc.mean()),
+                     "insertion_auc": float(insertion_game(scorer, x, sal, t).auc.mean()), "n_images": n})
+    lw = runs["lwcam"].saliency[[int((runs["lwcam"].indices == i).nonzero()) for i in idx]]
+    q = int(distill_summary["queries"])
+    rows.append({"method": "lwcam", "setting": f"distillation: {q} queries, once", "queries_per_image": 0.0,
+                 "deletion_auc": float(deletion_game(scorer, x, lw, t).auc.mean()),
+                 "insertion_auc": float(insertion_game(scorer, x, lw, t).auc.mean()), "n_images": n})
+    table = pd.DataFrame(rows)
+    n_default = int(params.get("rise_masks", 4000))
+    sentence = (f"break-even: lwcam's {q} distillation queries equal RISE (N={n_default}) on "
+                f"{q / n_default:.1f} images; beyond that lwcam needs fewer black-box queries in total")
+    return table, sentence
+
+
 def save_table(df: pd.DataFrame, table_id: str, paths: RunPaths, float_format: str = "%.4f") -> tuple[Path, Path]:
     """Write ``<reports>/<table_id>.csv`` and ``.md`` and return both paths."""
     csv_path = paths.reports / f"{table_id}.csv"
@@ -247,9 +419,9 @@ def save_table(df: pd.DataFrame, table_id: str, paths: RunPaths, float_format: s
 
 def save_figure(fig: Any, figure_id: str, paths: RunPaths, dpi: int = 120) -> Path:
     """Save a matplotlib figure as ``<figures>/<figure_id>.png``."""
-    path = paths.figures / f"{figure_id}.png"
-    fig.savefig(path, dpi=dpi, bbox_inches="tight", metadata={"Software": None})
-    return path
+    from .plots import save_figure as _save
+
+    return _save(fig, paths.figures / f"{figure_id}.png", dpi=dpi)
 
 
 def run(profile: str = "default", only: list[str] | None = None, root: str | os.PathLike | None = None,

@@ -39,6 +39,9 @@ __all__ = [
     "plot_method_grid",
     "plot_game_curves",
     "plot_deletion_insertion",
+    "plot_distillation_curves",
+    "plot_layer_importance",
+    "plot_query_tradeoff",
     "save_figure",
     "COLORBAR_LABEL",
     "DISAGREE_LABEL",
@@ -317,6 +320,134 @@ def plot_deletion_insertion(fractions: Any, deletion: Mapping[str, Any], inserti
     ax_i.set_ylabel("")
     if suptitle:
         fig.suptitle(suptitle)
+    return fig
+
+
+def plot_distillation_curves(summaries: Mapping[str, Mapping[str, Any]]) -> Figure:
+    """F1: training loss per epoch, and held-out agreement with the black box against queries spent.
+
+    Args:
+        summaries: ``black-box output mode -> summary`` with a ``history`` list of per-epoch dicts
+            (``epoch``, ``loss``, ``agreement``, ``queries``), as kept by the pipeline.
+
+    Returns:
+        The figure (two panels).
+    """
+    if not summaries:
+        raise ValueError("summaries is empty")
+    fig = Figure(figsize=(8.4, 3.2), layout="constrained")
+    ax_loss, ax_agree = fig.subplots(1, 2)
+    for mode, summary in summaries.items():
+        hist = [h for h in summary["history"] if h.get("epoch", 0) >= 1]
+        if not hist:
+            continue
+        epochs = [h["epoch"] for h in hist]
+        ax_loss.plot(epochs, [h["loss"] for h in hist], marker="o", ms=3, label=f"{mode} black box")
+        queries = [h["queries"] for h in hist]
+        agree = [np.nan if h.get("agreement") is None else h["agreement"] for h in hist]
+        ax_agree.plot(queries, agree, marker="o", ms=3, label=f"{mode} black box")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("training loss (KD: τ²·KL; label: CE)")
+    ax_loss.set_yscale("log")
+    ax_loss.set_title("distillation loss")
+    ax_agree.set_xlabel("black-box queries spent (cumulative)")
+    ax_agree.set_ylabel("top-1 agreement with the black box (held out)")
+    ax_agree.set_ylim(0, 1.02)
+    ax_agree.set_title("fidelity against queries")
+    for ax in (ax_loss, ax_agree):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, frameon=False)
+    return fig
+
+
+def plot_layer_importance(table: Any) -> Figure:
+    """F4: each layer's own deletion/insertion AUC, and its leave-one-out effect on the fused map.
+
+    Args:
+        table: T2 as a DataFrame with ``layer``, ``deletion_auc``, ``insertion_auc``,
+            ``loo_deletion_delta`` and ``loo_insertion_delta`` (the fused row has NaN deltas).
+
+    Returns:
+        The figure (two panels).
+    """
+    layers = table[table["loo_deletion_delta"].notna()]
+    fused = table[table["loo_deletion_delta"].isna()]
+    x = np.arange(len(layers))
+    labels = [f"{n}\n{r}" if r else str(n) for n, r in zip(layers["layer"], layers.get("resolution", [""] * len(layers)),
+                                                            strict=True)]
+    fig = Figure(figsize=(9.0, 3.4), layout="constrained")
+    ax_auc, ax_loo = fig.subplots(1, 2)
+    width = 0.38
+    ax_auc.bar(x - width / 2, layers["deletion_auc"], width, label="deletion AUC (lower is better)", color="#1f77b4")
+    ax_auc.bar(x + width / 2, layers["insertion_auc"], width, label="insertion AUC (higher is better)", color="#ff7f0e")
+    if len(fused):
+        ax_auc.axhline(float(fused["deletion_auc"].iloc[0]), color="#1f77b4", ls="--", lw=1, label="fused: deletion")
+        ax_auc.axhline(float(fused["insertion_auc"].iloc[0]), color="#ff7f0e", ls="--", lw=1, label="fused: insertion")
+    ax_auc.set_xticks(x, labels, fontsize=7)
+    ax_auc.set_ylabel("AUC on the black box")
+    ax_auc.set_title("each layer's map alone")
+    ax_auc.legend(fontsize=6, frameon=False)
+    ax_loo.bar(x - width / 2, layers["loo_deletion_delta"], width, label="deletion AUC rise without the layer",
+               color="#1f77b4")
+    ax_loo.bar(x + width / 2, layers["loo_insertion_delta"], width, label="insertion AUC drop without the layer",
+               color="#ff7f0e")
+    ax_loo.axhline(0, color="k", lw=0.8)
+    ax_loo.set_xticks(x, labels, fontsize=7)
+    ax_loo.set_ylabel("change of the fused map's AUC")
+    ax_loo.set_title("leave one layer out (> 0: the layer helps)")
+    ax_loo.legend(fontsize=6, frameon=False)
+    for ax in (ax_auc, ax_loo):
+        ax.grid(alpha=0.3, axis="y")
+    return fig
+
+
+def plot_query_tradeoff(table: Any, *, distill_queries: int, lwcam_auc: float | None = None,
+                        max_images: int = 1000) -> Figure:
+    """F6: explanation quality against black-box queries, lwcam (distillation amortised) vs RISE.
+
+    Left: deletion AUC (lower is better) against black-box queries per explained image, for RISE
+    at several mask counts and for lwcam with its distillation queries spread over 10, 100 and
+    1000 explained images. Right: total black-box queries against the number of images explained.
+
+    Args:
+        table: rows with ``method`` (``"RISE"`` / ``"lwcam"``), ``queries_per_image`` and ``deletion_auc``.
+        distill_queries: queries spent on distillation (paid once).
+        lwcam_auc: lwcam's deletion AUC (default: the table's lwcam row).
+        max_images: right panel's x range.
+
+    Returns:
+        The figure (two panels).
+    """
+    rise_rows = table[table["method"] == "RISE"].sort_values("queries_per_image")
+    lw_rows = table[table["method"] == "lwcam"]
+    if lwcam_auc is None:
+        lwcam_auc = float(lw_rows["deletion_auc"].iloc[0])
+    fig = Figure(figsize=(9.0, 3.4), layout="constrained")
+    ax_q, ax_t = fig.subplots(1, 2)
+    ax_q.plot(rise_rows["queries_per_image"], rise_rows["deletion_auc"], "o-", color="#d62728", label="RISE (N masks)")
+    for _, r in rise_rows.iterrows():
+        ax_q.annotate(r.get("setting", ""), (r["queries_per_image"], r["deletion_auc"]), fontsize=6,
+                      textcoords="offset points", xytext=(3, 3))
+    amortised = [distill_queries / n for n in (10, 100, 1000)]
+    ax_q.plot(amortised, [lwcam_auc] * 3, "s--", color="#1f77b4", label="lwcam (distillation amortised)")
+    for n, q in zip((10, 100, 1000), amortised, strict=True):
+        ax_q.annotate(f"{n} images", (q, lwcam_auc), fontsize=6, textcoords="offset points", xytext=(3, -9))
+    ax_q.set_xscale("log")
+    ax_q.set_xlabel("black-box queries per explained image")
+    ax_q.set_ylabel("deletion AUC on the black box (lower is better)")
+    ax_q.set_title("quality against queries per image")
+    n = np.arange(1, max_images + 1)
+    ax_t.plot(n, np.full(n.shape, float(distill_queries)), color="#1f77b4", label="lwcam: distillation only")
+    for _, r in rise_rows.iterrows():
+        ax_t.plot(n, n * r["queries_per_image"], lw=1, label=f"RISE {r.get('setting', '')}")
+    ax_t.set_xscale("log")
+    ax_t.set_yscale("log")
+    ax_t.set_xlabel("images explained")
+    ax_t.set_ylabel("total black-box queries")
+    ax_t.set_title("total cost")
+    for ax in (ax_q, ax_t):
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=6, frameon=False)
     return fig
 
 

@@ -183,6 +183,16 @@ def test_meaningful_perturbation_deletes_the_class_region():
     assert max(st["final_prob"]) < 0.5  # from 0.96: the learnt deletion removed most of the evidence
 
 
+def test_meaningful_perturbation_leaves_the_model_alone(tiny, images):
+    tiny.features[1].train()  # a submodule in training mode keeps its own flag
+    with torch.no_grad():  # the mask still gets gradients
+        out = bl.meaningful_perturbation(tiny, images, [0, 1], iters=3)
+    assert out.abs().sum() > 0
+    assert all(p.grad is None and p.requires_grad for p in tiny.parameters())
+    assert tiny.features[1].training and not tiny.training
+    tiny.features[1].eval()
+
+
 def test_cam_equals_the_hand_formula(tiny, images):
     st: dict = {}
     out = bl.cam(tiny, images, [2, 4], stats=st)

@@ -20,7 +20,15 @@ from lwcam._utils import seed_everything
 from lwcam.fusion import fuse, minmax_normalize
 from lwcam.layercam import ClassifierOutputTarget, LayerMaps, LayerwiseGradCAM, auto_layers
 
-torch.set_num_threads(2)
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is faster, above all on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 RESNET_STAGES = ["relu", "layer1", "layer2", "layer3", "layer4"]
 
@@ -61,6 +69,12 @@ def resnet() -> nn.Module:
 def images() -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     return torch.randn(4, 3, 64, 64, generator=g)
+
+
+@pytest.fixture(scope="module")
+def small(images) -> torch.Tensor:
+    """32x32 images: resnet18's auto stages are then relu, layer1, layer2, layer3 (layer4 is 1x1)."""
+    return F.avg_pool2d(images, 2)
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
@@ -114,22 +128,22 @@ def test_matches_pytorch_grad_cam_every_auto_stage(resnet, images, which):
     assert compared >= 12  # most maps are non-trivial, so the comparison means something
 
 
-def test_inplace_relu_after_hooked_layer_matches_reference(resnet, images):
+def test_inplace_relu_after_hooked_layer_matches_reference(resnet, small):
     """bn1's output is modified in place by ReLU(inplace=True); its map must be bn1's own."""
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget as PgcTarget
 
     layers = ["bn1", "layer1.0.bn1", "layer2.1.bn1"]
     targets = [1, 2, 3, 4]
-    ours = LayerwiseGradCAM(resnet, layers, verbose=False)(images, targets)
+    ours = LayerwiseGradCAM(resnet, layers, verbose=False)(small, targets)
     safe = copy.deepcopy(resnet)
     for m in safe.modules():
         if isinstance(m, nn.ReLU):
             m.inplace = False
-    ours_safe = LayerwiseGradCAM(safe, layers, verbose=False)(images, targets)
+    ours_safe = LayerwiseGradCAM(safe, layers, verbose=False)(small, targets)
     safe_modules = dict(safe.named_modules())
     with GradCAM(model=safe, target_layers=[safe_modules[n] for n in layers]) as ref:
-        ref(input_tensor=images.clone(), targets=[PgcTarget(t) for t in targets])
+        ref(input_tensor=small.clone(), targets=[PgcTarget(t) for t in targets])
         acts_list = [a.numpy() for a in ref.activations_and_grads.activations]
         grads_list = [g.numpy() for g in ref.activations_and_grads.gradients]
     for name, acts, grads in zip(layers, acts_list, grads_list, strict=True):
@@ -138,7 +152,7 @@ def test_inplace_relu_after_hooked_layer_matches_reference(resnet, images):
         np.testing.assert_allclose(ours.raw[name].numpy(), raw_ref, atol=1e-4 * raw_ref.max(), rtol=1e-4)
         # bn1's map is not the ReLU'd map (what a naive hook would return)
         assert (ours.raw[name] > 0).any()
-    naive = LayerwiseGradCAM(resnet, ["relu"], verbose=False)(images, targets)
+    naive = LayerwiseGradCAM(resnet, ["relu"], verbose=False)(small, targets)
     assert not torch.allclose(naive.raw["relu"], ours.raw["bn1"], atol=1e-4)
 
 
@@ -237,13 +251,13 @@ def test_auto_unwraps_single_child_wrapper():
     assert lm.names == ["net.1", "net.4"]
 
 
-def test_explicit_layers_names_and_modules_sorted_shallow_to_deep(resnet, images):
-    by_name = LayerwiseGradCAM(resnet, ["layer3", "layer1"], verbose=False)(images[:2], [1, 2])
-    by_module = LayerwiseGradCAM(resnet, [resnet.layer3, resnet.layer1], verbose=False)(images[:2], [1, 2])
+def test_explicit_layers_names_and_modules_sorted_shallow_to_deep(resnet, small):
+    by_name = LayerwiseGradCAM(resnet, ["layer3", "layer1"], verbose=False)(small[:2], [1, 2])
+    by_module = LayerwiseGradCAM(resnet, [resnet.layer3, resnet.layer1], verbose=False)(small[:2], [1, 2])
     assert by_name.names == by_module.names == ["layer1", "layer3"]
     for n in by_name.names:
         torch.testing.assert_close(by_name.raw[n], by_module.raw[n])
-    auto = LayerwiseGradCAM(resnet, verbose=False)(images[:2], [1, 2])
+    auto = LayerwiseGradCAM(resnet, verbose=False)(small[:2], [1, 2])
     torch.testing.assert_close(by_name.raw["layer3"], auto.raw["layer3"])
 
 
@@ -266,7 +280,7 @@ def _counters(model: nn.Module) -> tuple[dict[str, int], object]:
 
 
 @pytest.mark.parametrize("use_context", [False, True])
-def test_one_forward_and_one_backward_per_call(resnet, images, use_context):
+def test_one_forward_and_one_backward_per_call(resnet, small, use_context):
     net = copy.deepcopy(resnet)
     counts, handle = _counters(net)
     try:
@@ -274,8 +288,8 @@ def test_one_forward_and_one_backward_per_call(resnet, images, use_context):
         if use_context:
             cam.__enter__()
         for expected in (1, 2, 3):  # the first (auto-probing) call included
-            lm = cam(images, [1, 2, 3, 4])
-            assert len(lm.names) == 5
+            lm = cam(small, [1, 2, 3, 4])
+            assert lm.names == RESNET_STAGES[:4]
             assert counts == {"forward": expected, "backward": expected}
         if use_context:
             cam.__exit__(None, None, None)
@@ -285,25 +299,25 @@ def test_one_forward_and_one_backward_per_call(resnet, images, use_context):
     assert no_hooks(net)
 
 
-def test_per_sample_targets_equal_single_image_calls(resnet, images):
+def test_per_sample_targets_equal_single_image_calls(resnet, small):
     targets = [1, 4, 7, 0]
     cam = LayerwiseGradCAM(resnet, verbose=False)
-    batch = cam(images, targets)
+    batch = cam(small, targets)
     for i, t in enumerate(targets):
-        one = cam(images[i:i + 1], t)
+        one = cam(small[i:i + 1], t)
         for n in batch.names:
             torch.testing.assert_close(batch.raw[n][i], one.raw[n][0], atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(batch.maps[n][i], one.maps[n][0], atol=1e-5, rtol=1e-4)
         assert float(batch.probs[i]) == pytest.approx(float(one.probs[0]), abs=1e-6)
     # different targets really give different maps (so the check above is not vacuous)
-    other = cam(images, [2, 2, 2, 2])
+    other = cam(small, [2, 2, 2, 2])
     assert not torch.allclose(other.raw["layer2"], batch.raw["layer2"])
 
 
-def test_deterministic_given_seed(images):
-    a = LayerwiseGradCAM(make_resnet(7), verbose=False)(images, [1, 2, 3, 4])
-    b = LayerwiseGradCAM(make_resnet(7), verbose=False)(images, [1, 2, 3, 4])
-    c = LayerwiseGradCAM(make_resnet(8), verbose=False)(images, [1, 2, 3, 4])
+def test_deterministic_given_seed(small):
+    a = LayerwiseGradCAM(make_resnet(7), verbose=False)(small, [1, 2, 3, 4])
+    b = LayerwiseGradCAM(make_resnet(7), verbose=False)(small, [1, 2, 3, 4])
+    c = LayerwiseGradCAM(make_resnet(8), verbose=False)(small, [1, 2, 3, 4])
     for n in a.names:
         assert torch.equal(a.raw[n], b.raw[n])
         assert torch.equal(a.maps[n], b.maps[n])
@@ -316,7 +330,7 @@ def test_deterministic_given_seed(images):
 def test_target_forms_agree(resnet, images):
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget as PgcTarget
 
-    images = F.avg_pool2d(images, 2)  # 32x32: enough here, and cheaper
+    images = F.avg_pool2d(images, 2)  # 32x32 is enough here, and cheaper
     cam = LayerwiseGradCAM(resnet, ["layer2"], verbose=False)
     ref = cam(images, [3, 3, 3, 3])
     assert ref.raw["layer2"].max() > 0
@@ -358,13 +372,13 @@ def test_none_targets_is_model_argmax_and_layermaps_fields(resnet, images):
 # ---------------------------------------------------------------------------------------------
 # robustness
 # ---------------------------------------------------------------------------------------------
-def test_works_under_no_grad_and_inference_mode(resnet, images):
+def test_works_under_no_grad_and_inference_mode(resnet, small):
     cam = LayerwiseGradCAM(resnet, verbose=False)
-    ref = cam(images, [1, 2, 3, 4])
+    ref = cam(small, [1, 2, 3, 4])
     with torch.no_grad():
-        a = cam(images, [1, 2, 3, 4])
+        a = cam(small, [1, 2, 3, 4])
     with torch.inference_mode():
-        x = images.clone()
+        x = small.clone()
         b = cam(x, [1, 2, 3, 4])
     for n in ref.names:
         torch.testing.assert_close(a.raw[n], ref.raw[n])
@@ -386,22 +400,22 @@ def test_eval_during_call_and_training_flags_restored():
     assert net.training and not net[3].training
 
 
-def test_batchnorm_stats_untouched_in_train_mode(resnet, images):
+def test_batchnorm_stats_untouched_in_train_mode(resnet, small):
     net = copy.deepcopy(resnet).train()
     stats = {k: v.clone() for k, v in net.state_dict().items()}
-    LayerwiseGradCAM(net, verbose=False)(images, 0)
+    LayerwiseGradCAM(net, verbose=False)(small, 0)
     for k, v in net.state_dict().items():
         assert torch.equal(v, stats[k]), k
     assert net.training
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])
-def test_parameters_requires_grad_untouched(resnet, images, requires_grad):
+def test_parameters_requires_grad_untouched(resnet, small, requires_grad):
     net = copy.deepcopy(resnet)
     for p in net.parameters():
         p.requires_grad_(requires_grad)
-    lm = LayerwiseGradCAM(net, verbose=False)(images, [1, 2, 3, 4])
-    ref = LayerwiseGradCAM(resnet, verbose=False)(images, [1, 2, 3, 4])
+    lm = LayerwiseGradCAM(net, verbose=False)(small, [1, 2, 3, 4])
+    ref = LayerwiseGradCAM(resnet, verbose=False)(small, [1, 2, 3, 4])
     for n in lm.names:
         torch.testing.assert_close(lm.raw[n], ref.raw[n])
     assert all(p.requires_grad is requires_grad for p in net.parameters())
@@ -416,37 +430,43 @@ def test_frozen_stem_still_gives_maps_for_stem():
     assert lm.names == ["1", "4"]
 
 
-def test_hooks_removed_on_success_and_on_error(resnet, images):
+def test_hooks_removed_on_success_and_on_error(resnet, small):
     net = copy.deepcopy(resnet)
     cam = LayerwiseGradCAM(net, verbose=False)
-    cam(images, 1)
+    cam(small, 1)
     assert no_hooks(net)
     with pytest.raises(ValueError, match="out of range"):
-        cam(images, 12)
+        cam(small, 12)
     assert no_hooks(net)
     fresh = LayerwiseGradCAM(net, verbose=False)  # error during the first, probing call
     with pytest.raises(ValueError, match="out of range"):
-        fresh(images, [0, 1, 2, 99])
+        fresh(small, [0, 1, 2, 99])
     assert no_hooks(net)
     assert fresh._store == {}
 
 
-def test_context_manager_hooks_live_inside_only(resnet, images):
+def test_context_manager_hooks_live_inside_only(resnet, small):
     net = copy.deepcopy(resnet)
     with pytest.raises(RuntimeError, match="boom"), LayerwiseGradCAM(net, verbose=False) as cam:
-        cam(images, 1)
+        cam(small, 1)
         hooked = [n for n, m in net.named_modules() if m._forward_hooks]
-        assert hooked == RESNET_STAGES  # only the chosen layers stay hooked
-        out = net(images)  # the model can be used normally in between; hooks are inert
-        torch.testing.assert_close(out, resnet(images))
+        assert hooked == RESNET_STAGES[:4] == cam.layer_names  # only the chosen layers stay hooked
+        out = net(small)  # the model can be used normally in between; hooks are inert
+        torch.testing.assert_close(out, resnet(small))
         assert cam._store == {}
         raise RuntimeError("boom")
+    assert no_hooks(net)
+    with LayerwiseGradCAM(net, verbose=False) as cam:  # a failing first call still resolves the layers
+        with pytest.raises(ValueError, match="out of range"):
+            cam(small, 99)
+        assert cam.layer_names == RESNET_STAGES[:4]
+        assert [n for n, m in net.named_modules() if m._forward_hooks] == RESNET_STAGES[:4]
     assert no_hooks(net)
     with LayerwiseGradCAM(net, ["layer1"], verbose=False) as cam:
         assert [n for n, m in net.named_modules() if m._forward_hooks] == ["layer1"]
         with pytest.raises(ValueError):
-            cam(images, -1)
-        cam(images, 1)
+            cam(small, -1)
+        cam(small, 1)
     assert no_hooks(net)
 
 

@@ -6,19 +6,19 @@ dict as ``stats=`` and it receives ``queries`` (images sent to the black box dur
 call), ``seconds`` (wall clock), ``images`` (B), ``queries_per_image``, ``seconds_per_image``,
 plus a few method-specific entries (the layer used, the number of superpixels, ...).
 
-=========================  ==================================  ======================================
-name                       access                              black-box queries per image
-=========================  ==================================  ======================================
-``gradcam``                white-box student (or teacher,      0
-                           as an oracle)
-``cam``                    white-box student (GAP + linear)    0
+===========================  ================================  ===========================
+name                         access                            black-box queries per image
+===========================  ================================  ===========================
+``gradcam``                  white-box student (or teacher,    0
+                             as an oracle)
+``cam``                      white-box student (GAP + linear)  0
 ``meaningful_perturbation``  white-box student (gradients)     0
-``rise``                   black-box                           ``n_masks`` (4000)
-``lime``                   black-box                           ``n_samples`` (1000)
-``occlusion``              black-box                           windows + 1 (226 at 64 px)
-``random``, ``center``     none                                0
-``mask``                   ground truth (oracle)               0
-=========================  ==================================  ======================================
+``rise``                     black-box                         ``n_masks`` (4000)
+``lime``                     black-box                         ``n_samples`` (1000)
+``occlusion``                black-box                         windows + 1 (226 at 64 px)
+``random``, ``center``       none                              0
+``mask``                     ground truth (oracle)             0
+===========================  ================================  ===========================
 
 A black-box method accepts only a :class:`lwcam.BlackBox` and raises ``TypeError`` for an
 ``nn.Module``; a white-box method needs the ``nn.Module``. :data:`METHODS` lists every method
@@ -47,7 +47,7 @@ from torch import nn
 from ..blackbox import BlackBox
 from ._base import minmax
 from .cam import cam, find_cam_head
-from .gradcam import gradcam
+from .gradcam import gradcam, last_layer
 from .lime import lime, superpixels
 from .meaningful_perturbation import meaningful_perturbation
 from .occlusion import occlusion, occlusion_queries
@@ -75,6 +75,7 @@ __all__ = [
     "explain",
     "minmax",
     "find_cam_head",
+    "last_layer",
     "superpixels",
     "occlusion_queries",
     "rise_masks",

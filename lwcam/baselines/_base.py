@@ -133,18 +133,19 @@ def require_module(model: Any, method: str) -> nn.Module:
 
 
 class eval_mode:  # noqa: N801 - used like a function
-    """Context manager: put a module in eval mode and restore its training flag afterwards."""
+    """Context manager: put a module in eval mode, then give every submodule its own training flag back."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
-        self.was_training = module.training
+        self.flags = [(m, m.training) for m in module.modules()]
 
     def __enter__(self) -> nn.Module:
         self.module.eval()
         return self.module
 
     def __exit__(self, *exc: object) -> None:
-        self.module.train(self.was_training)
+        for m, flag in self.flags:
+            m.training = flag
 
 
 def module_device(module: nn.Module) -> torch.device:

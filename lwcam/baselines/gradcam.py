@@ -2,13 +2,36 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
 from ..layercam import LayerwiseGradCAM, auto_layers
 from ._base import Recorder, Targets, check_images, check_targets, finish, require_module
 
-__all__ = ["gradcam"]
+__all__ = ["gradcam", "last_layer"]
+
+# model -> {(C, H, W): name of its deepest auto layer}; entries go away with the model
+_LAST: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, int, int], str]] = weakref.WeakKeyDictionary()
+
+
+def last_layer(model: nn.Module, image_shape: tuple[int, int, int]) -> str:
+    """The deepest layer ``LayerwiseGradCAM(model, layers="auto")`` picks for ``(C,H,W)`` inputs.
+
+    Found with one probe pass on a single image and remembered per model and input shape.
+
+    Example:
+        >>> import torchvision
+        >>> last_layer(torchvision.models.shufflenet_v2_x0_5(num_classes=10), (3, 64, 64))
+        'conv5'
+    """
+    cache = _LAST.setdefault(model, {})
+    key = tuple(int(v) for v in image_shape)
+    if key not in cache:
+        c, h, w = key
+        cache[key] = auto_layers(model, (h, w), in_channels=c)[-1]
+    return cache[key]
 
 
 def gradcam(
@@ -39,7 +62,7 @@ def gradcam(
         images: ``(B,3,H,W)`` images in the model's normalised space.
         targets: the class to explain per image: an int, a sequence or a ``(B,)`` tensor.
         layer: ``"last"`` (the deepest of the layers ``LayerwiseGradCAM(layers="auto")``
-            picks at this input size), or a layer name / module.
+            picks at this input size, see :func:`last_layer`), or a layer name / module.
         stats: optional dict that receives ``queries`` (0), ``seconds``, their per-image values
             and ``layer``, the layer used.
 
@@ -59,7 +82,7 @@ def gradcam(
     targets = check_targets(targets, b, None)  # the class range is checked against the logits
     with Recorder(stats, b) as rec:
         if isinstance(layer, str) and layer == "last":
-            layer = auto_layers(model, (h, w), in_channels=images.shape[1])[-1]
+            layer = last_layer(model, tuple(images.shape[1:]))
         with LayerwiseGradCAM(model, layers=[layer], verbose=False) as lw:
             maps = lw(images, targets)
         name = maps.names[0]

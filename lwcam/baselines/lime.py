@@ -94,8 +94,8 @@ def lime(
     ``z ∈ {0,1}^d`` are drawn (each superpixel kept with probability 1/2), the image with the
     dropped superpixels set to 0 (the dataset mean in normalised space) is sent to the black
     box, and a ridge regression ``P_c(x_z) ≈ β₀ + Σ_j β_j z_j`` is fitted with sample weights
-    ``π(z) = exp(−D(z)² / σ²)``, ``D`` the cosine distance between ``z`` and the all-ones
-    vector and ``σ = kernel_width`` (the kernel of the reference ``lime_image``). Every pixel
+    ``π(z) = sqrt(exp(−D(z)² / σ²))``, ``D`` the cosine distance between ``z`` and the all-ones
+    vector and ``σ = kernel_width`` (the kernel and the ridge model of the reference ``lime_image``). Every pixel
     gets its superpixel's coefficient ``β_j``. Sampling, the perturbed images and the fit are
     captum's ``Lime`` (``perturbations_per_eval = batch_size``, one image per call so that no
     extra query is spent).
@@ -150,7 +150,7 @@ def lime(
     def similarity(_orig: object, _pert: object, z: torch.Tensor, **_: object) -> float:
         z = z.float().flatten()
         cos = z.sum() / (z.norm() * math.sqrt(z.numel())) if z.any() else torch.tensor(0.0)
-        return float(torch.exp(-((1 - cos) ** 2) / kernel_width**2))
+        return math.sqrt(math.exp(-float(1 - cos) ** 2 / kernel_width**2))
 
     out = torch.zeros(b, h, w)
     counts: list[int] = []

@@ -122,8 +122,9 @@ def meaningful_perturbation(
     g = generator(seed)
     device = module_device(model)
 
-    with Recorder(stats, b) as rec, eval_mode(model):
-        x = images.to(device, torch.float32)
+    # gradients are needed even when the caller runs under no_grad() or inference_mode()
+    with Recorder(stats, b) as rec, eval_mode(model), torch.inference_mode(False), torch.enable_grad():
+        x = images.to(device, torch.float32).clone()
         with torch.no_grad():
             logits = model(x)
         if logits.dim() != 2 or logits.shape[0] != b:
@@ -133,28 +134,21 @@ def meaningful_perturbation(
         m = torch.ones(b, 1, *mask_size, device=device, requires_grad=True)
         opt = torch.optim.Adam([m], lr=lr)
         rows = torch.arange(b, device=device)
-        params = [p for p in model.parameters() if p.requires_grad]
-        for p in params:  # only the mask is optimised: keep the model's .grad untouched
-            p.requires_grad_(False)
-        try:
-            for _ in progress(range(iters), total=iters, desc="meaningful perturbation", enabled=progress_bar):
-                up = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
-                if noise > 0:  # (without noise, up is a convex combination of m: already in [0,1])
-                    up = (up + noise * torch.randn(up.shape, generator=g).to(device)).clamp(0, 1)
-                perturbed = x * up + blurred * (1 - up)
-                prob = torch.softmax(model(perturbed), dim=1)[rows, targets]
-                loss = l1 * (1 - m).abs().flatten(1).mean(1) + tv * _tv(m, tv_beta) + prob
-                opt.zero_grad()
-                loss.sum().backward()
-                opt.step()
-                with torch.no_grad():
-                    m.clamp_(0, 1)
+        for _ in progress(range(iters), total=iters, desc="meaningful perturbation", enabled=progress_bar):
+            up = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
+            if noise > 0:  # (without noise, up is a convex combination of m: already in [0,1])
+                up = (up + noise * torch.randn(up.shape, generator=g).to(device)).clamp(0, 1)
+            perturbed = x * up + blurred * (1 - up)
+            prob = torch.softmax(model(perturbed), dim=1)[rows, targets]
+            loss = l1 * (1 - m).abs().flatten(1).mean(1) + tv * _tv(m, tv_beta) + prob
+            # gradient with respect to the mask only: the model's parameters and .grad stay untouched
+            (m.grad,) = torch.autograd.grad(loss.sum(), [m])
+            opt.step()
             with torch.no_grad():
-                up = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
-                final = torch.softmax(model(x * up + blurred * (1 - up)), dim=1)[rows, targets]
-        finally:
-            for p in params:
-                p.requires_grad_(True)
+                m.clamp_(0, 1)
+        with torch.no_grad():
+            up = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
+            final = torch.softmax(model(x * up + blurred * (1 - up)), dim=1)[rows, targets]
         sal = upsample(1 - m.detach()[:, 0].float(), (h, w))
         rec.note(final_prob=final.cpu().tolist(), mask_size=tuple(mask_size), blur_sigma=sigma)
     return finish(sal)

@@ -1,0 +1,286 @@
+"""Evaluation: run explainers on a test set and score them on the black box.
+
+This module orchestrates what :mod:`lwcam.metrics` measures: it explains a batch of images
+with lwcam (the fused layer-wise Grad-CAM of the student) and with the baselines of
+:mod:`lwcam.baselines`, each given only the model access it is allowed, then plays the
+deletion and insertion games on the **black box** and scores the maps against the
+ground-truth masks. Per-image results come back as a tidy ``pandas.DataFrame`` so that
+tables and paired tests are one ``groupby`` away.
+
+Example:
+    >>> runs = run_methods(images, targets, masks, methods=["lwcam", "random"], student=student)  # doctest: +SKIP
+    >>> per_image, games = score_methods(blackbox, images, targets, masks, runs)                  # doctest: +SKIP
+    >>> summarize(per_image, runs)                                                                # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from ._utils import progress
+from .baselines import METHODS
+from .fusion import fuse
+from .layercam import LayerwiseGradCAM
+from .metrics import (
+    GameResult,
+    bootstrap_ci,
+    deletion_game,
+    insertion_game,
+    paired_test,
+    pointing_game,
+    relevance_mass,
+)
+
+__all__ = [
+    "MethodRun",
+    "layer_maps_batched",
+    "explain_lwcam",
+    "run_methods",
+    "score_methods",
+    "score_saliency",
+    "summarize",
+    "compare",
+    "LWCAM_LABEL",
+    "layer_importance",
+]
+
+LWCAM_LABEL = "lwcam (fused layer-wise Grad-CAM, student)"
+
+
+@dataclass
+class MethodRun:
+    """One method's saliency on (a subset of) the evaluation images.
+
+    Attributes:
+        name: method key (``"lwcam"`` or a key of :data:`lwcam.baselines.METHODS`).
+        label: display name.
+        access: what the method saw (``"white-box student"``, ``"black-box"``, ...).
+        indices: (n,) positions of the explained images within the evaluation batch.
+        saliency: (n,H,W) float maps.
+        seconds_per_image: wall time per explained image.
+        queries_per_image: black-box queries per explained image (explanation only).
+        params: the settings used.
+    """
+
+    name: str
+    label: str
+    access: str
+    indices: torch.Tensor
+    saliency: torch.Tensor
+    seconds_per_image: float
+    queries_per_image: float
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def layer_maps_batched(student: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, batch_size: int = 64,
+                       layers: Any = "auto", progress_bar: bool | None = None
+                       ) -> tuple[list[str], torch.Tensor, dict[str, tuple[int, int]]]:
+    """Upsampled per-layer Grad-CAM maps for many images: ``(names, (B,L,H,W), native resolutions)``.
+
+    One forward and one backward pass per chunk of ``batch_size`` images, all layers at once.
+    """
+    stacks = []
+    names: list[str] = []
+    resolutions: dict[str, tuple[int, int]] = {}
+    with LayerwiseGradCAM(student, layers=layers, verbose=False) as cam:
+        starts = range(0, len(images), batch_size)
+        for s in progress(starts, total=len(starts), desc="layer-wise Grad-CAM", enabled=progress_bar):
+            lm = cam(images[s : s + batch_size], targets[s : s + batch_size])
+            names, resolutions = lm.names, lm.resolutions
+            stacks.append(lm.stack().cpu())
+    return names, torch.cat(stacks), resolutions
+
+
+def explain_lwcam(student: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, batch_size: int = 64,
+                  layers: Any = "auto", mode: str = "sum", normalize: str = "minmax",
+                  weights: Any = None, stats: dict | None = None) -> torch.Tensor:
+    """lwcam's saliency: fused layer-wise Grad-CAM of the student, batched. ``stats`` gets seconds/queries."""
+    t0 = time.perf_counter()
+    names, stack, _ = layer_maps_batched(student, images, targets, batch_size=batch_size, layers=layers)
+    w = weights
+    if isinstance(weights, Mapping):
+        w = [float(weights.get(n, 0.0)) for n in names]
+    fused = fuse(stack, mode=mode, normalize=normalize, weights=w)
+    if stats is not None:
+        seconds = time.perf_counter() - t0
+        stats.update(queries=0, seconds=seconds, images=len(images), queries_per_image=0.0,
+                     seconds_per_image=seconds / len(images), layers=names)
+    return fused
+
+
+def run_methods(images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor, *, methods: Sequence[str],
+                blackbox: Any = None, student: nn.Module | None = None, teacher: nn.Module | None = None,
+                subset: Sequence[int] | torch.Tensor | None = None, subset_methods: Sequence[str] = (),
+                method_params: Mapping[str, dict[str, Any]] | None = None, chunk: int = 50,
+                progress_bar: bool | None = None) -> dict[str, MethodRun]:
+    """Explain ``images`` with each method, handing each only the model it may see.
+
+    Args:
+        images, targets, masks: the evaluation batch; ``targets`` are the black box's labels.
+        methods: ``"lwcam"`` and/or keys of :data:`lwcam.baselines.METHODS`.
+        blackbox: the :class:`~lwcam.blackbox.BlackBox` for black-box methods (its queries are counted).
+        student: the distilled student (white-box methods).
+        teacher: the teacher as a white-box **oracle** (``gradcam_teacher`` only).
+        subset: positions of the images that the methods in ``subset_methods`` explain
+            (expensive methods run on fewer images); the others explain every image.
+        subset_methods: methods restricted to ``subset``.
+        method_params: extra keyword arguments per method.
+        chunk: images per call, so a long run shows progress and bounded memory.
+        progress_bar: show progress (``None``: only on a TTY).
+
+    Returns:
+        ``name -> MethodRun`` in ``methods`` order.
+    """
+    method_params = dict(method_params or {})
+    all_idx = torch.arange(len(images))
+    sub_idx = all_idx if subset is None else torch.as_tensor(subset, dtype=torch.long)
+    runs: dict[str, MethodRun] = {}
+    for name in progress(methods, total=len(methods), desc="methods", enabled=progress_bar):
+        idx = sub_idx if name in subset_methods else all_idx
+        params = dict(method_params.get(name, {}))
+        parts, seconds, queries = [], 0.0, 0
+        for s in range(0, len(idx), chunk):
+            part = idx[s : s + chunk]
+            stats: dict[str, Any] = {}
+            if name == "lwcam":
+                if student is None:
+                    raise ValueError("lwcam needs student=")
+                sal = explain_lwcam(student, images[part], targets[part], stats=stats, **params)
+            else:
+                if name not in METHODS:
+                    raise ValueError(f"unknown method {name!r}; expected 'lwcam' or one of {sorted(METHODS)}")
+                sal = METHODS[name](images[part], targets[part], blackbox=blackbox, student=student,
+                                    teacher=teacher, masks=masks[part], stats=stats, **params)
+            parts.append(sal.detach().float().cpu())
+            seconds += float(stats.get("seconds", 0.0))
+            queries += int(stats.get("queries", 0))
+        label = LWCAM_LABEL if name == "lwcam" else METHODS[name].label
+        access = "white-box student (distilled)" if name == "lwcam" else METHODS[name].access
+        runs[name] = MethodRun(name=name, label=label, access=access, indices=idx, saliency=torch.cat(parts),
+                               seconds_per_image=seconds / len(idx), queries_per_image=queries / len(idx),
+                               params=params)
+    return runs
+
+
+def score_saliency(blackbox: Any, images: torch.Tensor, saliency: torch.Tensor, targets: torch.Tensor,
+                   masks: torch.Tensor | None = None, *, step: int | None = None, batch_size: int = 512,
+                   substrate: Any = "zeros", start: Any = "blur") -> tuple[pd.DataFrame, GameResult, GameResult]:
+    """Deletion and insertion AUCs on the black box, and (with masks) pointing and relevance mass, per image."""
+    dele = deletion_game(blackbox, images, saliency, targets, step=step, substrate=substrate, batch_size=batch_size)
+    ins = insertion_game(blackbox, images, saliency, targets, step=step, start=start, batch_size=batch_size)
+    df = pd.DataFrame({"deletion_auc": dele.auc.numpy(), "insertion_auc": ins.auc.numpy()})
+    if masks is not None:
+        hit, valid = pointing_game(saliency, masks, return_valid=True)
+        df["pointing"] = np.where(valid.numpy(), hit.numpy().astype(float), np.nan)
+        df["mass"] = np.where(valid.numpy(), relevance_mass(saliency, masks).numpy(), np.nan)
+    return df, dele, ins
+
+
+def score_methods(blackbox: Any, images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor | None,
+                  runs: Mapping[str, MethodRun], *, step: int | None = None, batch_size: int = 512,
+                  progress_bar: bool | None = None) -> tuple[pd.DataFrame, dict[str, tuple[GameResult, GameResult]]]:
+    """Score every method's maps on the black box.
+
+    Returns:
+        ``(per_image, games)``: a long DataFrame with one row per (method, image) holding
+        ``method, image, deletion_auc, insertion_auc, pointing, mass``, and
+        ``name -> (deletion GameResult, insertion GameResult)``.
+    """
+    frames, games = [], {}
+    for name, run in progress(runs.items(), total=len(runs), desc="deletion/insertion", enabled=progress_bar):
+        idx = run.indices
+        df, dele, ins = score_saliency(blackbox, images[idx], run.saliency, targets[idx],
+                                       None if masks is None else masks[idx], step=step, batch_size=batch_size)
+        df.insert(0, "image", idx.numpy())
+        df.insert(0, "method", name)
+        frames.append(df)
+        games[name] = (dele, ins)
+    return pd.concat(frames, ignore_index=True), games
+
+
+def summarize(per_image: pd.DataFrame, runs: Mapping[str, MethodRun], *, n_boot: int = 10000,
+              seed: int = 0) -> pd.DataFrame:
+    """T3-style table: per method the mean of each metric with its 95% bootstrap CI, time and queries."""
+    rows = []
+    metrics = [m for m in ("deletion_auc", "insertion_auc", "pointing", "mass") if m in per_image]
+    for name, run in runs.items():
+        sub = per_image[per_image["method"] == name]
+        row: dict[str, Any] = {"method": name, "label": run.label, "access": run.access, "n_images": len(sub)}
+        for m in metrics:
+            values = sub[m].to_numpy(dtype=float)
+            if np.isnan(values).all():
+                mean = low = high = float("nan")
+            else:
+                mean, low, high = bootstrap_ci(values, n_boot=n_boot, seed=seed)
+            row[m] = mean
+            row[f"{m}_ci_low"] = low
+            row[f"{m}_ci_high"] = high
+        row["seconds_per_image"] = run.seconds_per_image
+        row["queries_per_image"] = run.queries_per_image
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def compare(per_image: pd.DataFrame, a: str, b: str, metric: str = "deletion_auc",
+            alternative: str = "less", seed: int = 0) -> dict[str, Any]:
+    """Paired comparison of methods ``a`` and ``b`` on the images both explained (Wilcoxon + bootstrap CI)."""
+    pa = per_image[per_image["method"] == a].set_index("image")[metric]
+    pb = per_image[per_image["method"] == b].set_index("image")[metric]
+    common = pa.index.intersection(pb.index)
+    if len(common) == 0:
+        raise ValueError(f"methods {a!r} and {b!r} share no image")
+    res = paired_test(pa.loc[common].to_numpy(), pb.loc[common].to_numpy(), seed=seed,
+                      alternative=alternative)  # type: ignore[arg-type]
+    return {"a": a, "b": b, "metric": metric, "n": int(res.n), "mean_a": float(pa.loc[common].mean()),
+            "mean_b": float(pb.loc[common].mean()), "mean_diff": res.mean_diff, "ci_low": res.ci_low,
+            "ci_high": res.ci_high, "p_value": res.p_value, "alternative": alternative}
+
+
+def layer_importance(scorer: Any, images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor | None,
+                     names: Sequence[str], stack: torch.Tensor, *, resolutions: Mapping[str, Any] | None = None,
+                     mode: str = "sum", normalize: str = "minmax", step: int | None = None,
+                     seed: int = 0) -> pd.DataFrame:
+    """T2: each layer's own map scored on the black box, and its leave-one-out effect on the fused map.
+
+    For layer ``l``: deletion/insertion AUC, pointing and relevance mass of its map alone; then
+    the fused map without ``l`` (``weights`` zero at ``l``) against the full fused map:
+    ``loo_deletion_delta = AUC_del(fused without l) − AUC_del(fused)`` (positive: the fused map
+    deletes worse without the layer, so the layer helps), with a paired two-sided Wilcoxon p-value.
+    Insertion likewise, with the sign flipped so that positive again means the layer helps.
+    """
+    if stack.shape[1] != len(names):
+        raise ValueError(f"stack has {stack.shape[1]} layers but {len(names)} names were given")
+    full = fuse(stack, mode=mode, normalize=normalize)
+    full_df, _, _ = score_saliency(scorer, images, full, targets, masks, step=step)
+    rows = []
+    for i, name in enumerate(names):
+        alone, _, _ = score_saliency(scorer, images, stack[:, i], targets, masks, step=step)
+        keep = [j for j in range(len(names)) if j != i]
+        without = fuse(stack[:, keep], mode=mode, normalize=normalize) if keep else torch.zeros_like(full)
+        loo, _, _ = score_saliency(scorer, images, without, targets, None, step=step)
+        d_del = loo["deletion_auc"].to_numpy() - full_df["deletion_auc"].to_numpy()
+        d_ins = full_df["insertion_auc"].to_numpy() - loo["insertion_auc"].to_numpy()
+        p_del = paired_test(loo["deletion_auc"].to_numpy(), full_df["deletion_auc"].to_numpy(), seed=seed).p_value
+        row = {"layer": name, "depth": i, "resolution": "x".join(map(str, resolutions[name])) if resolutions else "",
+               "deletion_auc": alone["deletion_auc"].mean(), "insertion_auc": alone["insertion_auc"].mean()}
+        if masks is not None:
+            row["pointing"] = alone["pointing"].mean()
+            row["mass"] = alone["mass"].mean()
+        row.update({"loo_deletion_delta": float(d_del.mean()), "loo_deletion_p": p_del,
+                    "loo_insertion_delta": float(d_ins.mean())})
+        rows.append(row)
+    fused_row = {"layer": "fused (all layers)", "depth": len(names), "resolution": "",
+                 "deletion_auc": full_df["deletion_auc"].mean(), "insertion_auc": full_df["insertion_auc"].mean()}
+    if masks is not None:
+        fused_row["pointing"] = full_df["pointing"].mean()
+        fused_row["mass"] = full_df["mass"].mean()
+    rows.append(fused_row)
+    return pd.DataFrame(rows)
