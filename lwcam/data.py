@@ -72,15 +72,15 @@ CLASS_NAMES = (
     "spokes",
     "grid",
     "waves",
-    "spiral",
-    "bricks",
+    "spots",
+    "chevrons",
     "speckle",
 )
 
 #: Per-channel pixel statistics of the synthetic set (measured on 4000 train images at 64x64,
 #: seed 0; ``tests/test_data.py`` re-measures them).
-SYNTHETIC_MEAN = (0.4940, 0.4644, 0.4504)
-SYNTHETIC_STD = (0.1952, 0.1920, 0.1929)
+SYNTHETIC_MEAN = (0.4903, 0.4678, 0.4574)
+SYNTHETIC_STD = (0.1895, 0.1936, 0.1869)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MEAN, STD = SYNTHETIC_MEAN, SYNTHETIC_STD
@@ -144,21 +144,23 @@ def _texture(cls: int, u: np.ndarray, v: np.ndarray, r: np.ndarray, theta: np.nd
         n = int(rng.integers(5, 8))
         return _smoothstep(np.sin(n * theta), s)
     if cls == 5:  # grid lines
-        q = 1.3 * p
+        q = 1.6 * p
         du = np.abs((u / q - np.round(u / q)) * q)
         dv = np.abs((v / q - np.round(v / q)) * q)
         return _smoothstep(0.17 * q - np.minimum(du, dv), 2.0)
     if cls == 6:  # wavy stripes
         return _smoothstep(np.sin(tau * (u + 0.35 * p * np.sin(tau * v / (2.2 * p))) / p), s)
-    if cls == 7:  # spiral
-        return _smoothstep(np.sin(2 * theta + tau * r / p), s)
-    if cls == 8:  # bricks: rows with staggered joints
-        q = 1.1 * p
-        row = np.floor(v / q)
-        dv = np.abs((v / q - np.round(v / q)) * q)
-        shift = (row % 2) * q
-        du = np.abs(((u + shift) / (2 * q) - np.round((u + shift) / (2 * q))) * 2 * q)
-        return _smoothstep(np.minimum(dv, du) - 0.15 * q, 2.0)
+    if cls == 7:  # spots: smooth random blobs, coarser than the speckle
+        h, w = u.shape
+        cell = max(2, int(round(p * 0.8)))
+        noise = rng.standard_normal(((h + cell - 1) // cell + 1, (w + cell - 1) // cell + 1)).astype(np.float32)
+        up = np.asarray(Image.fromarray(noise).resize(((noise.shape[1]) * cell, (noise.shape[0]) * cell),
+                                                      Image.BICUBIC))[:h, :w]
+        return _smoothstep(up - 0.3, 3.0)
+    if cls == 8:  # chevrons: sharp zigzag stripes
+        q = 1.4 * p
+        tri = np.abs((v / q - np.floor(v / q)) * 2 - 1) * q  # triangle wave in v
+        return _smoothstep(np.sin(tau * (u + tri) / (1.25 * p)), s)
     if cls == 9:  # speckle: fine random binary noise, upsampled 2x
         h, w = u.shape
         noise = rng.random(((h + 1) // 2, (w + 1) // 2)) > 0.5
@@ -331,7 +333,7 @@ class SyntheticTextures(Dataset):
         if self.cache_dir is None:
             return None
         return self.cache_dir / (
-            f"synthetic_v2_s{self.seed}_{self.split}_n{self.n}_{self.image_size}px_c{self.num_classes}.npz"
+            f"synthetic_v3_s{self.seed}_{self.split}_n{self.n}_{self.image_size}px_c{self.num_classes}.npz"
         )
 
     def arrays(self, progress: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

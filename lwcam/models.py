@@ -167,15 +167,16 @@ def train_teacher(
     num_classes: int,
     val_images: torch.Tensor | None = None,
     val_labels: torch.Tensor | None = None,
-    epochs: int = 10,
-    batch_size: int = 128,
-    lr: float = 2e-3,
+    epochs: int = 12,
+    batch_size: int = 64,
+    lr: float = 4e-3,
     weight_decay: float = 5e-4,
     label_smoothing: float = 0.05,
     seed: int = 0,
     checkpoint_path: str | os.PathLike | None = None,
     progress_bar: bool | None = None,
     device: str | torch.device | None = None,
+    meta: dict[str, Any] | None = None,
 ) -> TeacherResult:
     """Train the default black box from scratch (AdamW, one-cycle schedule, flip/shift augmentation).
 
@@ -193,6 +194,7 @@ def train_teacher(
             (temporary file, then rename) with its meta data.
         progress_bar: tqdm bar over steps (``None``: only on a TTY).
         device: ``None`` picks CUDA when available.
+        meta: extra entries stored in the checkpoint's meta data.
 
     Returns:
         a :class:`TeacherResult` with the model in eval mode on the CPU.
@@ -240,5 +242,5 @@ def train_teacher(
     ckpt = None
     if checkpoint_path is not None:
         ckpt = save_checkpoint(model, checkpoint_path, arch=arch, num_classes=num_classes, seed=seed,
-                               val_accuracy=val_acc, seconds=seconds, epochs=epochs)
+                               val_accuracy=val_acc, seconds=seconds, epochs=epochs, **(meta or {}))
     return TeacherResult(model=model, history=history, val_accuracy=val_acc, seconds=seconds, checkpoint=ckpt)

@@ -43,6 +43,7 @@ __all__ = [
     "pick_indices",
     "student_agreement",
     "claim_table",
+    "short_label",
     "fusion_variants",
     "select_fusion",
     "queries_tradeoff",
@@ -150,6 +151,18 @@ def load_split(params: dict[str, Any], split: str, paths: RunPaths | None = None
     return load_tensors(ds, order[:limit] if limit else order)
 
 
+#: Profile keys that determine the teacher, and (with those) the students; a cached artefact is
+#: reused only when these match.
+TEACHER_KEYS = ("dataset", "image_size", "num_classes", "seed", "data_seed", "n_train", "n_val", "teacher",
+                "teacher_weights", "teacher_epochs", "teacher_batch_size", "teacher_lr")
+STUDENT_KEYS = ("n_transfer", "n_test", "student", "temperature", "distill_epochs", "distill_batch_size",
+                "query_budget", "holdout", "topk")
+
+
+def _fingerprint(params: dict[str, Any], keys: tuple[str, ...]) -> str:
+    return json.dumps({k: params.get(k) for k in keys}, sort_keys=True, default=str)
+
+
 def get_teacher(params: dict[str, Any], paths: RunPaths, progress: bool | None = None) -> tuple[torch.nn.Module, dict]:
     """Load the profile's black-box teacher, training it first if its checkpoint is missing.
 
@@ -161,17 +174,18 @@ def get_teacher(params: dict[str, Any], paths: RunPaths, progress: bool | None =
     if params.get("teacher_weights"):
         model = build_model(params["teacher"], int(params["num_classes"]), weights=params["teacher_weights"])
         return model.eval(), {"arch": params["teacher"], "weights": params["teacher_weights"], "seconds": 0.0}
+    fingerprint = _fingerprint(params, TEACHER_KEYS)
     if paths.teacher.exists():
         model, meta = load_checkpoint(paths.teacher)
-        if meta.get("arch") == params["teacher"] and meta.get("seed") == int(params.get("seed", 0)):
+        if meta.get("fingerprint") == fingerprint:
             return model, meta
     x, y, _ = load_split(params, "train", paths)
     xv, yv, _ = load_split(params, "val", paths)
     result = train_teacher(
         params["teacher"], x, y, num_classes=int(params["num_classes"]), val_images=xv, val_labels=yv,
-        epochs=int(params.get("teacher_epochs", 8)), batch_size=int(params.get("teacher_batch_size", 128)),
-        lr=float(params.get("teacher_lr", 2e-3)), seed=int(params.get("seed", 0)),
-        checkpoint_path=paths.teacher, progress_bar=progress,
+        epochs=int(params.get("teacher_epochs", 12)), batch_size=int(params.get("teacher_batch_size", 64)),
+        lr=float(params.get("teacher_lr", 4e-3)), seed=int(params.get("seed", 0)),
+        checkpoint_path=paths.teacher, progress_bar=progress, meta={"fingerprint": fingerprint},
     )
     _, meta = load_checkpoint(paths.teacher)
     meta["history"] = result.history
@@ -190,7 +204,7 @@ def make_blackbox(teacher: torch.nn.Module, params: dict[str, Any], paths: RunPa
         k=int(params.get("topk", 5)),
         batch_size=int(params.get("blackbox_batch_size", 256)),
         cache_dir=paths.answers if cache else None,
-        cache_namespace=f"{params['teacher']}-seed{params.get('seed', 0)}",
+        cache_namespace=f"{params['teacher']}-seed{params.get('seed', 0)}-{output or params.get('blackbox_output', 'probs')}",
     )
 
 
@@ -214,9 +228,10 @@ def get_student(params: dict[str, Any], paths: RunPaths, teacher: torch.nn.Modul
     output = output or params.get("blackbox_output", "probs")
     ckpt = paths.run / f"student_{output}.pt"
     summary_path = paths.run / f"student_{output}.json"
+    fingerprint = _fingerprint(params, TEACHER_KEYS + STUDENT_KEYS)
     if ckpt.exists() and summary_path.exists():
         summary = json.loads(summary_path.read_text())
-        if summary.get("config", {}).get("student_arch") == params["student"]:
+        if summary.get("fingerprint") == fingerprint:
             model, _ = load_checkpoint(ckpt)
             return model, summary
     transfer, _, _ = load_split(params, "transfer", paths)
@@ -232,6 +247,7 @@ def get_student(params: dict[str, Any], paths: RunPaths, teacher: torch.nn.Modul
     save_checkpoint(result.student, ckpt, arch=params["student"], num_classes=int(params["num_classes"]),
                     output=output, seed=int(params.get("seed", 0)))
     summary = {
+        "fingerprint": fingerprint,
         "output": output,
         "history": result.history,
         "fidelity": result.fidelity,
@@ -289,6 +305,15 @@ def student_agreement(student: torch.nn.Module, images: torch.Tensor, labels: to
     from .models import predict_logits
 
     return predict_logits(student, images).argmax(1) == labels
+
+
+def short_label(run: Any) -> str:
+    """A short display name for a method run: ``lwcam``, ``Grad-CAM``, ``Grad-CAM (teacher, oracle)``, ..."""
+    if run.name == "gradcam_teacher":
+        return "Grad-CAM (teacher, oracle)"
+    if run.name == "mask":
+        return "mask (oracle)"
+    return run.label.split(" (")[0]
 
 
 def claim_table(per_image: pd.DataFrame, seed: int = 0) -> pd.DataFrame:

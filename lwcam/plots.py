@@ -64,9 +64,9 @@ def denormalize(image: Any, mean: Sequence[float], std: Sequence[float]) -> np.n
     if img.ndim != 3 or img.shape[0] != len(mean) or len(mean) != len(std):
         raise ValueError(f"image must be (C,H,W) with C = len(mean) = len(std) = {len(mean)}, "
                          f"got {img.shape} (mean {len(mean)}, std {len(std)})")
-    m = np.asarray(mean, dtype=np.float32)[:, None, None]
-    s = np.asarray(std, dtype=np.float32)[:, None, None]
-    out = np.clip(img * s + m, 0.0, 1.0).transpose(1, 2, 0)
+    from .data import denormalize as _denormalize
+
+    out = _denormalize(torch.from_numpy(img), mean, std).numpy().transpose(1, 2, 0)
     return out[..., 0] if out.shape[-1] == 1 else out
 
 
@@ -257,7 +257,7 @@ def _auc(curve: np.ndarray) -> np.ndarray:
 
 def plot_game_curves(fractions: Any, curves: Mapping[str, Any], ax: Axes | None = None,
                      title: str = "deletion", *, xlabel: str | None = None,
-                     ylabel: str = "probability of the target class") -> Figure:
+                     ylabel: str = "probability of the target class", legend: bool = True) -> Figure:
     """F5 panel: the mean deletion or insertion curve per method with a shaded 95% band.
 
     The band is the 95% confidence interval of the mean curve at each fraction (Student t,
@@ -306,18 +306,24 @@ def plot_game_curves(fractions: Any, curves: Mapping[str, Any], ax: Axes | None 
     ax.set_ylim(min(0.0, lo), max(1.0, hi) + 0.02)  # probabilities: always show the full 0-1 range
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, frameon=False)
+    if legend:
+        ax.legend(fontsize=7, frameon=False)
     return fig
 
 
 def plot_deletion_insertion(fractions: Any, deletion: Mapping[str, Any], insertion: Mapping[str, Any],
                             *, suptitle: str | None = None) -> Figure:
     """F5: deletion (left) and insertion (right) panels side by side, see :func:`plot_game_curves`."""
-    fig = Figure(figsize=(8.4, 3.3), layout="constrained")
+    fig = Figure(figsize=(12.0, 3.8), layout="constrained")
     ax_d, ax_i = fig.subplots(1, 2, sharey=True)
-    plot_game_curves(fractions, deletion, ax=ax_d, title="deletion")
-    plot_game_curves(fractions, insertion, ax=ax_i, title="insertion")
+    plot_game_curves(fractions, deletion, ax=ax_d, title="deletion (lower AUC is better)", legend=False)
+    plot_game_curves(fractions, insertion, ax=ax_i, title="insertion (higher AUC is better)", legend=False)
     ax_i.set_ylabel("")
+    for ax, word in ((ax_d, "deleted"), (ax_i, "inserted")):
+        ax.set_xlabel(f"fraction of pixels {word}")
+    # one legend per panel, outside the plotting area, so no curve is hidden
+    ax_d.legend(fontsize=6.5, frameon=False, loc="upper left", bbox_to_anchor=(0.0, -0.2), ncol=2)
+    ax_i.legend(fontsize=6.5, frameon=False, loc="upper left", bbox_to_anchor=(0.0, -0.2), ncol=2)
     if suptitle:
         fig.suptitle(suptitle)
     return fig

@@ -8,7 +8,15 @@ import torch
 from lwcam.models import build_model, load_checkpoint, random_flip_shift, save_checkpoint, train_teacher
 
 
-@pytest.mark.parametrize("name", ["resnet18", "regnet_x_400mf", "shufflenet_v2_x1_0", "mobilenet_v3_small"])
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "regnet_x_400mf", "shufflenet_v2_x1_0", "resnet18"])
 def test_build_by_name_sized_to_classes(name):
     net = build_model(name, num_classes=7).eval()
     assert net(torch.zeros(2, 3, 64, 64)).shape == (2, 7)

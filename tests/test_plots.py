@@ -154,7 +154,7 @@ def test_plot_deletion_insertion_two_panels(tmp_path):
     fr = np.linspace(0, 1, 17)
     curves = {"m": np.tile(np.linspace(1, 0, 17), (5, 1)) + 0.01 * np.arange(5)[:, None]}
     fig = plots.plot_deletion_insertion(fr, curves, {"m": 1 - curves["m"]}, suptitle="F5")
-    assert [ax.get_title() for ax in fig.axes] == ["deletion", "insertion"]
+    assert [ax.get_title() for ax in fig.axes] == ["deletion (lower AUC is better)", "insertion (higher AUC is better)"]
     assert fig.axes[1].get_xlabel() == "fraction of pixels inserted"
     _png_ok(plots.save_figure(fig, tmp_path / "F5_curves.png"))
 

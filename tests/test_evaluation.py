@@ -1,0 +1,159 @@
+"""Evaluation orchestration and the pipeline's cached artefacts, on tiny models and data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from lwcam import BlackBox, evaluation, pipeline
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _cnn(num_classes: int = 4, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes),
+    ).eval()
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(6, 3, 16, 16, generator=g)
+    masks = torch.zeros(6, 16, 16, dtype=torch.bool)
+    masks[:, 4:10, 4:10] = True
+    return images, masks
+
+
+def _run(batch, seed=0):
+    images, masks = batch
+    teacher, student = _cnn(seed=1), _cnn(seed=2)
+    bb = BlackBox(teacher, 4)
+    targets = pipeline.blackbox_labels(bb, images)
+    runs = evaluation.run_methods(
+        images, targets, masks, methods=["lwcam", "gradcam", "rise", "random", "mask"], blackbox=bb,
+        student=student, teacher=teacher, subset=[0, 2, 4], subset_methods=["rise"],
+        method_params={"rise": {"n_masks": 50, "seed": seed}, "random": {"seed": seed}}, chunk=4,
+    )
+    scorer = BlackBox(teacher, 4)
+    per_image, games = evaluation.score_methods(scorer, images, targets, masks, runs, batch_size=64)
+    return runs, per_image, games, bb, scorer, targets
+
+
+def test_run_and_score_methods(batch):
+    runs, per_image, games, bb, scorer, targets = _run(batch)
+    assert list(runs) == ["lwcam", "gradcam", "rise", "random", "mask"]
+    assert runs["rise"].indices.tolist() == [0, 2, 4] and runs["rise"].saliency.shape == (3, 16, 16)
+    assert runs["lwcam"].saliency.shape == (6, 16, 16)
+    assert runs["rise"].queries_per_image == 50 and runs["lwcam"].queries_per_image == 0
+    assert bb.queries == 6 + 3 * 50  # the labels, then RISE's masks
+    # every (image, step) of both games was sent to the scorer: 17 points per 16x16 image
+    n_rows = 6 * 4 + 3
+    assert scorer.queries == 2 * n_rows * 17
+    assert len(per_image) == n_rows
+    assert per_image[["deletion_auc", "insertion_auc"]].stack().between(0, 1).all()
+    assert per_image.query("method == 'mask'")["pointing"].eq(1.0).all()
+    t3 = evaluation.summarize(per_image, runs, n_boot=200)
+    assert set(t3["method"]) == set(runs)
+    row = t3.set_index("method").loc["lwcam"]
+    assert row["deletion_auc_ci_low"] <= row["deletion_auc"] <= row["deletion_auc_ci_high"]
+    assert t3.set_index("method").loc["rise", "n_images"] == 3
+
+
+def test_same_seed_same_maps_and_scores(batch):
+    a = _run(batch, seed=3)
+    b = _run(batch, seed=3)
+    c = _run(batch, seed=4)
+    for name in a[0]:
+        assert torch.equal(a[0][name].saliency, b[0][name].saliency)
+    assert a[1].equals(b[1])
+    assert not torch.equal(a[0]["rise"].saliency, c[0]["rise"].saliency)
+
+
+def test_compare_and_claim_table(batch):
+    _, per_image, _, _, _, _ = _run(batch)
+    res = evaluation.compare(per_image, "lwcam", "rise")
+    assert res["n"] == 3  # paired on the images both explained
+    claims = pipeline.claim_table(per_image)
+    assert claims.iloc[0][["a", "b", "metric"]].tolist() == ["lwcam", "gradcam", "deletion_auc"]
+    assert claims["p_value"].between(0, 1).all()
+    with pytest.raises(ValueError, match="share no image"):
+        evaluation.compare(per_image[per_image["method"] != "rise"], "lwcam", "rise")
+
+
+def test_layer_importance_rows_and_loo(batch):
+    images, masks = batch
+    teacher, student = _cnn(seed=1), _cnn(seed=2)
+    scorer = BlackBox(teacher, 4)
+    targets = pipeline.blackbox_labels(scorer, images)
+    names, stack, res = evaluation.layer_maps_batched(student, images, targets, batch_size=4)
+    assert stack.shape == (6, len(names), 16, 16) and set(res) == set(names)
+    t2 = evaluation.layer_importance(scorer, images, targets, masks, names, stack, resolutions=res)
+    assert len(t2) == len(names) + 1
+    assert t2["layer"].iloc[-1] == "fused (all layers)"
+    assert t2["loo_deletion_delta"].iloc[:-1].notna().all()
+    with pytest.raises(ValueError, match="layers"):
+        evaluation.layer_importance(scorer, images, targets, masks, names[:-1], stack)
+
+
+def test_unknown_method_is_named(batch):
+    images, masks = batch
+    with pytest.raises(ValueError, match="unknown method 'grad-cam'"):
+        evaluation.run_methods(images, torch.zeros(6, dtype=torch.long), masks, methods=["grad-cam"])
+
+
+# ----------------------------------------------------------------------------- pipeline
+def _tiny_project(tmp_path, **overrides):
+    (tmp_path / "pyproject.toml").write_text("[project]\nname='x'\n")
+    (tmp_path / "params").mkdir(exist_ok=True)
+    params = {"profile": "tiny", "dataset": "synthetic", "image_size": 32, "num_classes": 3, "seed": 0,
+              "data_seed": 0, "n_train": 48, "n_val": 16, "n_test": 16, "n_transfer": 64, "teacher": "squeezenet1_1",
+              "teacher_epochs": 1, "teacher_batch_size": 16, "teacher_lr": 0.001, "student": "mobilenet_v3_small",
+              "distill_epochs": 1, "distill_batch_size": 16, "query_budget": 200, "blackbox_output": "probs", "topk": 2}
+    params.update(overrides)
+    (tmp_path / "params" / "tiny.yaml").write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in params.items()))
+    return pipeline.load_profile("tiny", tmp_path)
+
+
+def test_profiles_and_paths(tmp_path):
+    params = _tiny_project(tmp_path)
+    assert params["teacher"] == "squeezenet1_1"
+    with pytest.raises(ValueError, match="unknown profile 'nope'"):
+        pipeline.load_profile("nope", tmp_path)
+    tiny = pipeline.RunPaths.for_profile("tiny", tmp_path)
+    default = pipeline.RunPaths(profile="default", root=tiny.root)
+    assert tiny.figures == tiny.root / "figures" / "tiny" and default.figures == tiny.root / "figures"
+    assert tiny.rel(tiny.teacher) == "runs/tiny/teacher.pt"
+    real = pipeline.load_profile("quick")
+    assert set(pipeline.TEACHER_KEYS) <= set(real) | {"holdout", "distill_batch_size"}
+
+
+def test_artefacts_are_cached_and_invalidated(tmp_path):
+    params = _tiny_project(tmp_path)
+    paths = pipeline.RunPaths.for_profile("tiny", tmp_path)
+    _, meta = pipeline.get_teacher(params, paths)
+    stamp = paths.teacher.stat().st_mtime_ns
+    pipeline.get_teacher(params, paths)
+    assert paths.teacher.stat().st_mtime_ns == stamp  # reused
+    student, summary = pipeline.get_student(params, paths, pipeline.get_teacher(params, paths)[0])
+    assert summary["queries"] <= 200 and (paths.run / "student_probs.json").exists()
+    again, summary2 = pipeline.get_student(params, paths, pipeline.get_teacher(params, paths)[0])
+    assert summary2["fingerprint"] == summary["fingerprint"]
+    for p, q in zip(student.parameters(), again.parameters(), strict=True):
+        assert torch.equal(p, q)
+    params = _tiny_project(tmp_path, teacher_epochs=2)  # a changed setting retrains
+    _, meta2 = pipeline.get_teacher(params, paths)
+    assert paths.teacher.stat().st_mtime_ns != stamp and meta2["epochs"] == 2
