@@ -39,6 +39,7 @@ __all__ = [
     "evaluate_accuracy",
     "predict_logits",
     "random_flip_shift",
+    "random_pixel_dropout",
 ]
 
 
@@ -115,6 +116,24 @@ def load_checkpoint(path: str | os.PathLike, arch: str | None = None,
     return model, meta
 
 
+def random_pixel_dropout(x: torch.Tensor, generator: torch.Generator, max_rate: float = 0.5,
+                         p: float = 0.5) -> torch.Tensor:
+    """Set a random share of pixels (all channels) to 0, the data-set mean in the normalised space.
+
+    Each image is hit with probability ``p``; a hit image loses a fraction ``r ~ U(0, max_rate)`` of
+    its pixels, chosen uniformly. Like random erasing, it teaches the network that scattered missing
+    pixels are not evidence against the class, so that what changes its answer is losing the
+    object, not salt-and-pepper damage spread over the whole image.
+    """
+    if max_rate <= 0 or p <= 0:
+        return x
+    b, _, h, w = x.shape
+    hit = torch.rand(b, 1, 1, 1, generator=generator) < p
+    rate = torch.rand(b, 1, 1, 1, generator=generator) * max_rate
+    drop = (torch.rand(b, 1, h, w, generator=generator) < rate) & hit
+    return x.masked_fill(drop, 0.0)
+
+
 def random_flip_shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 4) -> torch.Tensor:
     """Label-preserving augmentation: random horizontal/vertical flips and a small translation."""
     b = x.shape[0]
@@ -177,8 +196,9 @@ def train_teacher(
     progress_bar: bool | None = None,
     device: str | torch.device | None = None,
     meta: dict[str, Any] | None = None,
+    pixel_dropout: float = 0.5,
 ) -> TeacherResult:
-    """Train the default black box from scratch (AdamW, one-cycle schedule, flip/shift augmentation).
+    """Train the default black box from scratch (AdamW, one-cycle schedule, flip/shift and pixel-dropout augmentation).
 
     The loss is cross-entropy with label smoothing ``ε``:
     ``L = -(1-ε) log p_y - ε/C Σ_c log p_c``.
@@ -195,6 +215,8 @@ def train_teacher(
         progress_bar: tqdm bar over steps (``None``: only on a TTY).
         device: ``None`` picks CUDA when available.
         meta: extra entries stored in the checkpoint's meta data.
+        pixel_dropout: the largest share of pixels :func:`random_pixel_dropout` removes from half
+            of the training images (0 disables it).
 
     Returns:
         a :class:`TeacherResult` with the model in eval mode on the CPU.
@@ -219,7 +241,7 @@ def train_teacher(
         total, correct, seen = 0.0, 0, 0
         for s in range(steps_per_epoch):
             idx = order[s * batch_size : (s + 1) * batch_size]
-            x = random_flip_shift(images[idx], gen).to(dev)
+            x = random_pixel_dropout(random_flip_shift(images[idx], gen), gen, max_rate=pixel_dropout).to(dev)
             y = labels[idx].to(dev)
             out = model(x)
             loss = F.cross_entropy(out, y, label_smoothing=label_smoothing)
@@ -242,5 +264,6 @@ def train_teacher(
     ckpt = None
     if checkpoint_path is not None:
         ckpt = save_checkpoint(model, checkpoint_path, arch=arch, num_classes=num_classes, seed=seed,
-                               val_accuracy=val_acc, seconds=seconds, epochs=epochs, **(meta or {}))
+                               val_accuracy=val_acc, seconds=seconds, epochs=epochs, pixel_dropout=pixel_dropout,
+                               **(meta or {}))
     return TeacherResult(model=model, history=history, val_accuracy=val_acc, seconds=seconds, checkpoint=ckpt)

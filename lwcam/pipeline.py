@@ -154,7 +154,7 @@ def load_split(params: dict[str, Any], split: str, paths: RunPaths | None = None
 #: Profile keys that determine the teacher, and (with those) the students; a cached artefact is
 #: reused only when these match.
 TEACHER_KEYS = ("dataset", "image_size", "num_classes", "seed", "data_seed", "n_train", "n_val", "teacher",
-                "teacher_weights", "teacher_epochs", "teacher_batch_size", "teacher_lr")
+                "teacher_weights", "teacher_epochs", "teacher_batch_size", "teacher_lr", "teacher_pixel_dropout")
 STUDENT_KEYS = ("n_transfer", "n_test", "student", "temperature", "distill_epochs", "distill_batch_size",
                 "query_budget", "holdout", "topk")
 
@@ -186,6 +186,7 @@ def get_teacher(params: dict[str, Any], paths: RunPaths, progress: bool | None =
         epochs=int(params.get("teacher_epochs", 12)), batch_size=int(params.get("teacher_batch_size", 64)),
         lr=float(params.get("teacher_lr", 4e-3)), seed=int(params.get("seed", 0)),
         checkpoint_path=paths.teacher, progress_bar=progress, meta={"fingerprint": fingerprint},
+        pixel_dropout=float(params.get("teacher_pixel_dropout", 0.5)),
     )
     _, meta = load_checkpoint(paths.teacher)
     meta["history"] = result.history
@@ -236,7 +237,9 @@ def get_student(params: dict[str, Any], paths: RunPaths, teacher: torch.nn.Modul
             return model, summary
     transfer, _, _ = load_split(params, "transfer", paths)
     test_x, test_y, _ = load_split(params, "test", paths)
-    bb = make_blackbox(teacher, params, paths, output=output)
+    # no persistent answer cache here: distillation keeps its answers in its own checkpoint, and
+    # T1 must report what a distillation from scratch pays
+    bb = make_blackbox(teacher, params, paths, output=output, cache=False)
     result = distill(
         bb, transfer, student=params["student"], temperature=float(params.get("temperature", 4.0)),
         epochs=int(params.get("distill_epochs", 10)), batch_size=int(params.get("distill_batch_size", 64)),

@@ -381,7 +381,7 @@ def plot_layer_importance(table: Any) -> Figure:
     x = np.arange(len(layers))
     labels = [f"{n}\n{r}" if r else str(n) for n, r in zip(layers["layer"], layers.get("resolution", [""] * len(layers)),
                                                             strict=True)]
-    fig = Figure(figsize=(9.0, 3.4), layout="constrained")
+    fig = Figure(figsize=(9.0, 4.0), layout="constrained")
     ax_auc, ax_loo = fig.subplots(1, 2)
     width = 0.38
     ax_auc.bar(x - width / 2, layers["deletion_auc"], width, label="deletion AUC (lower is better)", color="#1f77b4")
@@ -392,7 +392,7 @@ def plot_layer_importance(table: Any) -> Figure:
     ax_auc.set_xticks(x, labels, fontsize=7)
     ax_auc.set_ylabel("AUC on the black box")
     ax_auc.set_title("each layer's map alone")
-    ax_auc.legend(fontsize=6, frameon=False)
+    ax_auc.legend(fontsize=6.5, frameon=False, loc="upper left", bbox_to_anchor=(0.0, -0.2), ncol=2)
     ax_loo.bar(x - width / 2, layers["loo_deletion_delta"], width, label="deletion AUC rise without the layer",
                color="#1f77b4")
     ax_loo.bar(x + width / 2, layers["loo_insertion_delta"], width, label="insertion AUC drop without the layer",
@@ -401,7 +401,7 @@ def plot_layer_importance(table: Any) -> Figure:
     ax_loo.set_xticks(x, labels, fontsize=7)
     ax_loo.set_ylabel("change of the fused map's AUC")
     ax_loo.set_title("leave one layer out (> 0: the layer helps)")
-    ax_loo.legend(fontsize=6, frameon=False)
+    ax_loo.legend(fontsize=6.5, frameon=False, loc="upper left", bbox_to_anchor=(0.0, -0.2), ncol=1)
     for ax in (ax_auc, ax_loo):
         ax.grid(alpha=0.3, axis="y")
     return fig
