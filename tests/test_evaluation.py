@@ -10,13 +10,7 @@ from torch import nn
 
 from lwcam import BlackBox, evaluation, pipeline
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cnn(num_classes: int = 4, seed: int = 0) -> nn.Module:

@@ -7,13 +7,7 @@ import torch
 
 from lwcam.models import build_model, load_checkpoint, random_flip_shift, save_checkpoint, train_teacher
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name", ["resnet18", "regnet_x_400mf", "shufflenet_v2_x1_0", "resnet18"])
@@ -93,3 +87,17 @@ def test_train_teacher_learns_is_deterministic_and_writes_atomically(tmp_path):
     assert meta["arch"] == "resnet18" and meta["seed"] == 0
     with pytest.raises(ValueError, match="images must be"):
         train_teacher("resnet18", x[0], y, num_classes=2)
+
+
+def test_pixel_dropout_sets_a_bounded_share_of_pixels_to_the_substrate():
+    from lwcam.models import random_pixel_dropout
+
+    x = torch.ones(2000, 3, 8, 8)
+    out = random_pixel_dropout(x, torch.Generator().manual_seed(0), max_rate=0.5, p=0.5)
+    dropped = (out == 0).float().mean(dim=(1, 2, 3))
+    assert ((out == 0).all(dim=1) == (out == 0).any(dim=1)).all()  # all channels of a pixel together
+    assert 0.4 < (dropped == 0).float().mean() < 0.6  # about half the images untouched
+    assert dropped.max() <= 0.7 and abs(dropped.mean().item() - 0.125) < 0.02
+    again = random_pixel_dropout(x, torch.Generator().manual_seed(0), max_rate=0.5, p=0.5)
+    assert torch.equal(out, again)
+    assert torch.equal(random_pixel_dropout(x, torch.Generator(), max_rate=0.0), x)
