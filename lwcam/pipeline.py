@@ -436,11 +436,11 @@ def queries_tradeoff(params: dict[str, Any], blackbox: Any, scorer: Any, images:
     return table, sentence
 
 
-def save_table(df: pd.DataFrame, table_id: str, paths: RunPaths, float_format: str = "%.4f") -> tuple[Path, Path]:
+def save_table(df: pd.DataFrame, table_id: str, paths: RunPaths, float_format: str = "%.6g") -> tuple[Path, Path]:
     """Write ``<reports>/<table_id>.csv`` and ``.md`` and return both paths."""
     csv_path = paths.reports / f"{table_id}.csv"
     md_path = paths.reports / f"{table_id}.md"
-    df.to_csv(csv_path, index=False, float_format=float_format)
+    df.to_csv(csv_path, index=False, float_format=float_format)  # "%.6g" keeps tiny p-values
     md_path.write_text(df.to_markdown(index=False, floatfmt=".4g") + "\n")
     return csv_path, md_path
 
