@@ -17,15 +17,20 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import torch
 
-from lwcam import pipeline
-from lwcam.baselines import center, random
-from lwcam.metrics import bootstrap_ci, deletion_game, paired_test
-from lwcam.models import evaluate_accuracy, load_checkpoint, train_teacher
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._report import add_common_args, machine, write_report  # noqa: E402
+from lwcam import pipeline  # noqa: E402
+from lwcam.baselines import center, random  # noqa: E402
+from lwcam.metrics import bootstrap_ci, deletion_game, paired_test  # noqa: E402
+from lwcam.models import evaluate_accuracy, load_checkpoint, train_teacher  # noqa: E402
 
 
 def main() -> None:
@@ -33,10 +38,9 @@ def main() -> None:
     parser.add_argument("--profile", default="default")
     parser.add_argument("--reuse", action="store_true", help="reuse the profile's teacher checkpoint if present")
     parser.add_argument("--n-images", type=int, default=500)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = add_common_args(parser).parse_args()
     torch.set_num_threads(args.threads)
+    info = machine()
     params = pipeline.load_profile(args.profile)
     paths = pipeline.RunPaths.for_profile(args.profile)
 
@@ -76,10 +80,9 @@ def main() -> None:
     rows.append({"check": "oracle / random deletion AUC", "value": ratio, "target": "<= 0.5", "holds": ratio <= 0.5,
                  "note": f"paired Wilcoxon one-sided p = {test.p_value:.2e}"})
     df = pd.DataFrame(rows)
-    out = paths.reports / "bench_foundation"
-    df.to_csv(out.with_suffix(".csv"), index=False, float_format="%.4f")
-    out.with_suffix(".md").write_text(df.to_markdown(index=False, floatfmt=".4f") + "\n")
-    print(df.to_markdown(index=False, floatfmt=".4f"))
+    write_report(df, paths.reports / "bench_foundation.csv", info=info, floatfmt=".4f",
+                 title=f"Foundation: the {args.profile} black box and the oracle check",
+                 notes=f"Profile {args.profile}, seed {args.seed}.")
 
 
 if __name__ == "__main__":

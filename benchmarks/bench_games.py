@@ -1,22 +1,27 @@
-"""Time lwcam's deletion and insertion games against torchcam's ``DeletionInsertionMetric``.
+"""Deletion and insertion games at the forward-pass limit, and against torchcam.
 
-Both run in one process on the same model, images, saliency maps, targets, step schedule
-(H steps of W pixels) and model batch size. Two configurations are timed:
+Side by side in one run, on one model (torchvision, ``weights=None``, 10 classes), the same images,
+saliency maps and targets (the model's own labels), and the same model batch size:
 
-* ``protocol``: lwcam's protocol, deletion onto zeros plus insertion from a Gaussian blur (11, 5).
-  torchcam shares one baseline between its two games, so it needs two ``update`` calls (baseline
-  zeros for deletion, baseline blur for insertion), each computing both curves.
-* ``shared-zeros``: torchcam's own setting, deletion onto zeros and insertion from zeros, which it
-  gets from a single ``update``; lwcam runs its two games with ``substrate="zeros"`` and
-  ``start="zeros"``.
+* ``raw``: the model's own batched inference under ``torch.inference_mode()``, on as many images, in
+  batches of the same sizes as one game, with inputs contiguous (``nchw``) and ``channels_last``. The
+  faster of the two is the forward-pass bound.
+* ``lwcam``: :func:`lwcam.deletion_game` and :func:`lwcam.insertion_game`, scored through a
+  :class:`lwcam.BlackBox` (no cache), as the pipeline scores them.
+* ``torchcam``: torchcam's ``DeletionInsertionMetric`` on the first ``--peer-images`` images (fed our
+  saliency by ``benchmarks/torchcam_adapter.py``). It computes both curves per ``update`` with one
+  canvas shared by both games, so the ``protocol`` config (deletion onto zeros, insertion from a blur
+  (11, 5)) needs two updates, and ``shared-zeros`` (both games on zeros, torchcam's default) one.
 
-torchcam is timed on the first ``--peer-images`` images and its time scaled linearly to
-``--n-images`` (its cost is linear in the number of images: a fixed number of forward passes per
-image). The table states which numbers are measured and which scaled. The model is wrapped in a
-counter, so the table also reports how many images each side sent through the model.
+Every measurement is cut into ``--rounds`` rounds run in turn, so load drift on a shared machine
+touches every side alike. Throughput is model images / seconds, summed over the rounds.
+
+* ``ratio_to_raw_bound`` = throughput / the raw bound (goal: at least 0.8 for the games);
+* ``x_torchcam`` = torchcam seconds per explained image / lwcam seconds per explained image, both
+  games, same config (torchcam timed on its subset, lwcam on every image).
 
 Usage:
-    python benchmarks/bench_games.py --n-images 500 --size 64 --model resnet18
+    python benchmarks/bench_games.py --model regnet_x_400mf --n-images 48 --threads 2
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from contextlib import contextmanager
+from collections import defaultdict
 from functools import partial
 from pathlib import Path
 
@@ -35,11 +40,21 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._report import add_common_args, machine, write_report  # noqa: E402
+from benchmarks.torchcam_adapter import torchcam_games  # noqa: E402
+from lwcam import BlackBox  # noqa: E402
 from lwcam._utils import seed_everything  # noqa: E402
 from lwcam.metrics import deletion_game, gaussian_blur, insertion_game  # noqa: E402
 
+# config -> (deletion substrate, insertion start, torchcam baselines: curve -> baseline)
+CONFIGS = {
+    "protocol": ("zeros", "blur", {"deletion_auc": None, "insertion_auc": partial(gaussian_blur, kernel_size=11,
+                                                                                  sigma=5.0)}),
+    "shared-zeros": ("zeros", "zeros", {"deletion_auc": None, "insertion_auc": None}),
+}
 
-class CountingModel(nn.Module):
+
+class Counter(nn.Module):
     """Passes images through ``model`` and counts them."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -52,31 +67,10 @@ class CountingModel(nn.Module):
         return self.model(x)
 
 
-class FixedSaliency:
-    """A torchcam CAM-extractor stand-in that returns precomputed saliency maps."""
-
-    def __init__(self, model: nn.Module, saliency: torch.Tensor) -> None:
-        self.model = model
-        self.saliency = saliency
-
-    def __call__(self, class_idx=None, scores=None, normalized=True, *, targets=None, **kwargs):
-        return [self.saliency]
-
-    def fuse_cams(self, cams: list[torch.Tensor]) -> torch.Tensor:
-        return cams[0]
-
-    @contextmanager
-    def _hooks_off(self):
-        yield
-
-
-def build(args: argparse.Namespace) -> tuple[CountingModel, torch.Tensor, torch.Tensor, torch.Tensor]:
+def build(args: argparse.Namespace) -> tuple[Counter, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The model, random images, smooth random saliency maps and the model's labels."""
     g = seed_everything(args.seed)
-    if args.model == "linear":  # a near-free model: isolates each side's own overhead
-        net = nn.Sequential(nn.Flatten(), nn.Linear(3 * args.size * args.size, 10)).eval()
-    else:
-        net = getattr(torchvision.models, args.model)(weights=None, num_classes=10).eval()
-    model = CountingModel(net).eval()
+    net = getattr(torchvision.models, args.model)(weights=None, num_classes=10).eval()
     images = torch.randn(args.n_images, 3, args.size, args.size, generator=g)
     coarse = torch.rand(args.n_images, 1, max(args.size // 8, 1), max(args.size // 8, 1), generator=g)
     saliency = nn.functional.interpolate(coarse, size=(args.size, args.size), mode="bilinear",
@@ -84,122 +78,134 @@ def build(args: argparse.Namespace) -> tuple[CountingModel, torch.Tensor, torch.
     with torch.inference_mode():
         targets = torch.cat([net(images[i : i + args.batch_size]).argmax(1)
                              for i in range(0, args.n_images, args.batch_size)])
-    return model, images, saliency, targets
+    return Counter(net).eval(), images, saliency, targets
 
 
-def time_ours(model: CountingModel, images, saliency, targets, *, insertion_start: str, batch_size: int
-              ) -> dict[str, float]:
-    model.images = 0
+def time_raw(model: nn.Module, pool: torch.Tensor, total: int, batch_size: int) -> tuple[float, int]:
+    """Seconds for ``total`` images in batches of ``batch_size`` (the last one shorter), as a game sends them."""
     t0 = time.perf_counter()
-    d = deletion_game(model, images, saliency, targets, substrate="zeros", batch_size=batch_size, progress=False)
-    i = insertion_game(model, images, saliency, targets, start=insertion_start, batch_size=batch_size,
-                       progress=False)
-    seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "forwards": model.images, "del_auc": d.auc.mean().item(),
-            "ins_auc": i.auc.mean().item(), "queries": d.queries + i.queries}
+    with torch.inference_mode():
+        for lo in range(0, total, batch_size):
+            model(pool[: min(batch_size, total - lo)])
+    return time.perf_counter() - t0, total
 
 
-def time_peer(model: CountingModel, images, saliency, targets, *, steps: int, baselines: dict, batch_size: int
-              ) -> dict[str, float]:
-    """``baselines`` maps the curve to keep ("deletion_auc"/"insertion_auc") to the baseline for it;
-    one ``update`` per distinct baseline."""
-    from torchcam.metrics import DeletionInsertionMetric
-
-    model.images = 0
-    out: dict[str, float] = {}
+def time_game(game, bb: BlackBox, images, saliency, targets, canvas: str, batch_size: int
+              ) -> tuple[float, int, torch.Tensor]:
+    key = "substrate" if game is deletion_game else "start"
+    before = bb.queries
     t0 = time.perf_counter()
+    res = game(bb, images, saliency, targets, batch_size=batch_size, progress=False, **{key: canvas})
+    return time.perf_counter() - t0, bb.queries - before, res.auc
+
+
+def time_torchcam(model: Counter, images, saliency, targets, baselines: dict, steps: int, batch_size: int
+                  ) -> tuple[float, int, dict[str, float]]:
+    """One ``update`` per distinct baseline; keeps the curve each baseline is there for."""
     calls: dict[int, tuple[object, list[str]]] = {}
     for key, base in baselines.items():
         calls.setdefault(id(base), (base, []))[1].append(key)
+    before, out = model.images, {}
+    t0 = time.perf_counter()
     for base, keys in calls.values():
-        metric = DeletionInsertionMetric(FixedSaliency(model, saliency), partial(torch.softmax, dim=-1),
-                                         steps=steps, baseline=base, batch_size=batch_size)
-        metric.update(images, class_idx=targets.tolist())
-        summary = metric.summary()
-        for key in keys:
-            out[key] = summary[key]
-    out["seconds"] = time.perf_counter() - t0
-    out["forwards"] = model.images
-    return out
+        summary = torchcam_games(model, images, saliency, targets, steps=steps, baseline=base,
+                                 batch_size=batch_size)
+        out.update({k: summary[k] for k in keys})
+    return time.perf_counter() - t0, model.images - before, out
+
+
+def run_rounds(args, model: Counter, images, saliency, targets) -> dict:
+    """Accumulate seconds, model images, explained images and AUC gaps per (config, side, what)."""
+    acc: dict = defaultdict(lambda: {"seconds": 0.0, "model_images": 0, "images": 0, "auc_gap": 0.0})
+    bb = BlackBox(model, num_classes=10, batch_size=args.batch_size)
+    n_points = args.size + 1  # default step = W on square images: H steps
+    pool = images[torch.arange(args.batch_size) % images.shape[0]].contiguous()
+    pools = {"nchw": pool, "channels_last": pool.contiguous(memory_format=torch.channels_last)}
+    per, peer_per = -(-args.n_images // args.rounds), -(-args.peer_images // args.rounds)
+    for r in range(args.rounds):
+        sl, psl = slice(r * per, (r + 1) * per), slice(r * per, r * per + peer_per)
+        x, s, t = images[sl], saliency[sl], targets[sl]
+        if x.shape[0] == 0:
+            break
+        for fmt, p in pools.items():
+            sec, n = time_raw(model, p, x.shape[0] * n_points, args.batch_size)
+            _add(acc[("all", "raw", f"forward, {fmt}")], sec, n, 0)
+        for cfg, (substrate, start, baselines) in CONFIGS.items():
+            aucs = {}
+            for game, canvas, key in ((deletion_game, substrate, "deletion_auc"),
+                                      (insertion_game, start, "insertion_auc")):
+                sec, n, auc = time_game(game, bb, x, s, t, canvas, args.batch_size)
+                _add(acc[(cfg, "lwcam", f"{key.split('_')[0]} ({canvas})")], sec, n, x.shape[0])
+                aucs[key] = auc[: peer_per].mean().item()
+            if images[psl].shape[0]:
+                sec, n, peer = time_torchcam(model, images[psl], saliency[psl], targets[psl], baselines,
+                                             args.size, args.batch_size)
+                row = acc[(cfg, "torchcam", "deletion + insertion")]
+                _add(row, sec, n, images[psl].shape[0])
+                row["auc_gap"] = max(row["auc_gap"], *(abs(aucs[k] - peer[k]) for k in aucs))
+    return acc
+
+
+def _add(row: dict, seconds: float, model_images: int, images: int) -> None:
+    row["seconds"] += seconds
+    row["model_images"] += model_images
+    row["images"] += images
+
+
+def table(acc: dict, args: argparse.Namespace) -> pd.DataFrame:
+    for cfg in CONFIGS:  # lwcam's two games together, the unit torchcam is compared on
+        both = acc[(cfg, "lwcam", "deletion + insertion")]
+        for (c, side, _), row in list(acc.items()):
+            if c == cfg and side == "lwcam" and row is not both:
+                _add(both, row["seconds"], row["model_images"], 0)
+                both["images"] = row["images"]
+    df = pd.DataFrame([{"config": c, "side": side, "what": what, **row} for (c, side, what), row in acc.items()])
+    df["model_images_per_s"] = df.model_images / df.seconds
+    bound = df.loc[df.side == "raw", "model_images_per_s"].max()
+    df["ratio_to_raw_bound"] = df.model_images_per_s / bound
+    df["seconds_per_image"] = (df.seconds / df.images).where(df.images > 0)
+    per_image = df.set_index(["config", "side", "what"]).seconds_per_image
+    df["x_torchcam"] = [per_image.get((c, "torchcam", "deletion + insertion")) / v
+                        if side == "lwcam" and w == "deletion + insertion" else float("nan")
+                        for c, side, w, v in zip(df.config, df.side, df.what, df.seconds_per_image, strict=True)]
+    df["auc_gap"] = df.auc_gap.where(df.side == "torchcam")
+    df.insert(0, "model", args.model)
+    order = {"raw": 0, "lwcam": 1, "torchcam": 2}
+    return df.sort_values(["config", "side"], key=lambda col: col.map(order) if col.name == "side" else col,
+                          kind="stable").reset_index(drop=True)
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n-images", type=int, default=500)
+    ap.add_argument("--model", default="regnet_x_400mf", help="torchvision architecture (weights=None, 10 classes)")
+    ap.add_argument("--n-images", type=int, default=48)
+    ap.add_argument("--peer-images", type=int, default=12, help="images torchcam is timed on (a subset)")
     ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--model", default="resnet18",
-                    help="a torchvision classification model name, or 'linear' (one linear layer) to measure "
-                         "the games' own overhead")
-    ap.add_argument("--peer-images", type=int, default=50,
-                    help="time torchcam on this many of the images and scale to --n-images")
-    ap.add_argument("--batch-size", type=int, default=256, help="model batch size, both implementations")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--configs", default="protocol,shared-zeros")
+    ap.add_argument("--batch-size", type=int, default=256, help="model batch size, every side")
+    ap.add_argument("--rounds", type=int, default=12, help="interleaved rounds (more: finer against load drift)")
     ap.add_argument("--out", default="reports/bench_games.csv")
-    args = ap.parse_args(argv)
+    args = add_common_args(ap).parse_args(argv)
     torch.set_num_threads(args.threads)
-    n_peer = min(args.peer_images, args.n_images)
-
+    args.peer_images = min(max(args.peer_images, 1), args.n_images)
+    info = machine()
     model, images, saliency, targets = build(args)
-    with torch.inference_mode():  # warm-up: first-call allocations are not charged to either side
-        model(images[: args.batch_size])
-    sub = slice(0, n_peer)
-    blur = partial(gaussian_blur, kernel_size=11, sigma=5.0)
-    configs = {
-        "protocol": ("blur", {"deletion_auc": None, "insertion_auc": blur}),
-        "shared-zeros": ("zeros", {"deletion_auc": None, "insertion_auc": None}),
-    }
-    rows = []
-    for name in args.configs.split(","):
-        start, baselines = configs[name]
-        print(f"[{name}] lwcam on {args.n_images} images ...", flush=True)
-        ours = time_ours(model, images, saliency, targets, insertion_start=start, batch_size=args.batch_size)
-        ours_sub = time_ours(model, images[sub], saliency[sub], targets[sub], insertion_start=start,
-                             batch_size=args.batch_size) if n_peer < args.n_images else ours
-        print(f"[{name}] torchcam on {n_peer} images ...", flush=True)
-        peer = time_peer(model, images[sub], saliency[sub], targets[sub], steps=args.size, baselines=baselines,
-                         batch_size=args.batch_size)
-        scale = args.n_images / n_peer
-        peer_scaled = peer["seconds"] * scale
-        rows.append({
-            "config": name,
-            "model": args.model,
-            "size": args.size,
-            "steps": args.size,
-            "images": args.n_images,
-            "lwcam_s": round(ours["seconds"], 2),
-            "torchcam_images_timed": n_peer,
-            "torchcam_s_measured": round(peer["seconds"], 2),
-            "torchcam_s": round(peer_scaled, 2),
-            "torchcam_s_is": "measured" if n_peer == args.n_images else f"scaled x{scale:g} from {n_peer} images",
-            "ratio": round(peer_scaled / ours["seconds"], 2),
-            "ratio_same_subset": round(peer["seconds"] / ours_sub["seconds"], 2),
-            "lwcam_model_images": ours["forwards"],
-            "torchcam_model_images": round(peer["forwards"] * scale),
-            "lwcam_ms_per_model_image": round(1000 * ours["seconds"] / ours["forwards"], 3),
-            "torchcam_ms_per_model_image": round(1000 * peer["seconds"] / peer["forwards"], 3),
-            "del_auc_diff_subset": abs(ours_sub["del_auc"] - peer["deletion_auc"]),
-            "ins_auc_diff_subset": abs(ours_sub["ins_auc"] - peer["insertion_auc"]),
-        })
-    df = pd.DataFrame(rows)
-    cols = ["config", "images", "lwcam_s", "torchcam_s", "torchcam_s_is", "ratio", "ratio_same_subset",
-            "lwcam_model_images", "torchcam_model_images"]
-    print(df[cols].to_string(index=False))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out, index=False)
-    md = out.with_suffix(".md")
-    md.write_text(
-        f"# Deletion + insertion: lwcam vs torchcam DeletionInsertionMetric\n\n"
-        f"{args.model} (weights=None, 10 classes), {args.size}x{args.size} images, {args.size} steps of "
-        f"{args.size} pixels, model batch size {args.batch_size}, {args.threads} threads.\n"
-        f"`ratio` = torchcam seconds / lwcam seconds (torchcam {'measured' if n_peer == args.n_images else f'timed on {n_peer} images and scaled linearly'}); "
-        f"`ratio_same_subset` compares both on the same {n_peer} images. "
-        f"`*_auc_diff_subset`: |mean AUC difference| on those images.\n\n"
-        + df.to_markdown(index=False) + "\n"
+    run_rounds(args, model, images[:2], saliency[:2], targets[:2])  # warm-up, not reported
+    t0 = time.perf_counter()
+    df = table(run_rounds(args, model, images, saliency, targets), args)
+    notes = (
+        f"{args.model} (weights=None, 10 classes), {args.n_images} images of {args.size}x{args.size}, "
+        f"{args.size} steps of {args.size} pixels, model batch size {args.batch_size}, {args.rounds} interleaved "
+        f"rounds, seed {args.seed}; {time.perf_counter() - t0:.0f} s measured. torchcam: the first "
+        f"{args.peer_images} images. `ratio_to_raw_bound`: model images per second / the faster raw forward "
+        "(goal for the games: at least 0.8). `x_torchcam`: torchcam seconds per explained image / lwcam's, "
+        "both games. `auc_gap`: largest |mean AUC difference| between torchcam and lwcam on the same images. "
+        f"Load average at the start {info['load_1min']}, at the end {machine()['load_1min']}: a shared machine "
+        "adds noise, which the rounds spread over every side alike."
     )
-    print(f"wrote {out} and {md}")
+    write_report(df, args.out, title="Deletion and insertion games: throughput against the forward-pass bound "
+                 "and against torchcam", notes=notes, info=info,
+                 columns=["config", "side", "what", "images", "model_images", "seconds", "model_images_per_s",
+                          "ratio_to_raw_bound", "seconds_per_image", "x_torchcam", "auc_gap"])
     return df
 
 

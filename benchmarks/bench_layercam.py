@@ -16,9 +16,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import io
-import os
-import platform
 import statistics
 import sys
 import time
@@ -29,8 +26,11 @@ import pandas as pd
 import torch
 import torchvision
 
-from lwcam._utils import atomic_write_bytes, seed_everything
-from lwcam.layercam import LayerwiseGradCAM, auto_layers
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._report import add_common_args, machine, write_report  # noqa: E402
+from lwcam._utils import seed_everything  # noqa: E402
+from lwcam.layercam import LayerwiseGradCAM, auto_layers  # noqa: E402
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -93,40 +93,23 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="reports/bench_layercam.csv", help="CSV path; the Markdown table goes beside it")
-    args = p.parse_args(argv)
+    args = add_common_args(p).parse_args(argv)
     torch.set_num_threads(args.threads)
+    info = machine()
 
     rows = [bench_model(m, args.batch, args.size, args.repeats, args.warmup, args.seed) for m in args.model]
     df = pd.DataFrame(rows)
-    out = Path(args.out)
-    buf = io.StringIO()
-    df.to_csv(buf, index=False)
-    atomic_write_bytes(buf.getvalue().encode(), out)
-
-    shown = df[["model", "layers", "a_all_layers_s", "b_per_layer_s", "c_input_grad_s", "a_over_c",
-                "goal_a_over_c", "b_over_a", "goal_b_over_a"]].copy()
-    shown.columns = ["model", "L", "a: all layers (s)", "b: per layer (s)", "c: input grad (s)", "a/c",
-                     "goal a/c ≤", "b/a", "goal b/a ≥"]
-    table = shown.to_markdown(index=False, floatfmt=".3f")
-    load = f", load average {os.getloadavg()[0]:.1f} over {os.cpu_count()} CPUs" \
-        if hasattr(os, "getloadavg") else ""
-    env = (f"torch {torch.__version__}, torchvision {torchvision.__version__}, Python {platform.python_version()}, "
-           f"{args.threads} threads, batch {args.batch}, {args.size}x{args.size} px, median of {args.repeats} "
-           f"(after {args.warmup} warm-up rounds), CPU{load}")
-    md = (f"# Layer-wise Grad-CAM cost\n\n{env}.\n\n"
-          "a = all L auto layers in one `LayerwiseGradCAM` call (one forward, one backward); "
-          "b = L single-layer calls; c = one forward + input-gradient backward.\n\n"
-          f"{table}\n\nLayers: "
-          + "; ".join(f"{r['model']}: {r['layer_names']}" for r in rows) + "\n")
-    md += ("\nTimings on a shared machine vary with its load; `a_min_s`, `b_min_s` and `c_min_s` in the CSV "
-           "give the fastest repeat of each.\n")
-    atomic_write_bytes(md.encode(), out.with_suffix(".md"))
-    print(env)
-    print(table)
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    notes = (f"torchvision {torchvision.__version__}, batch {args.batch}, {args.size}x{args.size} px, seed {args.seed}, "
+             f"median of {args.repeats} (after {args.warmup} warm-up rounds).\n\n"
+             "a = all L auto layers in one `LayerwiseGradCAM` call (one forward, one backward); "
+             "b = L single-layer calls; c = one forward + input-gradient backward. Goals: a/c ≤ 1.2, b/a ≥ L/1.5.\n\n"
+             "Layers: " + "; ".join(f"{r['model']}: {r['layer_names']}" for r in rows) + "\n\n"
+             "Timings on a shared machine vary with its load; `a_min_s`, `b_min_s` and `c_min_s` in the CSV "
+             "give the fastest repeat of each.")
+    write_report(df, args.out, title="Layer-wise Grad-CAM cost", notes=notes, info=info, floatfmt=".3f",
+                 columns=["model", "layers", "a_all_layers_s", "b_per_layer_s", "c_input_grad_s", "a_over_c",
+                          "goal_a_over_c", "b_over_a", "goal_b_over_a"])
     return df
 
 

@@ -3,9 +3,14 @@
 The four steps, each one module:
 
 1. :mod:`lwcam.blackbox` and :mod:`lwcam.distillation`: query the black box, distil a white-box student.
-2. :mod:`lwcam.layercam`: Grad-CAM on every layer of the student in one forward/backward pass.
-3. :mod:`lwcam.fusion`: fuse the layer maps by pixel-wise summation.
+2. :mod:`lwcam.layercam`: a class activation map (Grad-CAM or LayerCAM weighting) on every layer of
+   the student in one forward/backward pass.
+3. :mod:`lwcam.fusion`: fuse the layer maps pixel-wise (sum, max, or per-layer weights).
 4. :mod:`lwcam.metrics` and :mod:`lwcam.baselines`: deletion/insertion games on the black box.
+
+:mod:`lwcam.evaluation` runs every method and scores it, :mod:`lwcam.analysis` makes the paper's
+tables (T1, the fusion chosen on ``val``, the claims, F6, F7), and :mod:`lwcam.pipeline` runs the
+notebooks with cached artefacts and timings.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ _EXPORTS = {
     "BlackBox": "lwcam.blackbox",
     "TopK": "lwcam.blackbox",
     "BlackBoxError": "lwcam.blackbox",
+    "CacheError": "lwcam.blackbox",
     "distill": "lwcam.distillation",
     "DistillResult": "lwcam.distillation",
     "LayerwiseGradCAM": "lwcam.layercam",
@@ -35,7 +41,8 @@ __all__ = [*_EXPORTS, "__version__"]
 def __getattr__(name: str) -> Any:  # lazy: importing lwcam stays cheap
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    if name in ("data", "models", "baselines", "plots", "pipeline", "metrics", "fusion", "layercam", "distillation"):
+    if name in ("data", "models", "baselines", "plots", "pipeline", "metrics", "fusion", "layercam", "distillation",
+                "evaluation", "analysis"):
         return importlib.import_module(f"lwcam.{name}")
     raise AttributeError(f"module 'lwcam' has no attribute {name!r}")
 

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from torch import nn
 
 T = TypeVar("T")
 
@@ -23,6 +24,7 @@ __all__ = [
     "atomic_save",
     "atomic_write_bytes",
     "resolve_device",
+    "eval_mode",
 ]
 
 
@@ -102,3 +104,32 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+class eval_mode:  # noqa: N801 - used like a function
+    """Context manager: put a module in eval mode, then give every submodule its own training flag back.
+
+    ``model.train(was)`` would reset every submodule to one flag, so a frozen BatchNorm inside a
+    training model would come back in training mode; this restores each flag as it was.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)).train()
+        >>> _ = net[1].eval()
+        >>> with eval_mode(net):
+        ...     net.training, net[1].training
+        (False, False)
+        >>> net.training, net[0].training, net[1].training
+        (True, True, False)
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.flags = [(m, m.training) for m in module.modules()]
+
+    def __enter__(self) -> nn.Module:
+        self.module.eval()
+        return self.module
+
+    def __exit__(self, *exc: object) -> None:
+        for m, flag in self.flags:
+            m.training = flag

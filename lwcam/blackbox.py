@@ -21,7 +21,9 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
+import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -30,12 +32,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._utils import progress
+from ._utils import eval_mode, progress
 
-__all__ = ["BlackBox", "TopK", "BlackBoxError", "as_prob_fn"]
+__all__ = ["BlackBox", "TopK", "BlackBoxError", "CacheError", "as_prob_fn", "module_fingerprint", "TRANSIENT_ERRORS"]
 
 FnReturns = Literal["auto", "probs", "logits"]
 Output = Literal["probs", "logits", "topk", "label"]
+
+#: Errors from ``fn`` that may go away on a second try (network, file system, time-outs); only these,
+#: plus a black box's own ``retry_on``, are retried. ``ConnectionError`` and ``TimeoutError`` are ``OSError``\ s.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError, ConnectionError)
 
 
 class TopK(NamedTuple):
@@ -46,59 +52,117 @@ class TopK(NamedTuple):
 
 
 class BlackBoxError(RuntimeError):
-    """The wrapped callable returned an invalid answer or kept failing."""
+    """The wrapped callable returned an invalid answer, failed, or kept failing."""
+
+
+class CacheError(BlackBoxError):
+    """The answer cache file cannot be used: not an SQLite database, a foreign table, or unreadable."""
 
 
 class _Cache:
-    """A process-safe answer cache in one SQLite file (atomic transactions, WAL journal)."""
+    """An answer cache in one SQLite file, safe across threads and processes.
+
+    Every thread (and every process, also after a ``fork``) opens its own connection; writes are
+    single transactions in WAL mode with a 60 s busy time-out, so concurrent writers wait instead of
+    failing and a killed writer leaves every committed row intact and no half row.
+    """
 
     def __init__(self, directory: str | os.PathLike, namespace: str) -> None:
         self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        if self.dir.exists() and not self.dir.is_dir():
+            raise ValueError(f"cache_dir {str(self.dir)!r} exists and is not a folder")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"cache_dir {str(self.dir)!r} cannot be created: {err}") from err
         self.path = self.dir / "answers.sqlite"
         self.namespace = namespace
-        self._conn: sqlite3.Connection | None = None
+        self._setup()
+
+    def _setup(self) -> None:
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._conns: list[sqlite3.Connection] = []
+        self._generation = 0
 
     @property
     def conn(self) -> sqlite3.Connection:
-        if self._conn is None:
-            conn = sqlite3.connect(self.path, timeout=60.0)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS answers (ns TEXT, key TEXT, value BLOB, PRIMARY KEY (ns, key))"
-            )
-            conn.commit()
-            self._conn = conn
-        return self._conn
+        local = self._local
+        if getattr(local, "key", None) != (os.getpid(), self._generation):
+            local.conn = self._open()
+            local.key = (os.getpid(), self._generation)
+        return local.conn
 
-    def get_many(self, keys: list[str]) -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {}
+    def _open(self) -> sqlite3.Connection:
+        try:
+            # check_same_thread=False only so that close() may close it; one thread uses each connection
+            conn = sqlite3.connect(self.path, timeout=60.0, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout=60000")
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("CREATE TABLE IF NOT EXISTS answers (ns TEXT, key TEXT, value BLOB, PRIMARY KEY (ns, key))")
+            conn.commit()
+            cols = [row[1] for row in conn.execute("PRAGMA table_info(answers)")]
+        except sqlite3.Error as err:
+            raise CacheError(f"the answer cache {self.path} cannot be opened as an SQLite database ({err}); "
+                             f"move or delete the file, or use another cache_dir") from err
+        if cols != ["ns", "key", "value"]:
+            conn.close()
+            raise CacheError(f"the answer cache {self.path} holds a table 'answers' with columns {cols}, not "
+                             f"['ns', 'key', 'value']; move or delete the file, or use another cache_dir")
+        with self._lock:
+            self._conns.append(conn)
+        return conn
+
+    def _run(self, what: str, fn: Callable[[sqlite3.Connection], object]) -> object:
+        try:
+            return fn(self.conn)
+        except sqlite3.Error as err:
+            raise CacheError(f"the answer cache {self.path} could not {what}: {err}") from err
+
+    def get_many(self, keys: list[str]) -> dict[str, object]:
+        """The stored value of every key found, as stored (bytes for a sound row)."""
+        out: dict[str, object] = {}
         for i in range(0, len(keys), 500):
             chunk = keys[i : i + 500]
             marks = ",".join("?" * len(chunk))
-            rows = self.conn.execute(
+            rows = self._run("be read", lambda c, chunk=chunk, marks=marks: c.execute(
                 f"SELECT key, value FROM answers WHERE ns=? AND key IN ({marks})", [self.namespace, *chunk]
-            ).fetchall()
-            for key, value in rows:
-                out[key] = np.frombuffer(value, dtype=np.float32).copy()
+            ).fetchall())
+            out.update(dict(rows))  # type: ignore[arg-type]
         return out
 
     def put_many(self, items: list[tuple[str, np.ndarray]]) -> None:
-        with self.conn:  # one transaction: all or nothing
-            self.conn.executemany(
-                "INSERT OR REPLACE INTO answers (ns, key, value) VALUES (?, ?, ?)",
-                [(self.namespace, k, v.astype(np.float32).tobytes()) for k, v in items],
-            )
+        rows = [(self.namespace, k, v.astype(np.float32).tobytes()) for k, v in items]
+
+        def put(conn: sqlite3.Connection) -> None:
+            with conn:  # one transaction: all or nothing
+                conn.executemany("INSERT OR REPLACE INTO answers (ns, key, value) VALUES (?, ?, ?)", rows)
+
+        self._run("be written", put)
+
+    def delete(self, items: dict[str, object]) -> None:
+        """Delete rows ``key -> value``, each only if it still holds that value."""
+        rows = [(self.namespace, k, v) for k, v in items.items()]
+
+        def delete(conn: sqlite3.Connection) -> None:
+            with conn:
+                conn.executemany("DELETE FROM answers WHERE ns=? AND key=? AND value IS ?", rows)
+
+        self._run("delete a damaged row", delete)
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        with self._lock:
+            conns, self._conns = self._conns, []
+            self._generation += 1
+        for conn in conns:
+            conn.close()
 
     def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_conn"] = None
-        return state
+        return {"dir": self.dir, "path": self.path, "namespace": self.namespace}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._setup()
 
 
 def _image_key(image: torch.Tensor) -> str:
@@ -109,8 +173,69 @@ def _image_key(image: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def module_fingerprint(module: nn.Module) -> str:
+    """SHA-256 (first 16 hex digits) of a module's class, structure and every state-dict entry.
+
+    Two modules with the same fingerprint compute the same function, unless their ``forward``
+    depends on attributes outside ``repr`` and the state dict.
+
+    Example:
+        >>> a, b = nn.Linear(2, 2), nn.Linear(2, 2)
+        >>> module_fingerprint(a) == module_fingerprint(a), module_fingerprint(a) == module_fingerprint(b)
+        (True, False)
+    """
+    h = hashlib.sha256(f"{type(module).__module__}.{type(module).__qualname__}\n{module!r}".encode())
+    for name, t in module.state_dict().items():
+        if not isinstance(t, torch.Tensor):
+            h.update(f"{name}={t!r}".encode())
+            continue
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _row_problems(rows: torch.Tensor, fn_returns: str, atol: float) -> dict[int, str]:
+    """``{row: what is wrong}`` for every invalid row of a (B,C) answer (vectorised checks)."""
+    finite = torch.isfinite(rows).all(dim=1)
+    bad_range = torch.zeros_like(finite)
+    bad_sum = torch.zeros_like(finite)
+    sums = rows.sum(dim=1)
+    if fn_returns == "probs":
+        bad_range = finite & ((rows < -atol) | (rows > 1 + atol)).any(dim=1)
+        bad_sum = finite & ~bad_range & ((sums - 1).abs() > atol)
+    out: dict[int, str] = {}
+    for i in torch.nonzero(~finite | bad_range | bad_sum).flatten().tolist():
+        row = rows[i]
+        if not finite[i]:
+            out[i] = "NaN or Inf scores"
+        elif bad_range[i]:
+            out[i] = (f"probabilities outside [0, 1] (min {row.min().item():.4g}, max {row.max().item():.4g}, "
+                      f"atol={atol})")
+        else:
+            out[i] = f"probabilities that do not sum to 1 (sum {sums[i].item():.4f}, atol={atol})"
+    return out
+
+
 class BlackBox:
     """Query-only access to a classifier ``fn: (B,3,H,W) float tensor -> (B,C)``.
+
+    Failure behaviour:
+
+    * Images: any floating-point dtype is accepted and converted to float32 before ``fn`` sees it
+      (and before the cache key is taken); any other dtype raises ``TypeError`` naming it. Shape,
+      channel count and finiteness are checked too.
+    * Answers: every answer is checked before it is used or cached: shape (B,C), finite, and for
+      ``fn_returns="probs"`` within ``[0, 1]`` and summing to 1 (``atol``). An invalid answer raises
+      :class:`BlackBoxError` naming the row and what is wrong; it is not retried.
+    * Errors from ``fn``: only transient ones (``OSError``, which includes ``ConnectionError`` and
+      ``TimeoutError``, plus the classes in ``retry_on``) are retried, ``retries`` times with
+      exponential back-off. Any other error (a ``TypeError``, ``ValueError``, ``RuntimeError``...)
+      is raised at once as a :class:`BlackBoxError` that quotes the original message.
+    * Cache: rows read back are checked exactly like fresh answers. A damaged row is reported with a
+      ``RuntimeWarning`` naming the file and key, deleted, and asked again (one query). A file that is
+      not a usable SQLite database raises :class:`CacheError` naming it. The cache is safe to share
+      between threads and processes.
 
     Args:
         fn: an ``nn.Module`` or any callable from a batch of images to per-class scores.
@@ -123,14 +248,21 @@ class BlackBox:
             or ``"label"`` (B,) class indices.
         k: how many classes a ``topk`` black box reveals.
         batch_size: how many images are sent to ``fn`` at once.
-        cache_dir: folder for an on-disk answer cache keyed by a SHA-256 of the image bytes.
-            Hits cost no query, across processes and restarts. ``None`` disables it.
-        retries: how many times a call to ``fn`` that raises is retried (with exponential
-            back-off from ``backoff`` seconds) before the error is raised.
+        cache_dir: folder for an on-disk answer cache (``answers.sqlite``) keyed by a SHA-256 of the
+            float32 image bytes. Hits cost no query, across threads, processes and restarts.
+            ``None`` disables it.
+        retries: how many times a transient failure of ``fn`` is retried (with exponential back-off
+            from ``backoff`` seconds) before the error is raised.
         backoff: the first back-off delay in seconds.
-        atol: tolerance for probabilities summing to 1.
+        atol: tolerance for probabilities summing to 1 and lying in [0, 1].
         channels: expected channel count of the images.
-        cache_namespace: separates the answers of different models sharing one cache folder.
+        cache_namespace: names the model in the cache, so that different models can share one
+            ``cache_dir``. The key always includes ``num_classes``, ``fn_returns``, ``output`` and
+            ``k``; for an ``nn.Module`` it also includes a fingerprint of its weights (see
+            :func:`module_fingerprint`, taken when the black box is built), so it may be omitted.
+            A plain callable cannot be fingerprinted: with ``cache_dir`` it needs a
+            ``cache_namespace`` (``ValueError`` otherwise).
+        retry_on: further exception classes that are transient for this ``fn``.
         progress: show a progress bar over batches (``None``: only on a TTY).
 
     Attributes:
@@ -140,7 +272,7 @@ class BlackBox:
 
     Example:
         >>> bb = BlackBox(lambda x: torch.full((x.shape[0], 3), 1 / 3), num_classes=3, output="label")
-        >>> bb(torch.zeros(2, 3, 4, 4)).tolist(), bb.queries
+        >>> bb(torch.zeros(2, 3, 4, 4, dtype=torch.float64)).tolist(), bb.queries
         ([0, 0], 2)
     """
 
@@ -157,25 +289,12 @@ class BlackBox:
         backoff: float = 0.05,
         atol: float = 1e-3,
         channels: int = 3,
-        cache_namespace: str = "default",
+        cache_namespace: str | None = None,
         progress: bool | None = False,
+        retry_on: tuple[type[BaseException], ...] = (),
     ) -> None:
-        if not callable(fn):
-            raise TypeError(f"fn must be callable (an nn.Module or a function), got {type(fn).__name__}")
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
-            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
-        if fn_returns not in ("auto", "probs", "logits"):
-            raise ValueError(f"fn_returns must be 'auto', 'probs' or 'logits', got {fn_returns!r}")
-        if output not in ("probs", "logits", "topk", "label"):
-            raise ValueError(f"output must be 'probs', 'logits', 'topk' or 'label', got {output!r}")
-        if output == "topk" and (not isinstance(k, int) or not 1 <= k <= num_classes):
-            raise ValueError(f"k must be an int in [1, num_classes={num_classes}], got {k!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"retries must be a non-negative int, got {retries!r}")
-        if backoff < 0:
-            raise ValueError(f"backoff must be >= 0 seconds, got {backoff!r}")
+        self._check_args(fn, num_classes, fn_returns, output, k, batch_size, retries, backoff, atol, channels,
+                         cache_namespace, retry_on)
         self.fn = fn
         self.num_classes = num_classes
         self.fn_returns: Literal["probs", "logits"] = (
@@ -185,18 +304,84 @@ class BlackBox:
         self.k = k
         self.batch_size = batch_size
         self.retries = retries
-        self.backoff = backoff
-        self.atol = atol
+        self.backoff = float(backoff)
+        self.atol = float(atol)
         self.channels = channels
         self.progress = progress
+        self.retry_on = tuple(retry_on)
         self.queries = 0
         self.cache_hits = 0
         self.calls = 0
-        self.cache = (
-            _Cache(cache_dir, f"{cache_namespace}|C={num_classes}|{self.fn_returns}")
-            if cache_dir is not None
-            else None
-        )
+        self._setup_locks()
+        self.cache = _Cache(cache_dir, self._namespace(cache_namespace)) if cache_dir is not None else None
+        if self.cache is not None:
+            self.cache.conn  # noqa: B018 - open (and check) the file now, before anything is paid for
+
+    @staticmethod
+    def _check_args(fn: object, num_classes: object, fn_returns: object, output: object, k: object,
+                    batch_size: object, retries: object, backoff: object, atol: object, channels: object,
+                    cache_namespace: object, retry_on: object) -> None:
+        def is_int(v: object) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_real(v: object) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+        if not callable(fn):
+            raise TypeError(f"fn must be callable (an nn.Module or a function), got {type(fn).__name__}")
+        if not is_int(num_classes) or num_classes < 2:  # type: ignore[operator]
+            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+        if fn_returns not in ("auto", "probs", "logits"):
+            raise ValueError(f"fn_returns must be 'auto', 'probs' or 'logits', got {fn_returns!r}")
+        if output not in ("probs", "logits", "topk", "label"):
+            raise ValueError(f"output must be 'probs', 'logits', 'topk' or 'label', got {output!r}")
+        if output == "topk" and (not is_int(k) or not 1 <= k <= num_classes):  # type: ignore[operator]
+            raise ValueError(f"k must be an int in [1, num_classes={num_classes}], got {k!r}")
+        if not is_int(batch_size) or batch_size < 1:  # type: ignore[operator]
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if not is_int(retries) or retries < 0:  # type: ignore[operator]
+            raise ValueError(f"retries must be a non-negative int, got {retries!r}")
+        if not is_real(backoff) or backoff < 0:  # type: ignore[operator]
+            raise ValueError(f"backoff must be a finite number of seconds >= 0, got {backoff!r}")
+        if not is_real(atol) or not 0 <= atol < 1:  # type: ignore[operator]
+            raise ValueError(f"atol must be a finite number in [0, 1), got {atol!r}")
+        if not is_int(channels) or channels < 1:  # type: ignore[operator]
+            raise ValueError(f"channels must be a positive int, got {channels!r}")
+        if cache_namespace is not None and (not isinstance(cache_namespace, str) or not cache_namespace):
+            raise ValueError(f"cache_namespace must be a non-empty str or None, got {cache_namespace!r}")
+        if not isinstance(retry_on, tuple) or not all(
+                isinstance(e, type) and issubclass(e, BaseException) for e in retry_on):
+            raise TypeError(f"retry_on must be a tuple of exception classes, got {retry_on!r}")
+
+    def _namespace(self, given: str | None) -> str:
+        """The cache key of this model: ``given`` and/or a weight fingerprint, plus the answer format."""
+        parts = [f"C={self.num_classes}", self.fn_returns, f"output={self.output}"]
+        if self.output == "topk":
+            parts.append(f"k={self.k}")
+        fn = self.fn
+        if isinstance(fn, nn.Module) and len(fn.state_dict()) > 0:
+            parts.insert(0, f"weights={module_fingerprint(fn)}")
+        elif given is None:
+            raise ValueError(
+                "cache_namespace is required with cache_dir when fn is a plain callable (or a module without "
+                "weights): the cache cannot tell one such model from another, so name the model, e.g. "
+                "cache_namespace='my-api-v2'")
+        if given is not None:
+            parts.insert(0, given)
+        return "|".join(parts)
+
+    def _setup_locks(self) -> None:
+        self._lock = threading.Lock()  # counters
+        self._fn_lock = threading.Lock()  # a module's train/eval flags while it answers
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        del state["_lock"], state["_fn_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._setup_locks()
 
     # ------------------------------------------------------------------ public
     def __call__(self, images: torch.Tensor) -> torch.Tensor | TopK:
@@ -206,9 +391,10 @@ class BlackBox:
 
     def reset_queries(self) -> None:
         """Zero the query, cache-hit and call counters."""
-        self.queries = 0
-        self.cache_hits = 0
-        self.calls = 0
+        with self._lock:
+            self.queries = 0
+            self.cache_hits = 0
+            self.calls = 0
 
     @property
     def device(self) -> torch.device:
@@ -224,11 +410,13 @@ class BlackBox:
         )
 
     # ---------------------------------------------------------------- internal
-    def _validate_images(self, images: torch.Tensor) -> None:
+    def _validate_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Check a batch and return it detached as float32 (the one image rule)."""
         if not isinstance(images, torch.Tensor):
             raise TypeError(f"images must be a torch.Tensor of shape (B,{self.channels},H,W), got {type(images).__name__}")
         if not images.is_floating_point():
-            raise TypeError(f"images must be a floating-point tensor, got dtype {images.dtype}")
+            raise TypeError(f"images must be a floating-point tensor (any float dtype is converted to float32), "
+                            f"got dtype {images.dtype}")
         if images.dim() != 4:
             raise ValueError(
                 f"images must have 4 dimensions (B,{self.channels},H,W), got {images.dim()} with shape {tuple(images.shape)}"
@@ -239,6 +427,11 @@ class BlackBox:
             raise ValueError(f"images must have {self.channels} channels, got shape {tuple(images.shape)}")
         if not torch.isfinite(images).all():
             raise ValueError("images contain NaN or Inf pixels")
+        if images.dtype != torch.float32:
+            images = images.to(torch.float32)
+            if not torch.isfinite(images).all():
+                raise ValueError("images hold values too large for float32 (they become Inf)")
+        return images.detach()
 
     def _validate_answer(self, out: object, n: int) -> torch.Tensor:
         if not isinstance(out, torch.Tensor):
@@ -251,67 +444,98 @@ class BlackBox:
             raise BlackBoxError(
                 f"fn returned shape {tuple(out.shape)}, expected ({n}, {self.num_classes}) for a batch of {n} images"
             )
-        if not torch.isfinite(out).all():
-            raise BlackBoxError("fn returned NaN or Inf scores")
-        if self.fn_returns == "probs":
-            if (out < -self.atol).any() or (out > 1 + self.atol).any():
-                raise BlackBoxError("fn_returns='probs' but fn returned values outside [0, 1]")
-            sums = out.sum(dim=1)
-            bad = (sums - 1).abs() > self.atol
-            if bad.any():
-                raise BlackBoxError(
-                    f"fn_returns='probs' but {int(bad.sum())} rows do not sum to 1 within atol={self.atol} "
-                    f"(e.g. {sums[bad][0].item():.4f}); pass fn_returns='logits' if fn returns scores"
-                )
+        problems = _row_problems(out, self.fn_returns, self.atol)
+        if problems:
+            row, what = next(iter(problems.items()))
+            hint = "; pass fn_returns='logits' if fn returns scores" if self.fn_returns == "probs" else ""
+            raise BlackBoxError(f"fn returned {len(problems)} invalid rows of {n} (fn_returns={self.fn_returns!r}); "
+                                f"row {row}: {what}{hint}")
         return out
 
+    def _invoke(self, batch: torch.Tensor) -> object:
+        with torch.no_grad():
+            if isinstance(self.fn, nn.Module):
+                with self._fn_lock, eval_mode(self.fn):
+                    return self.fn(batch.to(self.device))
+            return self.fn(batch)
+
     def _call_fn(self, batch: torch.Tensor) -> torch.Tensor:
+        n = batch.shape[0]
+        retryable = (*TRANSIENT_ERRORS, *self.retry_on)
         last: BaseException | None = None
         for attempt in range(self.retries + 1):
             try:
-                with torch.no_grad():
-                    if isinstance(self.fn, nn.Module):
-                        was_training = self.fn.training
-                        self.fn.eval()
-                        try:
-                            out = self.fn(batch.to(self.device))
-                        finally:
-                            self.fn.train(was_training)
-                    else:
-                        out = self.fn(batch)
-            except Exception as err:  # the callable failed: back off and retry
+                out = self._invoke(batch)
+            except retryable as err:  # transient: back off and retry
                 last = err
                 if attempt < self.retries:
                     time.sleep(self.backoff * (2**attempt))
                 continue
-            answer = self._validate_answer(out, batch.shape[0])
-            self.queries += batch.shape[0]
-            self.calls += 1
+            except Exception as err:
+                names = ", ".join(e.__name__ for e in retryable)
+                raise BlackBoxError(
+                    f"fn raised {type(err).__name__}: {err} (on a batch of {n} images of shape "
+                    f"{tuple(batch.shape[1:])}, dtype {batch.dtype}); not retried: only {names} are "
+                    f"(see retry_on)") from err
+            answer = self._validate_answer(out, n)
+            with self._lock:
+                self.queries += n
+                self.calls += 1
             return answer
-        raise BlackBoxError(f"fn failed {self.retries + 1} times on a batch of {batch.shape[0]} images") from last
+        raise BlackBoxError(f"fn failed {self.retries + 1} times on a batch of {n} images; "
+                            f"last error {type(last).__name__}: {last}") from last
+
+    def _cached(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """Cache rows for ``keys``, each checked like a fresh answer; damaged rows are dropped and deleted."""
+        assert self.cache is not None
+        raw = self.cache.get_many(keys)
+        width = 4 * self.num_classes
+        good = {k: v for k, v in raw.items() if isinstance(v, bytes) and len(v) == width}
+        bad = {k: (f"a value of {len(v)} bytes, not {width} ({self.num_classes} float32 scores)"
+                   if isinstance(v, bytes) else f"a {type(v).__name__} value, not a float32 blob")
+               for k, v in raw.items() if k not in good}
+        names = list(good)
+        rows = torch.from_numpy(np.frombuffer(b"".join(good[k] for k in names), dtype=np.float32)
+                                .reshape(len(names), self.num_classes).copy())
+        for i, what in _row_problems(rows, self.fn_returns, self.atol).items():
+            bad[names[i]] = what
+        for key, what in bad.items():
+            warnings.warn(f"answer cache {self.cache.path}: the row of image key {key} (namespace "
+                          f"{self.cache.namespace!r}) is damaged ({what}); it was deleted and the image "
+                          f"is asked again", RuntimeWarning, stacklevel=5)
+        if bad:
+            self.cache.delete({k: raw[k] for k in bad})
+        return {k: rows[i] for i, k in enumerate(names) if k not in bad}
+
+    def _plan(self, images: torch.Tensor, result: torch.Tensor) -> tuple[list[str], list[int]]:
+        """Fill ``result`` from the cache; return every image's key and the indices still to ask."""
+        keys = [_image_key(img) for img in images]
+        hits = self._cached(sorted(set(keys)))
+        todo: list[int] = []
+        first_of: dict[str, int] = {}
+        n_hits = 0
+        for i, key in enumerate(keys):
+            if key in hits:
+                result[i] = hits[key]
+                n_hits += 1
+            elif key in first_of:  # duplicate inside this batch: ask once
+                n_hits += 1
+            else:
+                first_of[key] = i
+                todo.append(i)
+        with self._lock:
+            self.cache_hits += n_hits
+        return keys, todo
 
     def _answer(self, images: torch.Tensor) -> torch.Tensor:
         """Full (B,C) answer as ``fn`` returns it (probabilities or logits), in input order."""
-        self._validate_images(images)
-        images = images.detach()
+        images = self._validate_images(images)
         n = images.shape[0]
         result = torch.empty(n, self.num_classes)
         todo = list(range(n))
         keys: list[str] = []
         if self.cache is not None:
-            keys = [_image_key(img) for img in images]
-            hits = self.cache.get_many(sorted(set(keys)))
-            todo = []
-            first_of: dict[str, int] = {}
-            for i, key in enumerate(keys):
-                if key in hits:
-                    result[i] = torch.from_numpy(hits[key])
-                    self.cache_hits += 1
-                elif key in first_of:  # duplicate inside this batch: ask once
-                    self.cache_hits += 1
-                else:
-                    first_of[key] = i
-                    todo.append(i)
+            keys, todo = self._plan(images, result)
         starts = range(0, len(todo), self.batch_size)
         for s in progress(starts, total=len(starts), desc="black-box queries", enabled=self.progress):
             idx = todo[s : s + self.batch_size]
@@ -345,7 +569,7 @@ class BlackBox:
         return probs.argmax(dim=1)
 
     def close(self) -> None:
-        """Close the cache connection (it reopens on the next call)."""
+        """Close the cache connections (they reopen on the next call)."""
         if self.cache is not None:
             self.cache.close()
 
@@ -362,8 +586,9 @@ def as_prob_fn(model: BlackBox | nn.Module | Callable[[torch.Tensor], torch.Tens
     * ``BlackBox`` in ``probs`` or ``logits`` mode: its answer (softmax for logits).
     * ``BlackBox`` in ``topk`` mode: the revealed probabilities, 0 for unrevealed classes.
     * ``BlackBox`` in ``label`` mode: a ``ValueError`` (a label carries no score).
-    * ``nn.Module``: softmax of its output, under ``torch.no_grad()`` in eval mode.
-    * any other callable: taken to return probabilities.
+    * ``nn.Module``: softmax of its output, under ``torch.no_grad()`` in eval mode (every
+      submodule's own train/eval flag is restored afterwards).
+    * any other callable: taken to return probabilities (the caller checks them: the games do).
     """
     if isinstance(model, BlackBox):
         if model.output == "label":
@@ -383,14 +608,9 @@ def as_prob_fn(model: BlackBox | nn.Module | Callable[[torch.Tensor], torch.Tens
     if isinstance(model, nn.Module):
 
         def module_fn(x: torch.Tensor) -> torch.Tensor:
-            was_training = model.training
-            model.eval()
-            try:
-                with torch.no_grad():
-                    dev = next(model.parameters(), torch.empty(0)).device
-                    return torch.softmax(model(x.to(dev)), dim=1).cpu()
-            finally:
-                model.train(was_training)
+            with eval_mode(model), torch.no_grad():
+                dev = next(model.parameters(), torch.empty(0)).device
+                return torch.softmax(model(x.to(dev)), dim=1).cpu()
 
         return module_fn
     if callable(model):

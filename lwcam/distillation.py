@@ -75,7 +75,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import numbers
 import os
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -87,9 +89,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ._utils import atomic_save, progress_enabled, resolve_device, seed_everything
+from ._utils import atomic_save, eval_mode, progress_enabled, resolve_device, seed_everything
 from ._utils import progress as _progress_bar
-from .blackbox import BlackBox, TopK
+from .blackbox import BlackBox, TopK, _row_problems
 
 __all__ = [
     "distill",
@@ -404,9 +406,9 @@ class _Dist:
 
 # ----------------------------------------------------------------------------- helpers
 def _classification_models() -> list[str]:
-    import torchvision
+    from .models import classification_models
 
-    return sorted(torchvision.models.list_models(module=torchvision.models))
+    return classification_models()
 
 
 def _build_student(name: str, num_classes: int) -> nn.Module:
@@ -501,6 +503,115 @@ def _check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
     return value
 
 
+def _check_real(value: Any, name: str, low: float, high: float = math.inf, *, low_open: bool = False,
+                high_open: bool = False) -> float:
+    """``value`` as a float when it is a finite real number in the interval; ``ValueError`` naming ``name`` if not."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if value < low or (low_open and value == low) or value > high or (high_open and value == high):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open or high == math.inf else ']'}"
+        raise ValueError(f"{name} must lie in {interval}, got {value!r}")
+    return float(value)
+
+
+def _prepare_checkpoint_dir(checkpoint_dir: str | os.PathLike | None) -> Path | None:
+    """Create ``checkpoint_dir`` and prove it writable (a test file), before anything is paid for."""
+    if checkpoint_dir is None:
+        return None
+    path = Path(checkpoint_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"checkpoint_dir {str(path)!r} exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ValueError(f"checkpoint_dir {str(path)!r} is not a writable folder: {err}") from err
+    return path
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"the checkpoint {path} cannot be read ({type(err).__name__}: {err}); delete it or pass "
+                         f"resume=False to start afresh") from err
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"the checkpoint {path} holds a {type(ckpt).__name__}, not a distillation checkpoint; "
+                         f"delete it or pass resume=False to start afresh")
+    return ckpt
+
+
+def _answers_problem(answers: Any, output: str, num_classes: int, n: int, atol: float) -> str | None:
+    """What is wrong with stored black-box answers for ``n`` images, checked like fresh answers; ``None`` if sound."""
+    keys = {"probs": ["probs"], "logits": ["logits"], "topk": ["values", "indices"], "label": ["labels"]}[output]
+    if not isinstance(answers, dict) or any(not isinstance(answers.get(k), torch.Tensor) for k in keys):
+        return f"answers must be a dict of tensors {keys}"
+    if output in ("probs", "logits"):
+        t = answers[output]
+        if tuple(t.shape) != (n, num_classes):
+            return f"{output} have shape {tuple(t.shape)}, expected ({n}, {num_classes})"
+        bad = _row_problems(t.float(), "probs" if output == "probs" else "logits", atol)
+        return None if not bad else f"{len(bad)} invalid rows, e.g. row {next(iter(bad))}: {next(iter(bad.values()))}"
+    if output == "label":
+        t = answers["labels"]
+        if tuple(t.shape) != (n,) or t.is_floating_point() or (t < 0).any() or (t >= num_classes).any():
+            return f"labels must be {n} class indices in [0, {num_classes})"
+        return None
+    v, i = answers["values"], answers["indices"]
+    if v.dim() != 2 or v.shape[0] != n or v.shape != i.shape or i.is_floating_point():
+        return f"top-k values {tuple(v.shape)} and indices {tuple(i.shape)} must both be ({n}, k) with integer indices"
+    if not torch.isfinite(v).all() or (v < -atol).any() or (v > 1 + atol).any() or (v.sum(1) > 1 + atol).any():
+        return "top-k values must be finite probabilities in [0, 1] whose sum is at most 1"
+    if (i < 0).any() or (i >= num_classes).any():
+        return f"top-k indices must lie in [0, {num_classes})"
+    return None
+
+
+def _check_checkpoint(ckpt: dict[str, Any], path: Path | None, *, output: str, num_classes: int, n_used: int,
+                      n_eval: int, epochs: int, atol: float) -> None:
+    """Validate what a resumed run takes from a checkpoint; ``ValueError`` naming the file and the fault."""
+    def damaged(what: str) -> ValueError:
+        return ValueError(f"the checkpoint {path} is damaged: {what}; delete it or pass resume=False to start afresh")
+
+    need = ("epoch", "student", "optimizer", "scheduler", "order_rng", "aug_rng", "torch_rng", "history",
+            "answers", "eval_answers", "queries", "seconds")
+    missing = [k for k in need if k not in ckpt]
+    if missing:
+        raise damaged(f"missing entries {missing}")
+    problem = _answers_problem(ckpt["answers"], output, num_classes, n_used, atol)
+    if problem is not None:
+        raise damaged(f"its black-box answers: {problem}")
+    if (ckpt["eval_answers"] is None) != (n_eval == 0):
+        raise damaged("eval_answers do not match eval_images")
+    if n_eval and (problem := _answers_problem(ckpt["eval_answers"], output, num_classes, n_eval, atol)):
+        raise damaged(f"its eval_images answers: {problem}")
+    epoch, queries = ckpt["epoch"], ckpt["queries"]
+    if not isinstance(epoch, int) or not 0 <= epoch <= epochs or len(ckpt["history"]) != epoch:
+        raise damaged(f"epoch={epoch!r} must be an int in [0, {epochs}] with one history entry per epoch")
+    if not isinstance(queries, int) or queries < 0:
+        raise damaged(f"queries={queries!r} must be an int >= 0")
+    bad = [k for k, v in ckpt["student"].items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+           and not torch.isfinite(v).all()]
+    if bad:
+        raise damaged(f"the student's {bad[:3]} hold NaN or Inf")
+
+
+def _all_finite(loss: torch.Tensor, ctx: _Dist) -> bool:
+    """Whether ``loss`` is finite on every rank (one small all-reduce under ``torchrun``, so all ranks agree)."""
+    ok = torch.isfinite(loss.detach()).to(torch.float64).reshape(1).cpu()
+    return bool(ctx.all_reduce(ok).item() == ctx.world)
+
+
+def _train_mode(model: nn.Module, frozen: set[str]) -> None:
+    """Training mode, except for the submodules the caller had put in eval mode (e.g. a frozen BatchNorm)."""
+    model.train()
+    for name, m in model.named_modules():
+        if name in frozen:
+            m.training = False
+
+
 def _lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     def fn(step: int) -> float:
         if step < warmup_steps:
@@ -516,11 +627,9 @@ def _evaluate(model: nn.Module, images: _Images, idx: torch.Tensor, top1: torch.
               log_probs: torch.Tensor | None, labels: torch.Tensor | None, ctx: _Dist,
               batch_size: int) -> dict[str, float | None]:
     """Agreement with ``top1``, KL(black box ‖ student) at T=1 and accuracy, sharded over ranks."""
-    was = model.training
-    model.eval()
     mine = ctx.shard(len(idx))
     acc = torch.zeros(4, dtype=torch.float64)  # agree, kl_sum, correct, n
-    try:
+    with eval_mode(model):
         for s in range(0, len(mine), batch_size):
             sel = idx[mine[s : s + batch_size]]
             out = _logits(model(images.get(sel).to(ctx.device))).float()
@@ -531,8 +640,6 @@ def _evaluate(model: nn.Module, images: _Images, idx: torch.Tensor, top1: torch.
             if labels is not None:
                 acc[2] += float((pred == labels[sel]).sum())
             acc[3] += len(sel)
-    finally:
-        model.train(was)
     acc = ctx.all_reduce(acc)
     n = float(acc[3])
     if n == 0:
@@ -564,6 +671,7 @@ def distill(
     resume: bool = True,
     progress: bool | None = None,
     device: str | torch.device | None = None,
+    on_epoch_end: Callable[[int, nn.Module], None] | None = None,
 ) -> DistillResult:
     """Distil ``blackbox`` into a white-box ``student`` from its answers on ``transfer_images``.
 
@@ -605,16 +713,24 @@ def distill(
         resume: continue from the checkpoint in ``checkpoint_dir`` if there is one.
         progress: a progress bar over batches (``None``: only on a TTY).
         device: where the student trains (``None``: CUDA if available).
+        on_epoch_end: called on rank 0 as ``on_epoch_end(epoch, student)`` after every epoch
+            (``epoch`` counts from 1), with the student in eval mode; use it to keep a snapshot per
+            epoch. Epochs restored from a checkpoint are not replayed.
 
     Returns:
         a :class:`DistillResult`.
 
     Raises:
         TypeError: ``blackbox`` is not a :class:`~lwcam.blackbox.BlackBox`, or images are not float tensors.
-        ValueError: an unknown ``student`` name, ``temperature <= 0``, a ``query_budget`` smaller than a
+        ValueError: an unknown ``student`` name, a non-finite or out-of-range number (``temperature``,
+            ``lr``, ``weight_decay``, ``label_smoothing``, ``holdout``), a ``query_budget`` smaller than a
             batch, an empty or wrongly shaped ``transfer_images``, a student whose output width differs
-            from ``blackbox.num_classes``, a checkpoint written with other arguments, or any other
-            out-of-range argument.
+            from ``blackbox.num_classes``, a ``checkpoint_dir`` that cannot be created or written, a
+            checkpoint written with other arguments, or a checkpoint that cannot be read or whose content
+            is damaged (black-box answers checked like fresh ones, the student's weights finite); each
+            message names the argument or the file. All of these are raised before the first query.
+        FloatingPointError: the training loss (or the held-out KL) became NaN or Inf; the message names
+            the epoch and step, and the checkpoint of the last completed epoch is left as it was.
 
     Example:
         >>> result = distill(bb, transfer, student="resnet18", epochs=20)  # doctest: +SKIP
@@ -625,9 +741,7 @@ def distill(
     # ---- argument checks (identical on every rank, before any collective)
     if not isinstance(blackbox, BlackBox):
         raise TypeError(f"blackbox must be an lwcam.BlackBox, got {type(blackbox).__name__}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0 \
-            or not math.isfinite(temperature):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    temperature = _check_real(temperature, "temperature", 0.0, low_open=True)
     epochs = _check_positive_int(epochs, "epochs")
     batch_size = _check_positive_int(batch_size, "batch_size")
     seed = _check_positive_int(seed, "seed", minimum=0)
@@ -635,12 +749,13 @@ def distill(
         raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
     lr = (2e-3 if optimizer == "adamw" else 0.05) if lr is None else lr
     weight_decay = (0.05 if optimizer == "adamw" else 5e-4) if weight_decay is None else weight_decay
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr!r}")
-    if not weight_decay >= 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing!r}")
+    lr = _check_real(lr, "lr", 0.0, low_open=True)
+    weight_decay = _check_real(weight_decay, "weight_decay", 0.0)
+    label_smoothing = _check_real(label_smoothing, "label_smoothing", 0.0, 1.0, high_open=True)
+    if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
+        raise TypeError(f"checkpoint_dir must be a path (str or os.PathLike) or None, got {type(checkpoint_dir).__name__}")
+    if on_epoch_end is not None and not callable(on_epoch_end):
+        raise TypeError(f"on_epoch_end must be callable or None, got {type(on_epoch_end).__name__}")
     aug_mode: Augment
     if augment is True or augment == "default":
         aug_mode = "default"
@@ -693,9 +808,7 @@ def distill(
             raise ValueError(f"holdout must be >= 0, got {holdout}")
         n_hold = holdout
     else:
-        if not 0.0 <= holdout < 1.0:
-            raise ValueError(f"holdout as a fraction must lie in [0, 1), got {holdout!r}")
-        n_hold = int(round(holdout * n_used))
+        n_hold = int(round(_check_real(holdout, "holdout as a fraction", 0.0, 1.0, high_open=True) * n_used))
     n_train = n_used - n_hold
     if n_train < 1:
         raise ValueError(f"holdout={holdout!r} leaves no transfer image to train on ({n_used} used)")
@@ -706,7 +819,7 @@ def distill(
             blackbox=blackbox, student=student, temperature=float(temperature), epochs=epochs,
             batch_size=batch_size, lr=float(lr), weight_decay=float(weight_decay), optimizer=optimizer,
             aug_mode=aug_mode, query_budget=query_budget, label_smoothing=float(label_smoothing), seed=seed,
-            checkpoint_dir=checkpoint_dir, resume=resume, progress=progress, output=output,
+            checkpoint_dir=checkpoint_dir, resume=resume, progress=progress, on_epoch_end=on_epoch_end, output=output,
             num_classes=num_classes, source=source, evals=evals, labels_eval=labels_eval, n_eval=n_eval,
             n_used=n_used, n_hold=n_hold, n_train=n_train, ctx=ctx, t_start=t_start)
     finally:
@@ -716,13 +829,14 @@ def distill(
 def _run(*, blackbox: BlackBox, student: str | nn.Module, temperature: float, epochs: int, batch_size: int,
          lr: float, weight_decay: float, optimizer: str, aug_mode: str, query_budget: int | None,
          label_smoothing: float, seed: int, checkpoint_dir: str | os.PathLike | None, resume: bool,
-         progress: bool | None, output: str, num_classes: int, source: _Images, evals: _Images | None,
+         progress: bool | None, on_epoch_end: Callable[[int, nn.Module], None] | None, output: str, num_classes: int, source: _Images, evals: _Images | None,
          labels_eval: torch.Tensor | None, n_eval: int, n_used: int, n_hold: int, n_train: int,
          ctx: _Dist, t_start: float) -> DistillResult:
     device = ctx.device
     world = ctx.world
     if batch_size < world:
         raise ValueError(f"batch_size={batch_size} is smaller than the number of processes ({world})")
+    ckpt_dir = ctx.rank0(lambda: _prepare_checkpoint_dir(checkpoint_dir))  # before anything is paid for
 
     # ---- split, student
     split_gen = torch.Generator().manual_seed(seed)
@@ -738,9 +852,9 @@ def _run(*, blackbox: BlackBox, student: str | nn.Module, temperature: float, ep
         student_name = f"{type(student).__module__}.{type(student).__qualname__}"
         model = copy.deepcopy(student)
     init_hash = _state_hash(model)
+    frozen = {name for name, m in model.named_modules() if not m.training} if model.training else set()
     model.to(device)
-    model.eval()
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         try:
             probe = _logits(model(source.get(torch.tensor([0])).to(device)))
         except Exception as err:
@@ -749,7 +863,6 @@ def _run(*, blackbox: BlackBox, student: str | nn.Module, temperature: float, ep
     if probe.dim() != 2 or probe.shape[1] != num_classes:
         raise ValueError(f"student {student_name} outputs shape {tuple(probe.shape)} for one image, but the "
                          f"black box has num_classes={num_classes}: its output width must match")
-    model.train()
 
     fingerprint = {
         "version": _CHECKPOINT_VERSION, "student": student_name, "student_init": init_hash,
@@ -763,12 +876,12 @@ def _run(*, blackbox: BlackBox, student: str | nn.Module, temperature: float, ep
     }
 
     # ---- checkpoint (rank 0 reads, every rank receives)
-    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    ckpt_path = ckpt_dir / CHECKPOINT_NAME if ckpt_dir is not None else None
 
     def load() -> dict[str, Any] | None:
         if ckpt_path is None or not resume or not ckpt_path.exists():
             return None
-        return torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        return _load_checkpoint(ckpt_path)
 
     ckpt = ctx.rank0(load)
     if ckpt is not None:
@@ -778,6 +891,8 @@ def _run(*, blackbox: BlackBox, student: str | nn.Module, temperature: float, ep
             raise ValueError(f"the checkpoint {ckpt_path} was written by a run with other arguments "
                              f"({'; '.join(diff)[:800]}); pass resume=False to start afresh or use another "
                              f"checkpoint_dir")
+        _check_checkpoint(ckpt, ckpt_path, output=output, num_classes=num_classes, n_used=n_used, n_eval=n_eval,
+                          epochs=epochs, atol=blackbox.atol)
 
     # ---- black-box answers: asked once, on rank 0, then broadcast
     spent = 0  # queries paid by this distillation (over resumed runs)
@@ -858,7 +973,7 @@ def _run(*, blackbox: BlackBox, student: str | nn.Module, temperature: float, ep
 
     show = progress_enabled(progress) and ctx.rank == 0
     for epoch in range(start_epoch, epochs):
-        model.train()
+        _train_mode(model, frozen)
         order = train_idx[torch.randperm(n_train, generator=order_gen)]
         mine = ctx.shard(global_batch)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -897,6 +1012,12 @@ def _run(*, blackbox: BlackBox, student: str | nn.Module, temperature: float, ep
             else:
                 per = label_loss(out, tgt, label_smoothing, reduction="none")
             loss = per.sum() * (world / len(gidx))  # DDP averages over ranks: the mean over the global batch
+            if not _all_finite(loss, ctx):
+                raise FloatingPointError(
+                    f"distillation diverged: the training loss is not finite at epoch {epoch + 1}, step {step + 1} "
+                    f"of {steps_per_epoch} (lr={lr:g}, temperature={temperature:g}); the student was not saved"
+                    + (f" and the last good checkpoint (epoch {epoch}) stays in {ckpt_path}" if ckpt_path else "")
+                    + "; lower lr and pass resume=False")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -905,6 +1026,9 @@ def _run(*, blackbox: BlackBox, student: str | nn.Module, temperature: float, ep
         loss_sum = ctx.all_reduce(loss_sum.cpu())
         ctx.sync_module(model)  # BatchNorm statistics are per rank: take rank 0's
         ev = _evaluate(model, source, holdout_idx, top1, targets if soft else None, None, ctx, batch_size)
+        if ev["kl"] is not None and not math.isfinite(ev["kl"]):
+            raise FloatingPointError(f"distillation diverged: the held-out KL is {ev['kl']} after epoch {epoch + 1}; "
+                                     f"the student was not saved; lower lr and pass resume=False")
         history.append({
             "epoch": epoch + 1, "loss": float(loss_sum) / (steps_per_epoch * global_batch),
             "agreement": ev["agreement"], "kl": ev["kl"], "queries": spent,
@@ -912,6 +1036,9 @@ def _run(*, blackbox: BlackBox, student: str | nn.Module, temperature: float, ep
             "seconds": elapsed(),
         })
         save(epoch + 1)
+        if on_epoch_end is not None and ctx.rank == 0:
+            with eval_mode(model):
+                on_epoch_end(epoch + 1, model)
 
     # ---- final fidelity
     ctx.sync_module(model)

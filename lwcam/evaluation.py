@@ -49,10 +49,17 @@ __all__ = [
     "summarize",
     "compare",
     "LWCAM_LABEL",
+    "LWCAM_METHODS",
+    "layer_maps_all_weightings",
     "layer_importance",
+    "layer_resolutions",
+    "method_resolution",
 ]
 
-LWCAM_LABEL = "lwcam (fused layer-wise Grad-CAM, student)"
+LWCAM_LABEL = "lwcam (paper)"
+#: lwcam's variants as methods: name -> display label. ``lwcam`` is the paper's fusion, fixed in
+#: advance; ``lwcam_selected`` takes the fusion chosen on ``val`` through ``method_params``.
+LWCAM_METHODS = {"lwcam": LWCAM_LABEL, "lwcam_selected": "lwcam (selected on val)"}
 
 
 @dataclass
@@ -81,30 +88,47 @@ class MethodRun:
 
 
 def layer_maps_batched(student: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, batch_size: int = 64,
-                       layers: Any = "auto", progress_bar: bool | None = None
+                       layers: Any = "auto", weighting: str = "gradcam", progress_bar: bool | None = None
                        ) -> tuple[list[str], torch.Tensor, dict[str, tuple[int, int]]]:
-    """Upsampled per-layer Grad-CAM maps for many images: ``(names, (B,L,H,W), native resolutions)``.
+    """Upsampled per-layer maps for many images: ``(names, (B,L,H,W), native resolutions)``.
 
     One forward and one backward pass per chunk of ``batch_size`` images, all layers at once.
+    ``weighting`` is ``"gradcam"`` or ``"layercam"`` (see :class:`~lwcam.layercam.LayerwiseGradCAM`).
     """
-    stacks = []
+    names, stacks, resolutions = layer_maps_all_weightings(student, images, targets, (weighting,),
+                                                           batch_size=batch_size, layers=layers,
+                                                           progress_bar=progress_bar)
+    return names, stacks[weighting], resolutions
+
+
+def layer_maps_all_weightings(student: nn.Module, images: torch.Tensor, targets: torch.Tensor,
+                              weightings: Sequence[str] = ("gradcam", "layercam"), *, batch_size: int = 64,
+                              layers: Any = "auto", progress_bar: bool | None = None
+                              ) -> tuple[list[str], dict[str, torch.Tensor], dict[str, tuple[int, int]]]:
+    """Per-layer maps of several weightings from the same passes: ``(names, weighting -> (B,L,H,W), resolutions)``."""
+    parts: dict[str, list[torch.Tensor]] = {w: [] for w in weightings}
     names: list[str] = []
     resolutions: dict[str, tuple[int, int]] = {}
-    with LayerwiseGradCAM(student, layers=layers, verbose=False) as cam:
+    with LayerwiseGradCAM(student, layers=layers, weighting=tuple(weightings), verbose=False) as cam:
         starts = range(0, len(images), batch_size)
-        for s in progress(starts, total=len(starts), desc="layer-wise Grad-CAM", enabled=progress_bar):
-            lm = cam(images[s : s + batch_size], targets[s : s + batch_size])
-            names, resolutions = lm.names, lm.resolutions
-            stacks.append(lm.stack().cpu())
-    return names, torch.cat(stacks), resolutions
+        for s in progress(starts, total=len(starts), desc="layer-wise CAM", enabled=progress_bar):
+            by_weighting = cam(images[s : s + batch_size], targets[s : s + batch_size])
+            for w, lm in by_weighting.items():
+                names, resolutions = lm.names, lm.resolutions
+                parts[w].append(lm.stack().cpu())
+    return names, {w: torch.cat(p) for w, p in parts.items()}, resolutions
 
 
 def explain_lwcam(student: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, batch_size: int = 64,
-                  layers: Any = "auto", mode: str = "sum", normalize: str = "minmax",
+                  layers: Any = "auto", weighting: str = "gradcam", mode: str = "sum", normalize: str = "minmax",
                   weights: Any = None, stats: dict | None = None) -> torch.Tensor:
-    """lwcam's saliency: fused layer-wise Grad-CAM of the student, batched. ``stats`` gets seconds/queries."""
+    """lwcam's saliency: fused layer-wise CAM of the student, batched. ``stats`` gets seconds/queries.
+
+    The defaults are ``lwcam (paper)``: Grad-CAM per layer, per-layer min-max, sum, min-max.
+    """
     t0 = time.perf_counter()
-    names, stack, _ = layer_maps_batched(student, images, targets, batch_size=batch_size, layers=layers)
+    names, stack, _ = layer_maps_batched(student, images, targets, batch_size=batch_size, layers=layers,
+                                         weighting=weighting)
     w = weights
     if isinstance(weights, Mapping):
         w = [float(weights.get(n, 0.0)) for n in names]
@@ -150,20 +174,21 @@ def run_methods(images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor
         for s in range(0, len(idx), chunk):
             part = idx[s : s + chunk]
             stats: dict[str, Any] = {}
-            if name == "lwcam":
+            if name in LWCAM_METHODS:
                 if student is None:
-                    raise ValueError("lwcam needs student=")
+                    raise ValueError(f"{name} needs student=")
                 sal = explain_lwcam(student, images[part], targets[part], stats=stats, **params)
             else:
                 if name not in METHODS:
-                    raise ValueError(f"unknown method {name!r}; expected 'lwcam' or one of {sorted(METHODS)}")
+                    raise ValueError(f"unknown method {name!r}; expected one of {sorted(LWCAM_METHODS)} or "
+                                     f"{sorted(METHODS)}")
                 sal = METHODS[name](images[part], targets[part], blackbox=blackbox, student=student,
                                     teacher=teacher, masks=masks[part], stats=stats, **params)
             parts.append(sal.detach().float().cpu())
             seconds += float(stats.get("seconds", 0.0))
             queries += int(stats.get("queries", 0))
-        label = LWCAM_LABEL if name == "lwcam" else METHODS[name].label
-        access = "white-box student (distilled)" if name == "lwcam" else METHODS[name].access
+        label = LWCAM_METHODS[name] if name in LWCAM_METHODS else METHODS[name].label
+        access = "white-box student (distilled)" if name in LWCAM_METHODS else METHODS[name].access
         runs[name] = MethodRun(name=name, label=label, access=access, indices=idx, saliency=torch.cat(parts),
                                seconds_per_image=seconds / len(idx), queries_per_image=queries / len(idx),
                                params=params)
@@ -284,3 +309,37 @@ def layer_importance(scorer: Any, images: torch.Tensor, targets: torch.Tensor, m
         fused_row["mass"] = full_df["mass"].mean()
     rows.append(fused_row)
     return pd.DataFrame(rows)
+
+
+#: Methods whose saliency is one layer map of a white-box model (the student's, or the teacher's for
+#: the oracle), at that layer's native resolution.
+_LAST_LAYER_METHODS = ("gradcam", "gradcampp", "scorecam", "cam", "gradcam_teacher")
+
+
+def layer_resolutions(model: nn.Module, image_size: int) -> dict[str, tuple[int, int]]:
+    """Native (h, w) of each ``layers="auto"`` layer of ``model`` for ``image_size`` px inputs, shallow to deep."""
+    param = next(model.parameters())
+    probe = torch.zeros(1, 3, image_size, image_size, device=param.device)
+    with LayerwiseGradCAM(model, "auto", verbose=False) as cam:
+        return cam(probe, targets=0).resolutions
+
+
+def method_resolution(run: MethodRun, student: nn.Module, teacher: nn.Module | None, image_size: int) -> str:
+    """The native resolution of the layer maps behind a method's saliency, e.g. ``"32x32+16x16+8x8"``.
+
+    Empty for methods that do not read a layer map (black-box methods, random, centre bias, the mask).
+    For ``lwcam_selected`` only the layers with a positive weight are listed.
+    """
+    if run.name not in (*LWCAM_METHODS, "layercam", *_LAST_LAYER_METHODS):
+        return ""
+    model = teacher if run.name == "gradcam_teacher" else student
+    if model is None:
+        return ""
+    res = layer_resolutions(model, image_size)
+    names = list(res)
+    if run.name in _LAST_LAYER_METHODS:
+        names = names[-1:]
+    elif run.params.get("weights") is not None:
+        weights = run.params["weights"]
+        names = [n for i, n in enumerate(names) if float(weights[i]) > 0]
+    return "+".join(f"{res[n][0]}x{res[n][1]}" for n in names)

@@ -30,6 +30,9 @@ Example:
     >>> fuse([a, b], normalize="none")
     tensor([[[1., 3.],
              [5., 7.]]])
+    >>> fuse({"a": a, "b": b}, mode="weighted", weights={"a": 1.0})  # b left out: weight 0
+    tensor([[[0.0000, 0.5000],
+             [1.0000, 1.0000]]])
 """
 
 from __future__ import annotations
@@ -127,29 +130,38 @@ def _as_stack(maps: Any) -> tuple[Tensor, list[str] | None]:
 
 
 def _weights(weights: Any, names: list[str] | None, n_layers: int, device: torch.device) -> Tensor:
+    """Validate the per-layer weights of ``mode="weighted"`` and return them as an (L,) tensor."""
     if weights is None:
         raise ValueError("mode='weighted' needs weights (one per layer)")
     if isinstance(weights, Mapping):
         if names is None:
             raise ValueError("weights given as a dict need named maps (a LayerMaps or a dict of maps)")
-        missing = [n for n in names if n not in weights]
-        extra = [k for k in weights if k not in names]
-        if missing or extra:
-            raise ValueError(f"weights keys must match the layer names {names}: missing {missing}, unknown {extra}")
-        w = torch.tensor([float(weights[n]) for n in names])
+        unknown = [k for k in weights if k not in names]
+        if unknown:
+            raise ValueError(f"weights name unknown layers {unknown}; the layers are {names}")
+        values = [weights.get(n, 0.0) for n in names]  # a layer left out weighs 0
+    elif isinstance(weights, (str, bytes)):
+        raise TypeError(f"weights must be numbers, one per layer, got {weights!r}")
     else:
-        w = torch.as_tensor(weights, dtype=torch.float32).flatten() if not isinstance(weights, Tensor) \
-            else weights.detach().float().flatten()
-        if w.numel() != n_layers:
-            raise ValueError(f"got {w.numel()} weights for {n_layers} layer maps")
-    w = w.to(device=device, dtype=torch.float32)
+        values = weights
+    try:
+        w = torch.as_tensor(values.detach() if isinstance(values, Tensor) else values)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"weights must be numbers, one per layer, got {weights!r}") from None
+    if w.dtype == torch.bool or w.is_complex():
+        raise TypeError(f"weights must be real numbers, got dtype {w.dtype}")
+    w = w.to(dtype=torch.float32)
+    if w.ndim != 1:
+        raise ValueError(f"weights must be 1-D, one number per layer, got shape {tuple(w.shape)}")
+    if w.numel() != n_layers:
+        raise ValueError(f"got {w.numel()} weights for {n_layers} layer maps (weights needs one per layer)")
     if not bool(torch.isfinite(w).all()):
-        raise ValueError(f"weights must be finite, got {w.tolist()}")
+        raise ValueError(f"weights must be finite (no NaN or inf), got {w.tolist()}")
     if bool((w < 0).any()):
         raise ValueError(f"weights must be >= 0, got {w.tolist()}")
     if not bool((w > 0).any()):
-        raise ValueError("at least one weight must be positive")
-    return w
+        raise ValueError("weights are all zero: at least one weight must be positive")
+    return w.to(device=device)
 
 
 def fuse(maps: LayerMaps | Mapping[str, Tensor] | Sequence[Tensor] | Tensor, mode: str = "sum",
@@ -166,15 +178,19 @@ def fuse(maps: LayerMaps | Mapping[str, Tensor] | Sequence[Tensor] | Tensor, mod
         normalize: ``"minmax"`` (default): min-max normalise each layer map per image, combine,
             min-max normalise the result, so the output lies in [0, 1]. ``"none"``: combine the
             raw maps, no normalisation at all.
-        weights: for ``mode="weighted"`` only: L non-negative finite weights (sequence or
-            tensor in layer order, or a dict ``name -> weight`` for named maps), not all zero.
+        weights: for ``mode="weighted"`` only: L non-negative finite weights, not all zero: a
+            1-D sequence or tensor in layer order, or, for named maps, a dict ``name -> weight``
+            (a layer left out of the dict weighs 0; a name that is not a layer raises). A weight
+            of 0 drops its layer, so a layer subset is a 0/1 weight vector.
 
     Returns:
         (B,H,W) float32 tensor on the maps' device.
 
     Raises:
-        ValueError: unknown mode/normalize, weights missing or of the wrong length, weights
-            given for a mode that does not use them, mismatched shapes, NaN/inf in the maps.
+        ValueError: unknown mode/normalize; ``weights`` missing, of the wrong length or shape,
+            negative, NaN or infinite, all zero, naming unknown layers, or given for a mode that
+            does not use them; mismatched shapes; NaN/inf in the maps.
+        TypeError: ``weights`` that are not real numbers.
     """
     if mode not in MODES:
         raise ValueError(f"unknown fusion mode {mode!r}; choose one of {MODES}")

@@ -1,12 +1,20 @@
-"""Grad-CAM on every layer of a white-box model, from one forward and one backward pass.
+"""Grad-CAM (or LayerCAM) on every layer of a white-box model, from one forward and one backward pass.
 
 For a layer with activations ``A`` of shape (B,K,h,w) and the target score ``y`` (the
-*logit* of the target class, before softmax), Grad-CAM is
+*logit* of the target class, before softmax), Grad-CAM (``weighting="gradcam"``, the default) is
 
 .. math::
 
     \\alpha_k = \\frac{1}{hw} \\sum_{i,j} \\frac{\\partial y}{\\partial A_{k,i,j}}, \\qquad
-    M = \\mathrm{ReLU}\\Big(\\sum_k \\alpha_k A_k\\Big) \\in \\mathbb{R}^{h \\times w}.
+    M = \\mathrm{ReLU}\\Big(\\sum_k \\alpha_k A_k\\Big) \\in \\mathbb{R}^{h \\times w},
+
+and LayerCAM (``weighting="layercam"``, Jiang et al., IEEE TIP 2021) weighs every position by
+its own positive gradient, element-wise:
+
+.. math::
+
+    M = \\mathrm{ReLU}\\Big(\\sum_k \\mathrm{ReLU}\\Big(\\frac{\\partial y}{\\partial A_k}\\Big)
+    \\odot A_k\\Big).
 
 :class:`LayerwiseGradCAM` computes ``M`` for all selected layers at once. Forward hooks keep
 the layer outputs in the autograd graph; the selected logits are summed over the batch and
@@ -14,7 +22,8 @@ the layer outputs in the autograd graph; the selected logits are summed over the
 backward pass. Samples do not interact in ``eval()`` mode, so the gradient of the sum with
 respect to sample ``b``'s activations is the gradient of sample ``b``'s own score. Parameter
 ``.grad`` fields are never touched. Each map is then upsampled to the input size (bilinear,
-``align_corners=False``).
+``align_corners=False``). Both weightings need only ``A`` and ``∂y/∂A``, so asking for both
+(``weighting=("gradcam", "layercam")``) still costs one forward and one backward pass.
 
 Example:
     >>> import torch
@@ -42,7 +51,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LayerwiseGradCAM", "LayerMaps", "ClassifierOutputTarget", "auto_layers"]
+__all__ = ["LayerwiseGradCAM", "LayerMaps", "ClassifierOutputTarget", "auto_layers", "WEIGHTINGS"]
+
+WEIGHTINGS = ("gradcam", "layercam")
 
 TargetSpec = (None | int | Sequence[int] | Tensor | Callable[[Tensor], Tensor]
               | Sequence[Callable[[Tensor], Tensor]])
@@ -75,13 +86,13 @@ class ClassifierOutputTarget:
 
 @dataclass
 class LayerMaps:
-    """Per-layer Grad-CAM maps of one batch, as returned by :class:`LayerwiseGradCAM`.
+    """Per-layer Grad-CAM (or LayerCAM) maps of one batch, as returned by :class:`LayerwiseGradCAM`.
 
     All tensors are detached and live on the model's device.
 
     Attributes:
         names: layer names (as in ``model.named_modules()``), shallow to deep.
-        raw: ``name -> (B,h,w)`` Grad-CAM at the layer's own resolution (non-negative).
+        raw: ``name -> (B,h,w)`` the map at the layer's own resolution (non-negative).
         maps: ``name -> (B,H,W)`` the raw maps upsampled to the input size (bilinear,
             ``align_corners=False``).
         targets: (B,) long, the explained class per image; ``-1`` where the target was given
@@ -90,6 +101,7 @@ class LayerMaps:
         probs: (B,) the model's softmax probability of the target class (NaN where the target
             is ``-1``).
         student_pred: (B,) long, the model's own argmax.
+        weighting: ``"gradcam"`` or ``"layercam"``, how the maps were weighted.
     """
 
     names: list[str]
@@ -99,6 +111,7 @@ class LayerMaps:
     logits: Tensor
     probs: Tensor
     student_pred: Tensor
+    weighting: str = "gradcam"
 
     def __len__(self) -> int:
         return int(self.targets.shape[0])
@@ -144,7 +157,7 @@ class LayerMaps:
             raw={n: t.cpu() for n, t in self.raw.items()},
             maps={n: t.cpu() for n, t in self.maps.items()},
             targets=self.targets.cpu(), logits=self.logits.cpu(), probs=self.probs.cpu(),
-            student_pred=self.student_pred.cpu(),
+            student_pred=self.student_pred.cpu(), weighting=self.weighting,
         )
 
 
@@ -159,7 +172,16 @@ def _describe(out: Any) -> str:
 
 
 class LayerwiseGradCAM:
-    """Grad-CAM of every selected layer of ``model`` from one forward and one backward pass.
+    """Grad-CAM (or LayerCAM) of every selected layer of ``model`` from one forward and one backward pass.
+
+    ``weighting`` chooses the map of each layer from its activations ``A`` and the gradient
+    ``G = ∂y/∂A`` of the target logit:
+
+    * ``"gradcam"`` (default): ``ReLU(Σ_k mean_{h,w}(G_k) · A_k)``;
+    * ``"layercam"`` (Jiang et al., IEEE TIP 2021): ``ReLU(Σ_k ReLU(G_k) ⊙ A_k)``, element-wise;
+    * a non-empty tuple or list of these names, e.g. ``("gradcam", "layercam")``: every call
+      then returns a ``dict`` weighting ``->`` :class:`LayerMaps`, all computed from the same
+      single forward and backward pass.
 
     Use it as a context manager (hooks stay registered inside the ``with`` block) or call it
     directly (hooks are registered for the duration of each call only). Every hook is removed
@@ -214,6 +236,7 @@ class LayerwiseGradCAM:
     Args:
         model: the white-box classifier, mapping (B,C_in,H,W) floats to logits (B,num_classes).
         layers: ``"auto"`` or a sequence of layer names / modules.
+        weighting: ``"gradcam"``, ``"layercam"``, or a tuple/list of them (see above).
         verbose: print the automatically chosen layers.
 
     Example:
@@ -225,12 +248,22 @@ class LayerwiseGradCAM:
         ['relu', 'layer1', 'layer2', 'layer3', 'layer4']
         >>> {n: tuple(r.shape) for n, r in lm.raw.items()}["layer4"]
         (4, 2, 2)
+
+        Both weightings from one forward and one backward pass:
+
+        >>> both = LayerwiseGradCAM(net, weighting=("gradcam", "layercam"), verbose=False)
+        >>> out = both(torch.randn(2, 3, 64, 64), targets=[5, 6])
+        >>> sorted(out), out["layercam"].weighting, tuple(out["layercam"].maps["layer2"].shape)
+        (['gradcam', 'layercam'], 'layercam', (2, 64, 64))
     """
 
-    def __init__(self, model: nn.Module, layers: LayerSpec = "auto", *, verbose: bool = True) -> None:
+    def __init__(self, model: nn.Module, layers: LayerSpec = "auto",
+                 weighting: str | Sequence[str] = "gradcam", *, verbose: bool = True) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
+        self._weightings, self._single = _check_weighting(weighting)
+        self.weighting: str | tuple[str, ...] = self._weightings[0] if self._single else self._weightings
         self.verbose = bool(verbose)
         self._modules = dict(model.named_modules())
         self._auto = isinstance(layers, str)
@@ -274,7 +307,7 @@ class LayerwiseGradCAM:
 
     def __repr__(self) -> str:
         layers = self.layer_names if self.layer_names is not None else "auto (unresolved)"
-        return f"LayerwiseGradCAM({type(self.model).__name__}, layers={layers})"
+        return f"LayerwiseGradCAM({type(self.model).__name__}, layers={layers}, weighting={self.weighting!r})"
 
     # ------------------------------------------------------------------ layer bookkeeping
     def _resolve_explicit(self, layers: Iterable[str | nn.Module]) -> list[str]:
@@ -499,8 +532,8 @@ class LayerwiseGradCAM:
         return logits.gather(1, idx[:, None]).squeeze(1), idx
 
     # ------------------------------------------------------------------ the call
-    def __call__(self, images: Tensor, targets: TargetSpec = None) -> LayerMaps:
-        """Compute the Grad-CAM of every selected layer.
+    def __call__(self, images: Tensor, targets: TargetSpec = None) -> LayerMaps | dict[str, LayerMaps]:
+        """Compute the map of every selected layer (one forward and one backward pass).
 
         Args:
             images: (B,C,H,W) floating-point batch in the model's input space.
@@ -510,7 +543,8 @@ class LayerwiseGradCAM:
                 logits (C,) to a scalar (e.g. :class:`ClassifierOutputTarget`).
 
         Returns:
-            A :class:`LayerMaps`; tensors are detached, float32, on the model's device.
+            A :class:`LayerMaps` (tensors detached, float32, on the model's device); a dict
+            weighting ``->`` :class:`LayerMaps` when ``weighting`` is a tuple or list.
 
         Raises:
             ValueError: bad image shape/dtype/channels, target out of range, unknown or
@@ -518,67 +552,26 @@ class LayerwiseGradCAM:
         """
         x = self._check_images(images)
         targets = self._check_targets(targets, x.shape[0])
-        height, width = int(x.shape[-2]), int(x.shape[-1])
+        size = (int(x.shape[-2]), int(x.shape[-1]))
         training = [(m, m.training) for m in self.model.modules()]
         attached_here = not self._handles
         try:
             self._attach()
             self.model.eval()
-            with torch.inference_mode(False), torch.enable_grad():
-                x = x.detach()
-                if x.is_inference():
-                    x = x.clone()
-                x.requires_grad_(True)
-                self._release()
-                self._active = True
-                try:
-                    logits = self.model(x)
-                finally:
-                    self._active = False
-                if not (isinstance(logits, Tensor) and logits.ndim == 2 and logits.shape[0] == x.shape[0]):
-                    raise ValueError(f"the model must return logits of shape (B, num_classes); "
-                                     f"it returned {_describe(logits)}")
-                if self._names is None:  # the first call also chooses/orders the layers
-                    self._names = self._select_auto() if self._auto else self._check_explicit_outputs()
-                names = list(self._names)
-                for name in names:
-                    if name not in self._fired:
-                        raise ValueError(f"layer {name!r} did not run in the forward pass")
-                    out = self._store[name]
-                    if not (isinstance(out, Tensor) and out.ndim == 4):
-                        raise ValueError(f"layer {name!r} must output a 4-D (B,C,h,w) tensor, "
-                                         f"but it gave {_describe(out)}")
-                    if not out.requires_grad:
-                        raise ValueError(f"layer {name!r} output does not depend on the input through "
-                                         "autograd (detached or computed under no_grad)")
-                scores, idx = self._scores(logits, targets)
-                acts = [self._store[n] for n in names]
-                grads = torch.autograd.grad(scores.sum(), acts, allow_unused=True)
-            raw: dict[str, Tensor] = {}
-            maps: dict[str, Tensor] = {}
-            for name, act, grad in zip(names, acts, grads, strict=True):
-                a = act.detach().float()
-                if grad is None:
-                    warnings.warn(f"the target score does not depend on layer {name!r}; its map is zero",
-                                  stacklevel=2)
-                    cam = a.new_zeros(a.shape[0], a.shape[2], a.shape[3])
-                else:
-                    alpha = grad.float().mean(dim=(2, 3))
-                    cam = torch.relu(torch.einsum("bk,bkhw->bhw", alpha, a))
-                if not torch.isfinite(cam).all():
-                    raise ValueError(f"layer {name!r} produced non-finite Grad-CAM values "
-                                     "(non-finite activations or gradients in the model)")
-                raw[name] = cam
-                up = F.interpolate(cam[:, None], size=(height, width), mode="bilinear", align_corners=False)
-                maps[name] = up[:, 0].clamp_min(0.0)
-            del acts, grads
+            names, acts, grads, logits, idx = self._forward_backward(x, targets)
             logits_d = logits.detach().float()
             probs = torch.softmax(logits_d, dim=1)
             p = torch.full(idx.shape, float("nan"), device=logits_d.device)
             known = idx >= 0
             p[known] = probs[known, idx[known]]
-            return LayerMaps(names=list(names), raw=raw, maps=maps, targets=idx.detach(), logits=logits_d,
-                             probs=p, student_pred=logits_d.argmax(dim=1))
+            out: dict[str, LayerMaps] = {}
+            for i, weighting in enumerate(self._weightings):
+                raw, maps = _layer_maps(names, acts, grads, size, weighting, warn=i == 0)
+                out[weighting] = LayerMaps(
+                    names=list(names), raw=raw, maps=maps, targets=idx.detach(), logits=logits_d,
+                    probs=p, student_pred=logits_d.argmax(dim=1), weighting=weighting)
+            del acts, grads
+            return out[self._weightings[0]] if self._single else out
         finally:
             self._active = False
             self._release()
@@ -589,6 +582,95 @@ class LayerwiseGradCAM:
                 self._attach()
             for m, flag in training:
                 m.training = flag
+
+    def _forward_backward(self, x: Tensor, targets: Any
+                          ) -> tuple[list[str], list[Tensor], tuple[Tensor | None, ...], Tensor, Tensor]:
+        """The single forward and backward pass: (names, activations, gradients, logits, target indices)."""
+        with torch.inference_mode(False), torch.enable_grad():
+            x = x.detach()
+            if x.is_inference():
+                x = x.clone()
+            x.requires_grad_(True)
+            self._release()
+            self._active = True
+            try:
+                logits = self.model(x)
+            finally:
+                self._active = False
+            if not (isinstance(logits, Tensor) and logits.ndim == 2 and logits.shape[0] == x.shape[0]):
+                raise ValueError(f"the model must return logits of shape (B, num_classes); "
+                                 f"it returned {_describe(logits)}")
+            if self._names is None:  # the first call also chooses/orders the layers
+                self._names = self._select_auto() if self._auto else self._check_explicit_outputs()
+            names = list(self._names)
+            for name in names:
+                self._check_layer_output(name)
+            scores, idx = self._scores(logits, targets)
+            acts = [self._store[n] for n in names]
+            grads = torch.autograd.grad(scores.sum(), acts, allow_unused=True)
+        return names, acts, grads, logits, idx
+
+    def _check_layer_output(self, name: str) -> None:
+        if name not in self._fired:
+            raise ValueError(f"layer {name!r} did not run in the forward pass")
+        out = self._store[name]
+        if not (isinstance(out, Tensor) and out.ndim == 4):
+            raise ValueError(f"layer {name!r} must output a 4-D (B,C,h,w) tensor, "
+                             f"but it gave {_describe(out)}")
+        if not out.requires_grad:
+            raise ValueError(f"layer {name!r} output does not depend on the input through "
+                             "autograd (detached or computed under no_grad)")
+
+
+def _check_weighting(weighting: Any) -> tuple[tuple[str, ...], bool]:
+    """(the weightings asked for, whether a single name was given)."""
+    if isinstance(weighting, str):
+        items, single = [weighting], True
+    elif isinstance(weighting, (tuple, list)):
+        items, single = list(weighting), False
+        if not items:
+            raise ValueError(f"weighting is an empty {type(weighting).__name__}; choose from {WEIGHTINGS}")
+    else:
+        raise TypeError(f"weighting must be one of {WEIGHTINGS} or a tuple/list of them, "
+                        f"got {type(weighting).__name__}")
+    for w in items:
+        if not isinstance(w, str) or w not in WEIGHTINGS:
+            raise ValueError(f"unknown weighting {w!r}; choose from {WEIGHTINGS}")
+    if len(set(items)) != len(items):
+        raise ValueError(f"weighting lists a name twice: {items}")
+    return tuple(items), single
+
+
+def _layer_cam(act: Tensor, grad: Tensor, weighting: str) -> Tensor:
+    """The (B,h,w) map of one layer from its activations and gradients (both (B,K,h,w))."""
+    if weighting == "gradcam":
+        alpha = grad.mean(dim=(2, 3))
+        return torch.relu(torch.einsum("bk,bkhw->bhw", alpha, act))
+    return torch.relu((torch.relu(grad) * act).sum(dim=1))
+
+
+def _layer_maps(names: list[str], acts: Sequence[Tensor], grads: Sequence[Tensor | None],
+                size: tuple[int, int], weighting: str, warn: bool = True
+                ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """``raw`` (native resolution) and ``maps`` (upsampled to ``size``) of every layer."""
+    raw: dict[str, Tensor] = {}
+    maps: dict[str, Tensor] = {}
+    for name, act, grad in zip(names, acts, grads, strict=True):
+        a = act.detach().float()
+        if grad is None:
+            if warn:
+                warnings.warn(f"the target score does not depend on layer {name!r}; its map is zero",
+                              stacklevel=3)
+            cam = a.new_zeros(a.shape[0], a.shape[2], a.shape[3])
+        else:
+            cam = _layer_cam(a, grad.float(), weighting)
+        if not torch.isfinite(cam).all():
+            raise ValueError(f"layer {name!r} produced non-finite {weighting} values "
+                             "(non-finite activations or gradients in the model)")
+        raw[name] = cam
+        up = F.interpolate(cam[:, None], size=size, mode="bilinear", align_corners=False)
+        maps[name] = up[:, 0].clamp_min(0.0)
+    return raw, maps
 
 
 def _category(target: Any) -> int | None:

@@ -1,6 +1,10 @@
 """Models: torchvision architectures by name, pretrained weights, and the default black box.
 
-``build_model`` makes any torchvision classification architecture sized to a class count.
+``build_model`` makes any torchvision classification architecture sized to a class count, and
+the *small-input* (CIFAR-style) adaptations of :data:`SMALL_INPUT_ARCHITECTURES`: torchvision's
+own ``RegNet``, ``MobileNetV2`` and ``ShuffleNetV2`` classes with narrow widths and a total stride
+of 8 instead of 32, so that a 64-px image ends in an 8×8 last convolutional map, as a 224-px
+image does (7×7) in the ImageNet originals.
 The pretrained route stays in the code: a torchvision weights enum name
 (``"ResNet50_Weights.IMAGENET1K_V2"``, ``"DEFAULT"``) or a local weight file, loaded with
 ``torch.load(..., weights_only=True)``. Here nothing is downloaded: the default black box
@@ -17,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,10 +30,13 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torchvision.models.regnet import BlockParams, RegNet
+from torchvision.ops.misc import Conv2dNormActivation
 
-from ._utils import atomic_save, progress, resolve_device, seed_everything
+from ._utils import atomic_save, eval_mode, progress, resolve_device, seed_everything
 
 __all__ = [
+    "SMALL_INPUT_ARCHITECTURES",
     "build_model",
     "classification_models",
     "load_weights",
@@ -43,16 +51,62 @@ __all__ = [
 ]
 
 
+def _regnet_x_s8(num_classes: int) -> nn.Module:
+    """RegNetX with a stride-2 stem of 16 channels, stages of widths 24/48/96/192, depths 1/1/2/2,
+    strides 1/2/2/1 and group width 8: 64 → 32, 32, 16, 8, 8 px; about 22 M multiply-adds at 64 px."""
+    params = BlockParams(depths=[1, 1, 2, 2], widths=[24, 48, 96, 192], group_widths=[8] * 4,
+                         bottleneck_multipliers=[1.0] * 4, strides=[1, 2, 2, 1])
+    return RegNet(params, num_classes=num_classes, stem_width=16)
+
+
+def _mobilenet_v2_s8(num_classes: int) -> nn.Module:
+    """MobileNetV2 at width 0.75 with expansion 4, eight inverted-residual blocks whose strides stop at
+    the 8× point, and a last 1×1 convolution of 256 channels (not 1280): 64 → 32 (stem), 32, 16, 8,
+    8, 8 px; about 11 M multiply-adds at 64 px."""
+    setting = [[1, 16, 1, 1], [4, 24, 2, 2], [4, 32, 2, 2], [4, 64, 2, 1], [4, 128, 1, 1]]
+    model = torchvision.models.MobileNetV2(num_classes=num_classes, width_mult=0.75, inverted_residual_setting=setting)
+    last = model.features[-1]
+    model.features[-1] = Conv2dNormActivation(last[0].in_channels, 256, kernel_size=1, activation_layer=nn.ReLU6)
+    model.classifier[-1] = nn.Linear(256, num_classes)
+    nn.init.kaiming_normal_(model.features[-1][0].weight, mode="fan_out")
+    nn.init.normal_(model.classifier[-1].weight, 0, 0.01)
+    nn.init.zeros_(model.classifier[-1].bias)
+    return model
+
+
+def _shufflenet_v2_s8(num_classes: int) -> nn.Module:
+    """ShuffleNetV2 x0.5 with a stride-1 first convolution and no max-pool: 64 → 64, 32, 16, 8 px;
+    about 44 M multiply-adds at 64 px."""
+    model = torchvision.models.shufflenet_v2_x0_5(weights=None, num_classes=num_classes)
+    conv = model.conv1[0]
+    model.conv1[0] = nn.Conv2d(conv.in_channels, conv.out_channels, 3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+#: CIFAR-style adaptations for small inputs: name -> builder ``(num_classes) -> nn.Module``. Each is a
+#: torchvision class with narrow widths and a total stride of 8 (an 8×8 last map at 64 px, like the
+#: 7×7 of the originals at 224 px), so last-layer Grad-CAM is not a 2×2 blur. Random init only.
+SMALL_INPUT_ARCHITECTURES: dict[str, Callable[[int], nn.Module]] = {
+    "regnet_x_s8": _regnet_x_s8,
+    "mobilenet_v2_s8": _mobilenet_v2_s8,
+    "shufflenet_v2_s8": _shufflenet_v2_s8,
+}
+
+
 def classification_models() -> list[str]:
-    """Names of torchvision's classification architectures."""
-    return sorted(torchvision.models.list_models(module=torchvision.models))
+    """Names :func:`build_model` accepts: torchvision's classification architectures and the
+    small-input adaptations of :data:`SMALL_INPUT_ARCHITECTURES`."""
+    return sorted([*torchvision.models.list_models(module=torchvision.models), *SMALL_INPUT_ARCHITECTURES])
 
 
 def build_model(name: str, num_classes: int, weights: str | os.PathLike | None = None) -> nn.Module:
     """Build a torchvision classification architecture by name.
 
     Args:
-        name: a torchvision classification model name (``"resnet18"``, ``"regnet_x_400mf"``, ...).
+        name: a torchvision classification model name (``"resnet18"``, ``"regnet_x_400mf"``, ...) or a
+            small-input adaptation of :data:`SMALL_INPUT_ARCHITECTURES` (``"regnet_x_s8"``,
+            ``"mobilenet_v2_s8"``, ``"shufflenet_v2_s8"``), whose ``weights`` can only be a local file.
         num_classes: width of the output layer.
         weights: ``None`` (random init, the default here), a torchvision weights enum name
             (``"ResNet18_Weights.IMAGENET1K_V1"`` or ``"DEFAULT"``; torchvision downloads it on first
@@ -69,6 +123,11 @@ def build_model(name: str, num_classes: int, weights: str | os.PathLike | None =
         )
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    if name in SMALL_INPUT_ARCHITECTURES:
+        model = SMALL_INPUT_ARCHITECTURES[name](num_classes)
+        if weights is not None:
+            load_weights(model, weights)
+        return model
     if weights is None:
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     path = Path(weights)
@@ -153,13 +212,9 @@ def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 256
                    device: str | torch.device | None = None) -> torch.Tensor:
     """Logits of ``model`` on ``images`` in eval mode, batched; restores train/eval state."""
     dev = resolve_device(device) if device is not None else next(model.parameters()).device
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(model), torch.inference_mode():
         return torch.cat([model(images[i : i + batch_size].to(dev)).float().cpu()
                           for i in range(0, len(images), batch_size)])
-    finally:
-        model.train(was)
 
 
 def evaluate_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> float:
@@ -220,11 +275,22 @@ def train_teacher(
 
     Returns:
         a :class:`TeacherResult` with the model in eval mode on the CPU.
+
+    Raises:
+        ValueError: an argument out of range (the message names it).
+        FloatingPointError: the loss became NaN or Inf; the message names the epoch and step.
     """
     if images.ndim != 4 or len(images) != len(labels):
         raise ValueError(f"images must be (N,3,H,W) matching labels (N,), got {tuple(images.shape)} and {tuple(labels.shape)}")
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be positive, got {epochs}, {batch_size}")
+    for name, value in (("lr", lr), ("weight_decay", weight_decay), ("label_smoothing", label_smoothing),
+                        ("pixel_dropout", pixel_dropout)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if not lr > 0 or not label_smoothing < 1 or not pixel_dropout <= 1:
+        raise ValueError(f"need lr > 0, label_smoothing < 1 and pixel_dropout <= 1; got lr={lr}, "
+                         f"label_smoothing={label_smoothing}, pixel_dropout={pixel_dropout}")
     t0 = time.perf_counter()
     gen = seed_everything(seed)
     dev = resolve_device(device)
@@ -245,11 +311,14 @@ def train_teacher(
             y = labels[idx].to(dev)
             out = model(x)
             loss = F.cross_entropy(out, y, label_smoothing=label_smoothing)
+            if not math.isfinite(loss_value := loss.item()):
+                raise FloatingPointError(f"teacher training diverged: the loss is {loss_value} at epoch {epoch + 1}, "
+                                         f"step {s + 1}; lower lr (now {lr}) or check the images for NaN/Inf")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            total += loss.item() * len(idx)
+            total += loss_value * len(idx)
             correct += int((out.argmax(1) == y).sum())
             seen += len(idx)
             next(bar, None)

@@ -16,10 +16,15 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import platform
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,15 +43,14 @@ __all__ = [
     "make_blackbox",
     "collect_params",
     "get_student",
-    "table_t1",
+    "load_snapshots",
+    "stage",
+    "record_stage",
+    "timings_table",
     "blackbox_labels",
     "pick_indices",
     "student_agreement",
-    "claim_table",
     "short_label",
-    "fusion_variants",
-    "select_fusion",
-    "queries_tradeoff",
     "save_table",
     "save_figure",
     "run",
@@ -118,6 +122,14 @@ class RunPaths:
     def answers(self) -> Path:
         return self.run / "blackbox-cache"
 
+    @property
+    def stage_log(self) -> Path:
+        return self.run / "stage_timings.jsonl"
+
+    def snapshots(self, output: str = "probs") -> Path:
+        """Folder of the per-epoch students of a distillation (F7)."""
+        return self.run / f"student_{output}_epochs"
+
     def rel(self, path: str | os.PathLike) -> str:
         """``path`` relative to the project root, for printing without absolute paths."""
         try:
@@ -142,7 +154,8 @@ def load_split(params: dict[str, Any], split: str, paths: RunPaths | None = None
             seed=int(params.get("data_seed", 0)),
             cache_dir=paths.data_cache if paths is not None else None,
         )
-        return ds.tensors()
+        with stage(f"data: {split} split ({len(ds)} images, rendered or read from the cache)", paths):
+            return ds.tensors()
     real_split = {"transfer": "train"}.get(split, split)
     ds = get_dataset(name, root=params.get("data_root"), split=real_split, image_size=params.get("image_size"))
     limit = n if n is not None else params.get(f"n_{split}")
@@ -169,7 +182,7 @@ def get_teacher(params: dict[str, Any], paths: RunPaths, progress: bool | None =
     For the paper's data sets set ``teacher_weights`` to a torchvision weights enum name or a
     local file; the synthetic default trains ``teacher`` from scratch on the ``train`` split.
     """
-    from .models import build_model, load_checkpoint, train_teacher
+    from .models import build_model, load_checkpoint
 
     if params.get("teacher_weights"):
         model = build_model(params["teacher"], int(params["num_classes"]), weights=params["teacher_weights"])
@@ -181,16 +194,24 @@ def get_teacher(params: dict[str, Any], paths: RunPaths, progress: bool | None =
             return model, meta
     x, y, _ = load_split(params, "train", paths)
     xv, yv, _ = load_split(params, "val", paths)
-    result = train_teacher(
+    with stage(f"teacher training ({params['teacher']})", paths):
+        result = _train_teacher(params, paths, x, y, xv, yv, fingerprint, progress)
+    _, meta = load_checkpoint(paths.teacher)
+    meta["history"] = result.history
+    return result.model, meta
+
+
+def _train_teacher(params: dict[str, Any], paths: RunPaths, x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor,
+                   yv: torch.Tensor, fingerprint: str, progress: bool | None) -> Any:
+    from .models import train_teacher
+
+    return train_teacher(
         params["teacher"], x, y, num_classes=int(params["num_classes"]), val_images=xv, val_labels=yv,
         epochs=int(params.get("teacher_epochs", 12)), batch_size=int(params.get("teacher_batch_size", 64)),
         lr=float(params.get("teacher_lr", 4e-3)), seed=int(params.get("seed", 0)),
         checkpoint_path=paths.teacher, progress_bar=progress, meta={"fingerprint": fingerprint},
         pixel_dropout=float(params.get("teacher_pixel_dropout", 0.5)),
     )
-    _, meta = load_checkpoint(paths.teacher)
-    meta["history"] = result.history
-    return result.model, meta
 
 
 def make_blackbox(teacher: torch.nn.Module, params: dict[str, Any], paths: RunPaths, output: str | None = None,
@@ -223,7 +244,6 @@ def get_student(params: dict[str, Any], paths: RunPaths, teacher: torch.nn.Modul
     split's answers, for the held-out fidelity that T1 reports). Its checkpoint and a JSON
     summary (history, fidelity, queries, seconds) are kept in the run folder.
     """
-    from .distillation import distill
     from .models import load_checkpoint, save_checkpoint
 
     output = output or params.get("blackbox_output", "probs")
@@ -240,13 +260,20 @@ def get_student(params: dict[str, Any], paths: RunPaths, teacher: torch.nn.Modul
     # no persistent answer cache here: distillation keeps its answers in its own checkpoint, and
     # T1 must report what a distillation from scratch pays
     bb = make_blackbox(teacher, params, paths, output=output, cache=False)
-    result = distill(
-        bb, transfer, student=params["student"], temperature=float(params.get("temperature", 4.0)),
-        epochs=int(params.get("distill_epochs", 10)), batch_size=int(params.get("distill_batch_size", 64)),
-        query_budget=params.get("query_budget"), holdout=float(params.get("holdout", 0.05)),
-        eval_images=test_x, eval_labels=test_y, seed=int(params.get("seed", 0)),
-        checkpoint_dir=paths.run / f"distill_{output}", progress=progress,
-    )
+    # one checkpoint folder per configuration, so an interrupted run resumes and a changed one starts afresh
+    ckpt_dir = paths.run / f"distill_{output}_{hashlib.sha256(fingerprint.encode()).hexdigest()[:12]}"
+    snapshots = paths.snapshots(output)
+    snapshots.mkdir(parents=True, exist_ok=True)
+    if not ckpt_dir.exists():
+        for old in snapshots.glob("epoch_*.pt"):
+            old.unlink()
+
+    def keep(epoch: int, model: torch.nn.Module) -> None:
+        save_checkpoint(model, snapshots / f"epoch_{epoch:03d}.pt", arch=params["student"],
+                        num_classes=int(params["num_classes"]), output=output, epoch=epoch)
+
+    with stage(f"distillation ({output}, {params['student']})", paths):
+        result = _distill(params, ckpt_dir, bb, transfer, test_x, test_y, output, keep, progress)
     save_checkpoint(result.student, ckpt, arch=params["student"], num_classes=int(params["num_classes"]),
                     output=output, seed=int(params.get("seed", 0)))
     summary = {
@@ -263,26 +290,28 @@ def get_student(params: dict[str, Any], paths: RunPaths, teacher: torch.nn.Modul
     return result.student, summary
 
 
-def table_t1(params: dict[str, Any], teacher_meta: dict[str, Any], teacher_accuracy: float,
-             students: dict[str, dict[str, Any]]) -> pd.DataFrame:
-    """T1: teacher accuracy, student accuracy, agreement, KL, queries and time, one row per black-box mode."""
-    rows = []
-    for mode, summary in students.items():
-        fid = summary["fidelity"]
-        rows.append({
-            "blackbox_output": mode,
-            "teacher": params["teacher"],
-            "teacher_test_acc": teacher_accuracy,
-            "student": params["student"],
-            "student_test_acc": fid.get("accuracy"),
-            "agreement_test": fid.get("eval_agreement"),
-            "kl_test": fid.get("eval_kl"),
-            "agreement_holdout": fid.get("agreement"),
-            "queries": summary["queries"],
-            "distill_seconds": round(float(summary["seconds"]), 1),
-            "teacher_train_seconds": round(float(teacher_meta.get("seconds", float("nan"))), 1),
-        })
-    return pd.DataFrame(rows)
+def _distill(params: dict[str, Any], ckpt_dir: Path, bb: Any, transfer: torch.Tensor, test_x: torch.Tensor,
+             test_y: torch.Tensor, output: str, keep: Any, progress: bool | None) -> Any:
+    from .distillation import distill
+
+    return distill(
+        bb, transfer, student=params["student"], temperature=float(params.get("temperature", 4.0)),
+        epochs=int(params.get("distill_epochs", 10)), batch_size=int(params.get("distill_batch_size", 64)),
+        query_budget=params.get("query_budget"), holdout=float(params.get("holdout", 0.05)),
+        eval_images=test_x, eval_labels=test_y, seed=int(params.get("seed", 0)),
+        checkpoint_dir=ckpt_dir, progress=progress, on_epoch_end=keep,
+    )
+
+
+def load_snapshots(params: dict[str, Any], paths: RunPaths, output: str = "probs") -> dict[int, torch.nn.Module]:
+    """The student after each distillation epoch (``epoch -> model``), as saved by :func:`get_student`."""
+    from .models import load_checkpoint
+
+    files = sorted(paths.snapshots(output).glob("epoch_*.pt"))
+    if not files:
+        raise FileNotFoundError(f"no per-epoch students under {paths.rel(paths.snapshots(output))}; "
+                                f"run notebook 01 (or delete the cached student_{output}.json) first")
+    return {int(f.stem.split("_")[1]): load_checkpoint(f)[0] for f in files}
 
 
 def blackbox_labels(blackbox: Any, images: torch.Tensor) -> torch.Tensor:
@@ -312,6 +341,8 @@ def student_agreement(student: torch.nn.Module, images: torch.Tensor, labels: to
 
 def short_label(run: Any) -> str:
     """A short display name for a method run: ``lwcam``, ``Grad-CAM``, ``Grad-CAM (teacher, oracle)``, ..."""
+    if run.name in ("lwcam", "lwcam_selected"):
+        return run.label
     if run.name == "gradcam_teacher":
         return "Grad-CAM (teacher, oracle)"
     if run.name == "mask":
@@ -319,121 +350,56 @@ def short_label(run: Any) -> str:
     return run.label.split(" (")[0]
 
 
-def claim_table(per_image: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
-    """The paper's claim as paired tests: lwcam's deletion AUC below Grad-CAM's (and every other method's).
+@contextmanager
+def stage(name: str, paths: RunPaths | None) -> Iterator[None]:
+    """Time a costly stage and append ``{notebook, stage, seconds}`` to the run's stage log.
 
-    The first row is the main claim (lwcam vs Grad-CAM on the student's last layer, deletion AUC,
-    one-sided). Then the same on the images where student and black box agree, the insertion
-    AUC (higher is better), and lwcam against every other method on their common images.
+    The notebook's name comes from the ``LWCAM_NOTEBOOK`` environment variable, which
+    :func:`run` sets for each notebook; :func:`timings_table` reads the log back.
     """
-    from .evaluation import compare
-
-    rows = [dict(compare(per_image, "lwcam", "gradcam", "deletion_auc", "less", seed), subset="all images")]
-    if "agrees" in per_image:
-        agreeing = per_image[per_image["agrees"]]
-        if agreeing["method"].eq("lwcam").any():
-            rows.append(dict(compare(agreeing, "lwcam", "gradcam", "deletion_auc", "less", seed),
-                             subset="student agrees with black box"))
-    rows.append(dict(compare(per_image, "lwcam", "gradcam", "insertion_auc", "greater", seed), subset="all images"))
-    for other in per_image["method"].unique():
-        if other not in ("lwcam", "gradcam"):
-            rows.append(dict(compare(per_image, "lwcam", other, "deletion_auc", "less", seed), subset="all images"))
-    cols = ["a", "b", "metric", "subset", "n", "mean_a", "mean_b", "mean_diff", "ci_low", "ci_high", "p_value",
-            "alternative"]
-    return pd.DataFrame(rows)[cols]
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        if paths is not None:
+            record_stage(name, time.perf_counter() - t0, paths)
 
 
-def fusion_variants(names: list[str]) -> dict[str, dict[str, Any]]:
-    """The fusion settings compared on ``val``: the PROTOCOL modes and each single layer."""
-    variants: dict[str, dict[str, Any]] = {
-        "sum of min-max maps (default)": {"mode": "sum", "normalize": "minmax"},
-        "raw sum (normalize='none')": {"mode": "sum", "normalize": "none"},
-        "max of min-max maps": {"mode": "max", "normalize": "minmax"},
-        "sum without the shallowest layer": {"mode": "weighted", "normalize": "minmax",
-                                             "weights": [0.0] + [1.0] * (len(names) - 1)},
-    }
-    for i, name in enumerate(names):
-        w = [0.0] * len(names)
-        w[i] = 1.0
-        variants[f"layer {name} only"] = {"mode": "weighted", "normalize": "minmax", "weights": w}
-    return variants
+def record_stage(name: str, seconds: float, paths: RunPaths) -> None:
+    """Append one stage's wall time to the run's stage log (see :func:`stage`)."""
+    row = {"notebook": os.environ.get("LWCAM_NOTEBOOK", ""), "stage": name, "seconds": round(float(seconds), 2)}
+    with paths.stage_log.open("a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
-def select_fusion(params: dict[str, Any], paths: RunPaths, student: torch.nn.Module, scorer: Any,
-                  per_image: pd.DataFrame, test: tuple[torch.Tensor, torch.Tensor], seed: int = 0,
-                  n_val: int | None = None) -> pd.DataFrame:
-    """Choose a fusion setting by deletion AUC on ``val`` images, then report it once on ``test``.
+def _git_commit(root: Path) -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
 
-    Returns one row per setting with its validation deletion AUC; the selected setting (and the
-    default) also get their test deletion AUC and a paired one-sided test against Grad-CAM.
-    """
-    from .evaluation import layer_maps_batched
-    from .fusion import fuse
-    from .metrics import deletion_game, paired_test
 
-    n_val = n_val or int(params.get("n_fusion_val", 200))
-    val_x, _, _ = load_split(params, "val", paths)
-    val_x = val_x[:n_val]
-    val_t = blackbox_labels(scorer, val_x)
-    names, stack, _ = layer_maps_batched(student, val_x, val_t)
-    variants = fusion_variants(names)
+def timings_table(paths: RunPaths, notebook_seconds: dict[str, float], params: dict[str, Any]) -> pd.DataFrame:
+    """Wall time per notebook and per costly stage, with the run's provenance in every row."""
     rows = []
-    for label, kw in variants.items():
-        auc = deletion_game(scorer, val_x, fuse(stack, **kw), val_t).auc
-        rows.append({"fusion": label, "val_deletion_auc": float(auc.mean()), "n_val": len(val_x)})
+    stages = [json.loads(line) for line in paths.stage_log.read_text().splitlines()] if paths.stage_log.exists() else []
+    for nb, seconds in notebook_seconds.items():
+        rows.append({"notebook": nb, "stage": "(whole notebook)", "seconds": seconds})
+        rows.extend({"notebook": nb, "stage": r["stage"], "seconds": r["seconds"]} for r in stages
+                    if r["notebook"] == nb)
+    rows.append({"notebook": "(all)", "stage": "(total)", "seconds": round(sum(notebook_seconds.values()), 1)})
     table = pd.DataFrame(rows)
-    best = table.loc[table["val_deletion_auc"].idxmin(), "fusion"]
-    table["selected_on_val"] = table["fusion"] == best
-    test_x, test_t = test
-    _, test_stack, _ = layer_maps_batched(student, test_x, test_t)
-    grad = per_image[per_image["method"] == "gradcam"].set_index("image")["deletion_auc"]
-    grad = grad.reindex(range(len(test_x))).to_numpy()
-    for col in ("test_deletion_auc", "test_gradcam_deletion_auc", "test_mean_diff", "test_p_value"):
-        table[col] = float("nan")
-    for label in dict.fromkeys([best, "sum of min-max maps (default)"]):
-        auc = deletion_game(scorer, test_x, fuse(test_stack, **variants[label]), test_t).auc.numpy()
-        res = paired_test(auc, grad, alternative="less", seed=seed)
-        i = table.index[table["fusion"] == label][0]
-        table.loc[i, ["test_deletion_auc", "test_gradcam_deletion_auc", "test_mean_diff", "test_p_value"]] = [
-            float(auc.mean()), float(grad.mean()), res.mean_diff, res.p_value]
+    table["profile"] = paths.profile
+    table["seed"] = params.get("seed")
+    table["commit"] = _git_commit(paths.root)
+    table["torch"] = torch.__version__
+    table["threads"] = torch.get_num_threads()
+    table["machine"] = f"{platform.machine()} {os.cpu_count()} CPUs"
     return table
-
-
-def queries_tradeoff(params: dict[str, Any], blackbox: Any, scorer: Any, images: torch.Tensor,
-                     targets: torch.Tensor, runs: dict[str, Any], distill_summary: dict[str, Any],
-                     seed: int = 0, n_images: int | None = None,
-                     n_masks: tuple[int, ...] = (100, 300, 1000)) -> tuple[pd.DataFrame, str]:
-    """F6 data: RISE's deletion AUC at several mask counts against lwcam's amortised queries.
-
-    Returns the table (one row per RISE setting plus lwcam) and a sentence with the break-even
-    image count: lwcam's distillation queries divided by RISE's queries per image.
-    """
-    from .baselines import rise
-    from .metrics import deletion_game, insertion_game
-
-    n = n_images or min(int(params.get("n_tradeoff", 20)), len(runs["rise"].indices))
-    idx = runs["rise"].indices[:n]
-    x, t = images[idx], targets[idx]
-    rows = []
-    settings = sorted({*n_masks, int(params.get("rise_masks", 4000))})
-    for n_m in settings:
-        if n_m == int(params.get("rise_masks", 4000)):
-            sal = runs["rise"].saliency[:n]
-        else:
-            sal = rise(blackbox, x, t, n_masks=n_m, seed=seed)
-        rows.append({"method": "RISE", "setting": f"N={n_m}", "queries_per_image": float(n_m),
-                     "deletion_auc": float(deletion_game(scorer, x, sal, t).auc.mean()),
-                     "insertion_auc": float(insertion_game(scorer, x, sal, t).auc.mean()), "n_images": n})
-    lw = runs["lwcam"].saliency[[int((runs["lwcam"].indices == i).nonzero()) for i in idx]]
-    q = int(distill_summary["queries"])
-    rows.append({"method": "lwcam", "setting": f"distillation: {q} queries, once", "queries_per_image": 0.0,
-                 "deletion_auc": float(deletion_game(scorer, x, lw, t).auc.mean()),
-                 "insertion_auc": float(insertion_game(scorer, x, lw, t).auc.mean()), "n_images": n})
-    table = pd.DataFrame(rows)
-    n_default = int(params.get("rise_masks", 4000))
-    sentence = (f"break-even: lwcam's {q} distillation queries equal RISE (N={n_default}) on "
-                f"{q / n_default:.1f} images; beyond that lwcam needs fewer black-box queries in total")
-    return table, sentence
 
 
 def save_table(df: pd.DataFrame, table_id: str, paths: RunPaths, float_format: str = "%.6g") -> tuple[Path, Path]:
@@ -465,22 +431,27 @@ def run(profile: str = "default", only: list[str] | None = None, root: str | os.
         raise ValueError(f"unknown notebooks {unknown}; expected some of {NOTEBOOKS}")
     out_dir = base / "runs" / profile / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
-    done = []
-    timings = {}
+    paths = RunPaths.for_profile(profile, base)
+    paths.stage_log.unlink(missing_ok=True)
+    done, timings, start = [], {}, time.perf_counter()
     for name in names:
         src = base / "notebooks" / f"{name}.ipynb"
-        if not src.exists():
-            print(f"[lwcam] {name}: notebook not present, skipped", flush=True)
-            continue
         t0 = time.perf_counter()
         print(f"[lwcam] {name} (profile {profile}) ...", flush=True)
-        pm.execute_notebook(str(src), str(out_dir / f"{name}.ipynb"), parameters=params,
-                            cwd=str(base / "notebooks"), log_output=log_output, progress_bar=False,
-                            kernel_name="python3")
+        os.environ["LWCAM_NOTEBOOK"] = name  # the kernel inherits it: stage() labels its rows with it
+        try:
+            pm.execute_notebook(str(src), str(out_dir / f"{name}.ipynb"), parameters=params,
+                                cwd=str(base / "notebooks"), log_output=log_output, progress_bar=False,
+                                kernel_name="python3")
+        finally:
+            os.environ.pop("LWCAM_NOTEBOOK", None)
         timings[name] = round(time.perf_counter() - t0, 1)
-        print(f"[lwcam] {name} done in {timings[name]} s", flush=True)
+        print(f"[lwcam] {name} done in {timings[name]:.0f} s; run so far {time.perf_counter() - start:.0f} s",
+              flush=True)
         done.append(out_dir / f"{name}.ipynb")
-    (out_dir / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+    table = timings_table(paths, timings, params)
+    save_table(table, "timings", paths)
+    print(f"[lwcam] timings -> {paths.rel(paths.reports / 'timings.csv')}", flush=True)
     return done
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "plot_distillation_curves",
     "plot_layer_importance",
     "plot_query_tradeoff",
+    "plot_quality_vs_fidelity",
     "save_figure",
     "COLORBAR_LABEL",
     "DISAGREE_LABEL",
@@ -457,6 +458,40 @@ def plot_query_tradeoff(table: Any, *, distill_queries: int, lwcam_auc: float | 
     for ax in (ax_q, ax_t):
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=6, frameon=False)
+    return fig
+
+
+def plot_quality_vs_fidelity(table: Any, reference: Mapping[str, float], reference_label: str = "RISE") -> Figure:
+    """F7: deletion and insertion AUC on the black box against the student's agreement, per epoch.
+
+    Args:
+        table: rows with ``epoch``, ``setting``, ``agreement``, ``deletion_auc`` and ``insertion_auc``
+            (:func:`lwcam.analysis.quality_vs_fidelity`).
+        reference: ``{"deletion_auc": ..., "insertion_auc": ...}`` of a reference method on the same
+            images, drawn as a horizontal line.
+        reference_label: its name in the legend.
+
+    Returns:
+        The figure (two panels).
+    """
+    fig = Figure(figsize=(9.0, 3.6), layout="constrained")
+    axes = fig.subplots(1, 2)
+    colours = ["#1f77b4", "#2ca02c", "#9467bd", "#8c564b"]
+    for ax, metric, title in zip(axes, ("deletion_auc", "insertion_auc"),
+                                 ("deletion AUC (lower is better)", "insertion AUC (higher is better)"), strict=True):
+        for colour, (setting, rows) in zip(colours, table.groupby("setting", sort=False), strict=False):
+            rows = rows.sort_values("epoch")
+            ax.plot(rows["agreement"], rows[metric], "o-", color=colour, label=setting, ms=4)
+            for _, r in rows.iterrows():
+                ax.annotate(str(int(r["epoch"])), (r["agreement"], r[metric]), fontsize=6,
+                            textcoords="offset points", xytext=(3, 3), color=colour)
+        if metric in reference:
+            ax.axhline(float(reference[metric]), color=_RED, ls="--", lw=1.2, label=reference_label)
+        ax.set_xlabel("student's top-1 agreement with the black box (test)")
+        ax.set_ylabel(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, frameon=False)
+    fig.suptitle("explanation quality against the student's fidelity (numbers: distillation epoch)", fontsize=9)
     return fig
 
 

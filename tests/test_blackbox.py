@@ -90,26 +90,26 @@ def test_cache_hit_costs_no_query_and_survives_restart(images, tmp_path):
     assert bb.queries == 10 and bb.cache_hits == 10
     torch.testing.assert_close(first, again)
     bb.close()
-    # a new process sees the same answers without querying
+    # a new process with the same model (same weights) sees the same answers without querying
     code = textwrap.dedent(
         f"""
         import torch
         from torch import nn
         from lwcam.blackbox import BlackBox
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 6))
         calls = []
-        def fn(x):
-            calls.append(len(x))
-            return torch.full((len(x), 6), 1 / 6)
-        bb = BlackBox(fn, 6, fn_returns="logits", cache_dir={str(tmp_path)!r})
+        net.register_forward_hook(lambda *a: calls.append(1))
+        bb = BlackBox(net, 6, cache_dir={str(tmp_path)!r})
         imgs = torch.randn(10, 3, 8, 8, generator=torch.Generator().manual_seed(1))
         out = bb(imgs)
-        print(bb.queries, len(calls), round(float(out[0].max()), 6))
+        print(bb.queries, len(calls), float(out[0].max()))
         """
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     queries, n_calls, top = res.stdout.split()
     assert queries == "0" and n_calls == "0"
-    assert abs(float(top) - float(first[0].max())) < 1e-5
+    assert float(top) == float(first[0].max())
 
 
 def test_cache_dedupes_inside_a_batch(tmp_path):
@@ -133,11 +133,11 @@ def test_cache_is_consistent_after_a_crash_mid_write(tmp_path):
             if n == 3:
                 os._exit(1)  # die hard between two batches
             return torch.softmax(torch.randn(len(x), 6), 1)
-        bb = BlackBox(fn, 6, batch_size=2, cache_dir={str(tmp_path)!r})
+        bb = BlackBox(fn, 6, batch_size=2, cache_dir={str(tmp_path)!r}, cache_namespace="crash")
         bb(torch.randn(10, 3, 8, 8, generator=torch.Generator().manual_seed(5)))
         """
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 1
     calls = []
 
@@ -145,7 +145,7 @@ def test_cache_is_consistent_after_a_crash_mid_write(tmp_path):
         calls.append(len(x))
         return torch.softmax(torch.zeros(len(x), 6), 1)
 
-    bb = BlackBox(fn, 6, batch_size=2, cache_dir=tmp_path)
+    bb = BlackBox(fn, 6, batch_size=2, cache_dir=tmp_path, cache_namespace="crash")  # the same name: shared answers
     bb(torch.randn(10, 3, 8, 8, generator=torch.Generator().manual_seed(5)))
     assert bb.cache_hits == 4 and bb.queries == 6  # the two committed batches were kept
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 from torch import nn
 
-from lwcam import BlackBox, evaluation, pipeline
+from lwcam import BlackBox, analysis, evaluation, pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -81,7 +82,7 @@ def test_compare_and_claim_table(batch):
     _, per_image, _, _, _, _ = _run(batch)
     res = evaluation.compare(per_image, "lwcam", "rise")
     assert res["n"] == 3  # paired on the images both explained
-    claims = pipeline.claim_table(per_image)
+    claims = analysis.claim_table(per_image)
     assert claims.iloc[0][["a", "b", "metric"]].tolist() == ["lwcam", "gradcam", "deletion_auc"]
     assert claims["p_value"].between(0, 1).all()
     with pytest.raises(ValueError, match="share no image"):
@@ -144,6 +145,8 @@ def test_artefacts_are_cached_and_invalidated(tmp_path):
     assert paths.teacher.stat().st_mtime_ns == stamp  # reused
     student, summary = pipeline.get_student(params, paths, pipeline.get_teacher(params, paths)[0])
     assert summary["queries"] <= 200 and (paths.run / "student_probs.json").exists()
+    snapshots = pipeline.load_snapshots(params, paths)  # one student per distillation epoch (F7)
+    assert sorted(snapshots) == [1] and all(not m.training for m in snapshots.values())
     again, summary2 = pipeline.get_student(params, paths, pipeline.get_teacher(params, paths)[0])
     assert summary2["fingerprint"] == summary["fingerprint"]
     for p, q in zip(student.parameters(), again.parameters(), strict=True):
@@ -151,3 +154,50 @@ def test_artefacts_are_cached_and_invalidated(tmp_path):
     params = _tiny_project(tmp_path, teacher_epochs=2)  # a changed setting retrains
     _, meta2 = pipeline.get_teacher(params, paths)
     assert paths.teacher.stat().st_mtime_ns != stamp and meta2["epochs"] == 2
+
+
+def test_stage_timings_are_written(tmp_path, monkeypatch):
+    _tiny_project(tmp_path)
+    paths = pipeline.RunPaths.for_profile("tiny", tmp_path)
+    monkeypatch.setenv("LWCAM_NOTEBOOK", "01_distill")
+    with pipeline.stage("teacher training", paths):
+        pass
+    pipeline.record_stage("distillation (probs)", 2.5, paths)
+    table = pipeline.timings_table(paths, {"01_distill": 4.0, "02_explain": 1.0}, {"seed": 3})
+    assert table["stage"].tolist() == ["(whole notebook)", "teacher training", "distillation (probs)",
+                                       "(whole notebook)", "(total)"]
+    assert table["seconds"].iloc[-1] == 5.0 and table["seconds"].iloc[2] == 2.5
+    assert {"profile", "seed", "commit", "torch", "threads", "machine"} <= set(table.columns)
+    assert set(table["seed"]) == {3} and set(table["profile"]) == {"tiny"}
+
+
+def _tables_of_a_run(root):
+    root.mkdir()
+    params = _tiny_project(root)
+    paths = pipeline.RunPaths.for_profile("tiny", root)
+    teacher, meta = pipeline.get_teacher(params, paths)
+    student, summary = pipeline.get_student(params, paths, teacher)
+    x, y, m = pipeline.load_split(params, "test", paths)
+    bb = pipeline.make_blackbox(teacher, params, paths, cache=False)
+    t = pipeline.blackbox_labels(bb, x)
+    runs = evaluation.run_methods(x, t, m, methods=["lwcam", "gradcam", "rise", "random"], blackbox=bb,
+                                  student=student, subset=range(4), subset_methods=["rise"],
+                                  method_params={"rise": {"n_masks": 50, "seed": 0}, "random": {"seed": 0}})
+    per_image, _ = evaluation.score_methods(bb, x, t, m, runs)
+    t1 = analysis.table_t1(params, meta, float((pipeline.blackbox_labels(bb, x) == y).float().mean()),
+                           {"probs": summary})
+    names, stack, res = evaluation.layer_maps_batched(student, x, t)
+    t2 = evaluation.layer_importance(bb, x, t, m, names, stack, resolutions=res)
+    t3 = evaluation.summarize(per_image, runs, n_boot=200)
+    timeless = [c for c in (*t1.columns, *t3.columns) if "seconds" in c]
+    return (t1.drop(columns=[c for c in timeless if c in t1]), t2,
+            t3.drop(columns=[c for c in timeless if c in t3]))
+
+
+def test_same_seed_gives_identical_tables(tmp_path):
+    """Determinism: two runs from scratch in separate folders give identical T1-T3 (time columns aside)."""
+    first = _tables_of_a_run(tmp_path / "a")
+    second = _tables_of_a_run(tmp_path / "b")
+    for a, b in zip(first, second, strict=True):
+        pd.testing.assert_frame_equal(a, b)
+    assert first[0]["queries"].iloc[0] > 0

@@ -123,6 +123,59 @@ def test_weighted():
     torch.testing.assert_close(by_name, expected)
 
 
+def test_weighted_by_name_missing_layers_weigh_zero():
+    maps = _maps(5)
+    named = {f"layer{i}": m for i, m in enumerate(maps)}
+    norm = [minmax_normalize(m) for m in maps]
+    # layer1 and layer3 are left out: the same as weights 0, i.e. the subset {layer0, layer2}
+    out = fuse(named, mode="weighted", weights={"layer2": 3.0, "layer0": 1.0})
+    torch.testing.assert_close(out, minmax_normalize(norm[0] + 3.0 * norm[2]))
+    torch.testing.assert_close(out, fuse(maps, mode="weighted", weights=[1, 0, 3, 0]))
+    torch.testing.assert_close(out, fuse(_layer_maps(maps), mode="weighted", weights={"layer0": 1, "layer2": 3}))
+    # a single named layer is that layer's normalised map
+    torch.testing.assert_close(fuse(named, mode="weighted", weights={"layer3": 0.5}), norm[3])
+    raw = fuse(named, mode="weighted", normalize="none", weights={"layer1": 2.0})
+    torch.testing.assert_close(raw, 2.0 * maps[1])
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [
+        ([1.0, 1.0, 1.0], r"got 3 weights for 4 layer maps \(weights needs one per layer\)"),
+        ([1.0] * 5, "got 5 weights for 4 layer maps"),
+        ([], "got 0 weights for 4 layer maps"),
+        ([[1.0, 1.0], [1.0, 1.0]], r"weights must be 1-D.*\(2, 2\)"),
+        (2.0, r"weights must be 1-D.*\(\)"),
+        ([1.0, -0.5, 1.0, 1.0], r"weights must be >= 0, got \[1.0, -0.5, 1.0, 1.0\]"),
+        ([1.0, float("nan"), 1.0, 1.0], r"weights must be finite \(no NaN or inf\)"),
+        ([1.0, float("inf"), 1.0, 1.0], r"weights must be finite \(no NaN or inf\)"),
+        ([1.0, float("-inf"), 1.0, 1.0], r"weights must be finite"),
+        ([0.0, 0.0, 0.0, 0.0], "weights are all zero"),
+        (torch.tensor([0.0, float("nan"), 0.0, 1.0]), "weights must be finite"),
+        (np.array([1.0, 1.0]), "got 2 weights for 4 layer maps"),
+        ({"layer0": -1.0}, "weights must be >= 0"),
+        ({"layer0": float("inf")}, "weights must be finite"),
+        ({"layer0": 0.0, "layer1": 0.0}, "weights are all zero"),
+        ({"layer9": 1.0}, r"weights name unknown layers \['layer9'\]"),
+    ],
+)
+def test_weighted_rejects_bad_weights(weights, message):
+    named = {f"layer{i}": m for i, m in enumerate(_maps(6))}
+    maps = named if isinstance(weights, dict) else list(named.values())
+    with pytest.raises(ValueError, match=message):
+        fuse(maps, mode="weighted", weights=weights)
+    # the same check guards LayerMaps.fuse
+    with pytest.raises(ValueError, match="weights"):
+        _layer_maps(list(named.values())).fuse(mode="weighted", weights=weights)
+
+
+@pytest.mark.parametrize("weights", ["1,1,1,1", [1, "a", 1, 1], torch.tensor([True, True, False, True]),
+                                     [1j, 1, 1, 1]])
+def test_weighted_rejects_non_numeric_weights(weights):
+    with pytest.raises(TypeError, match="weights must be"):
+        fuse(_maps(7), mode="weighted", weights=weights)
+
+
 def test_input_forms_agree():
     maps = _maps(3)
     ref = fuse(maps)
@@ -180,7 +233,7 @@ def test_errors():
     with pytest.raises(ValueError, match="need named maps"):
         fuse(maps, mode="weighted", weights={"a": 1.0})
     named = {f"layer{i}": m for i, m in enumerate(maps)}
-    with pytest.raises(ValueError, match=r"missing \['layer3'\], unknown \['bogus'\]"):
+    with pytest.raises(ValueError, match=r"weights name unknown layers \['bogus'\]"):
         fuse(named, mode="weighted", weights={"layer0": 1, "layer1": 1, "layer2": 1, "bogus": 1})
     with pytest.raises(ValueError, match="mismatched shapes"):
         fuse([torch.rand(2, 4, 4), torch.rand(2, 8, 8)])

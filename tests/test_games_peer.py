@@ -4,7 +4,8 @@ torchcam 0.5.0 implements the RISE games too. Its protocol, read from its source
 is aligned here:
 
 * **Saliency.** torchcam computes the map itself with a CAM extractor, then resizes it bilinearly to
-  the input size. Here a small adapter hands it our precomputed (B, H, W) saliency; resizing to the
+  the input size. Here a small adapter (``benchmarks/torchcam_adapter.py``, shared with the timing
+  benchmark) hands it our precomputed (B, H, W) saliency; resizing to the
   same size is the identity, so both rank exactly the same numbers.
 * **Ranking and ties.** torchcam: ``argsort(cam, descending=True, stable=True)``. Ours: a stable sort
   of ``-saliency``. Both rank descending with ties in raster order (lower flat index first), so the
@@ -37,37 +38,32 @@ separates them.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from functools import partial
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from lwcam.blackbox import BlackBox
 from lwcam.metrics import deletion_game, game_auc, gaussian_blur, insertion_game
 
-DeletionInsertionMetric = pytest.importorskip("torchcam.metrics").DeletionInsertionMetric
+pytest.importorskip("torchcam.metrics")
 
 ATOL = 1e-5
 H = W = 32
 
 
-class FixedSaliency:
-    """A torchcam CAM-extractor stand-in that returns a given saliency map instead of computing one."""
+def _load_adapter():
+    """``benchmarks/torchcam_adapter.py`` (no side effects), the adapter the timing benchmark uses too."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "torchcam_adapter.py"
+    spec = importlib.util.spec_from_file_location("torchcam_adapter", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    def __init__(self, model: nn.Module, saliency: torch.Tensor) -> None:
-        self.model = model
-        self.saliency = saliency
 
-    def __call__(self, class_idx=None, scores=None, normalized=True, *, targets=None, **kwargs):
-        return [self.saliency]
-
-    def fuse_cams(self, cams: list[torch.Tensor]) -> torch.Tensor:
-        return cams[0]
-
-    @contextmanager
-    def _hooks_off(self):
-        yield
+torchcam_games = _load_adapter().torchcam_games
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +90,8 @@ def peer_aucs(model, images, saliency, targets, *, steps, baseline=None) -> tupl
     """Per-image deletion and insertion AUCs from torchcam (one image per update)."""
     dels, inss = [], []
     for i in range(images.shape[0]):
-        metric = DeletionInsertionMetric(FixedSaliency(model, saliency[i : i + 1]), partial(torch.softmax, dim=-1),
-                                         steps=steps, baseline=baseline, batch_size=64)
-        metric.update(images[i : i + 1], class_idx=[targets[i]])
-        out = metric.summary()
+        out = torchcam_games(model, images[i : i + 1], saliency[i : i + 1], [targets[i]], steps=steps,
+                             baseline=baseline)
         dels.append(out["deletion_auc"])
         inss.append(out["insertion_auc"])
     return dels, inss
@@ -149,11 +143,53 @@ def test_partial_last_step_differs_only_in_auc_normalisation(setup) -> None:
 def test_batched_means_match(setup) -> None:
     """One batched torchcam update against one batched call of ours: mean AUCs agree."""
     model, images, saliency, targets = setup
-    metric = DeletionInsertionMetric(FixedSaliency(model, saliency), partial(torch.softmax, dim=-1), steps=H,
-                                     batch_size=32)
-    metric.update(images, class_idx=targets)
-    peer = metric.summary()
+    peer = torchcam_games(model, images, saliency, targets, steps=H, batch_size=32)
     ours_del = deletion_game(model, images, saliency, targets, batch_size=32)
     ours_ins = insertion_game(model, images, saliency, targets, start="zeros", batch_size=32)
     assert ours_del.auc.mean().item() == pytest.approx(peer["deletion_auc"], abs=ATOL)
     assert ours_ins.auc.mean().item() == pytest.approx(peer["insertion_auc"], abs=ATOL)
+
+
+class _ViewFlatten(nn.Module):
+    """A convnet whose head flattens with ``.view``, which a channels_last activation cannot take."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=4, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 10)
+        self.layouts: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.layouts.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        a = self.conv(x)
+        return self.fc(a.view(a.shape[0], -1)) * 30
+
+
+def test_convnet_gets_channels_last_inputs_in_inference_mode(setup) -> None:
+    model, images, saliency, targets = setup
+    seen: list[tuple[bool, bool]] = []
+    handle = model.register_forward_pre_hook(lambda m, args: seen.append(
+        (args[0].is_contiguous(memory_format=torch.channels_last), torch.is_inference_mode_enabled())))
+    try:
+        deletion_game(model, images[:2], saliency[:2], targets[:2], batch_size=40)
+        deletion_game(BlackBox(model, num_classes=10), images[:2], saliency[:2], targets[:2], batch_size=40)
+    finally:
+        handle.remove()
+    assert seen == [(True, True)] * 4
+
+
+def test_model_that_rejects_channels_last_falls_back_and_matches_torchcam(setup) -> None:
+    _, images, saliency, _ = setup
+    model = _ViewFlatten().eval()
+    with torch.no_grad():
+        targets = model(images).argmax(1).tolist()
+    model.layouts.clear()
+    peer_del, peer_ins = peer_aucs(model, images, saliency, targets, steps=H)
+    model.layouts.clear()
+    bb = BlackBox(model, num_classes=10)
+    ours_del = deletion_game(bb, images, saliency, targets, batch_size=64)
+    assert model.layouts[:2] == [True, False] and not any(model.layouts[1:])  # one refusal, then NCHW
+    assert bb.queries == ours_del.queries == images.shape[0] * (H + 1)  # the refused call costs nothing
+    ours_ins = insertion_game(model, images, saliency, targets, start="zeros", batch_size=64)
+    torch.testing.assert_close(ours_del.auc, torch.tensor(peer_del), atol=ATOL, rtol=0)
+    torch.testing.assert_close(ours_ins.auc, torch.tensor(peer_ins), atol=ATOL, rtol=0)

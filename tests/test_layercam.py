@@ -193,6 +193,161 @@ def test_upsampling_is_bilinear_align_corners_false(resnet, images):
 
 
 # ---------------------------------------------------------------------------------------------
+# LayerCAM weighting
+# ---------------------------------------------------------------------------------------------
+def _hand_acts_and_grads(net: nn.Sequential, x: torch.Tensor, cut: int, targets: list[int]):
+    """A = net[:cut](x) and dy_b/dA_b, computed image by image with autograd (no hooks)."""
+    acts, grads = [], []
+    for b, t in enumerate(targets):
+        a = net[:cut](x[b:b + 1]).detach().requires_grad_(True)
+        y = net[cut:](a)[0, t]
+        (g,) = torch.autograd.grad(y, a)
+        acts.append(a.detach()[0])
+        grads.append(g[0])
+    return torch.stack(acts), torch.stack(grads)
+
+
+def test_both_weightings_match_a_hand_computation():
+    torch.manual_seed(5)
+    net = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 12, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 6),
+    )
+    _randomise_bn(net, torch.Generator().manual_seed(6))
+    net.eval()
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+    targets = [0, 3, 5]
+    layers = {"1": 2, "4": 5, "8": 9}  # layer name -> index of the module after it
+    out = LayerwiseGradCAM(net, list(layers), weighting=("gradcam", "layercam"), verbose=False)(x, targets)
+    assert set(out) == {"gradcam", "layercam"}
+    for name, cut in layers.items():
+        a, g = _hand_acts_and_grads(net, x, cut, targets)
+        expected = {
+            "gradcam": torch.relu((g.mean(dim=(2, 3))[:, :, None, None] * a).sum(1)),
+            "layercam": torch.relu((torch.relu(g) * a).sum(1)),
+        }
+        for weighting, ref in expected.items():
+            assert (ref > 0).any(), (name, weighting)  # a map that can tell the two apart
+            lm = out[weighting]
+            assert lm.weighting == weighting
+            torch.testing.assert_close(lm.raw[name], ref, atol=1e-6, rtol=1e-5)
+            up = F.interpolate(ref[:, None], size=(16, 16), mode="bilinear", align_corners=False)[:, 0]
+            torch.testing.assert_close(lm.maps[name], up, atol=1e-6, rtol=1e-5)
+        assert not torch.allclose(out["gradcam"].raw[name], out["layercam"].raw[name], atol=1e-4)
+
+
+def test_layercam_differs_from_gradcam_by_keeping_positive_gradients_only():
+    """Negative gradients cancel positive ones in Grad-CAM's mean, not in LayerCAM."""
+    conv = nn.Conv2d(1, 1, 1, bias=False)
+    lin = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+        lin.weight.copy_(torch.tensor([[1.0, -1.0]]))
+    # y = A[0,0] - A[0,1] on a 1x2 map: dy/dA = (+1, -1), mean 0
+    net = nn.Sequential(conv, nn.Flatten(), lin)
+    x = torch.tensor([[[[2.0, 2.0]]]])
+    out = LayerwiseGradCAM(net, ["0"], weighting=["layercam", "gradcam"], verbose=False)(x, 0)
+    assert list(out) == ["layercam", "gradcam"]
+    torch.testing.assert_close(out["gradcam"].raw["0"], torch.zeros(1, 1, 2))
+    torch.testing.assert_close(out["layercam"].raw["0"], torch.tensor([[[2.0, 0.0]]]))
+
+
+@pytest.mark.parametrize("peer", ["torchcam", "pytorch_grad_cam"])
+def test_layercam_matches_peers_every_auto_stage(resnet, images, peer):
+    targets = [0, 3, 7, 9]
+    lm = LayerwiseGradCAM(resnet, weighting="layercam", verbose=False)(images, targets)
+    assert lm.names == RESNET_STAGES and lm.weighting == "layercam"
+    modules = dict(resnet.named_modules())
+    if peer == "torchcam":
+        from torchcam.methods import LayerCAM
+
+        with LayerCAM(resnet, target_layer=lm.names) as ext:
+            theirs = [c.numpy() for c in ext(class_idx=targets, scores=resnet(images), normalized=False)]
+    else:
+        from pytorch_grad_cam import LayerCAM
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget as PgcTarget
+
+        with LayerCAM(model=resnet, target_layers=[modules[n] for n in lm.names]) as ref:
+            ref(input_tensor=images.clone(), targets=[PgcTarget(t) for t in targets])
+            pairs = zip(ref.activations_and_grads.activations, ref.activations_and_grads.gradients, strict=True)
+            theirs = [np.maximum(ref.get_cam_image(images, None, None, a.numpy(), g.numpy(), False), 0)
+                      for a, g in pairs]
+    for name, ref_raw in zip(lm.names, theirs, strict=True):
+        assert ref_raw.shape == tuple(lm.raw[name].shape)
+        assert ref_raw.max() > 0
+        np.testing.assert_allclose(lm.raw[name].numpy(), ref_raw, atol=1e-5 * ref_raw.max(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("use_context", [False, True])
+def test_both_weightings_one_forward_and_one_backward(resnet, small, use_context):
+    net = copy.deepcopy(resnet)
+    counts, handle = _counters(net)
+    targets = [1, 2, 3, 4]
+    try:
+        cam = LayerwiseGradCAM(net, weighting=("gradcam", "layercam"), verbose=False)
+        if use_context:
+            cam.__enter__()
+        for expected in (1, 2):
+            out = cam(small, targets)
+            assert counts == {"forward": expected, "backward": expected}
+        if use_context:
+            cam.__exit__(None, None, None)
+    finally:
+        handle.remove()
+    assert all(p.grad is None for p in net.parameters())
+    assert no_hooks(net)
+    # each entry equals a call with that weighting alone
+    for weighting in ("gradcam", "layercam"):
+        alone = LayerwiseGradCAM(resnet, weighting=weighting, verbose=False)(small, targets)
+        assert alone.weighting == out[weighting].weighting == weighting
+        assert out[weighting].names == alone.names == RESNET_STAGES[:4]
+        for n in alone.names:
+            torch.testing.assert_close(out[weighting].raw[n], alone.raw[n], atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(out[weighting].maps[n], alone.maps[n], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(out[weighting].logits, alone.logits)
+        assert torch.equal(out[weighting].targets, alone.targets)
+
+
+def test_default_weighting_is_gradcam_and_state_is_restored():
+    net = tiny_net()
+    net.train()
+    net[3].eval()
+    before = {n: m.training for n, m in net.named_modules()}
+    x = torch.randn(2, 3, 16, 16)
+    cam = LayerwiseGradCAM(net, verbose=False)
+    assert cam.weighting == "gradcam" and "weighting='gradcam'" in repr(cam)
+    lm = cam(x, [1, 2])
+    assert isinstance(lm, LayerMaps) and lm.weighting == "gradcam"
+    both = LayerwiseGradCAM(net, weighting=("gradcam", "layercam"), verbose=False)
+    assert both.weighting == ("gradcam", "layercam")
+    out = both(x, [1, 2])
+    for n in lm.names:
+        torch.testing.assert_close(out["gradcam"].raw[n], lm.raw[n])
+    assert out["layercam"].cpu().weighting == "layercam"
+    assert {n: m.training for n, m in net.named_modules()} == before
+    assert no_hooks(net) and all(p.grad is None for p in net.parameters())
+
+
+def test_error_bad_weighting():
+    net = tiny_net()
+    with pytest.raises(ValueError, match="unknown weighting 'gradcam\\+\\+'"):
+        LayerwiseGradCAM(net, weighting="gradcam++")
+    with pytest.raises(ValueError, match="unknown weighting 'LayerCAM'"):
+        LayerwiseGradCAM(net, weighting=("gradcam", "LayerCAM"))
+    with pytest.raises(ValueError, match="weighting is an empty tuple"):
+        LayerwiseGradCAM(net, weighting=())
+    with pytest.raises(ValueError, match="weighting lists a name twice"):
+        LayerwiseGradCAM(net, weighting=["layercam", "layercam"])
+    with pytest.raises(TypeError, match="weighting must be one of"):
+        LayerwiseGradCAM(net, weighting=None)
+    with pytest.raises(ValueError, match="unknown weighting 3"):
+        LayerwiseGradCAM(net, weighting=[3])
+    assert no_hooks(net)
+
+
+# ---------------------------------------------------------------------------------------------
 # layer selection
 # ---------------------------------------------------------------------------------------------
 def test_auto_layers_tiny_sequential(capsys):

@@ -11,6 +11,11 @@ name                         access                            black-box queries
 ===========================  ================================  ===========================
 ``gradcam``                  white-box student (or teacher,    0
                              as an oracle)
+``gradcampp``                white-box student (last layer)    0
+``scorecam``                 white-box student (last layer)    0 (K forward passes per image
+                                                               on the student, K channels)
+``layercam``                 white-box student (all layers,    0
+                             tanh + max, as torchcam)
 ``cam``                      white-box student (GAP + linear)  0
 ``meaningful_perturbation``  white-box student (gradients)     0
 ``rise``                     black-box                         ``n_masks`` (4000)
@@ -48,10 +53,13 @@ from ..blackbox import BlackBox
 from ._base import minmax
 from .cam import cam, find_cam_head
 from .gradcam import gradcam, last_layer
+from .gradcampp import gradcampp
+from .layercam_multi import fuse_layercam, layercam
 from .lime import lime, superpixels
 from .meaningful_perturbation import meaningful_perturbation
 from .occlusion import occlusion, occlusion_queries
 from .rise import rise, rise_masks
+from .scorecam import scorecam
 from .simple import center_saliency, mask_saliency, random_saliency
 from .simple import center_saliency as center
 from .simple import mask_saliency as mask
@@ -59,6 +67,9 @@ from .simple import random_saliency as random
 
 __all__ = [
     "gradcam",
+    "gradcampp",
+    "scorecam",
+    "layercam",
     "cam",
     "meaningful_perturbation",
     "rise",
@@ -76,6 +87,7 @@ __all__ = [
     "minmax",
     "find_cam_head",
     "last_layer",
+    "fuse_layercam",
     "superpixels",
     "occlusion_queries",
     "rise_masks",
@@ -139,6 +151,9 @@ METHODS: dict[str, Method] = {
     for m in (
         Method("gradcam", gradcam, "white-box student", "Grad-CAM (student, last layer)"),
         Method("gradcam_teacher", gradcam, "white-box teacher (oracle)", "Grad-CAM (teacher, oracle)"),
+        Method("gradcampp", gradcampp, "white-box student", "Grad-CAM++ (student, last layer)"),
+        Method("scorecam", scorecam, "white-box student", "Score-CAM (student, last layer)"),
+        Method("layercam", layercam, "white-box student", "LayerCAM (student, all layers, tanh + max)"),
         Method("cam", cam, "white-box student", "CAM (student)"),
         Method("meaningful_perturbation", meaningful_perturbation, "white-box student",
                "Meaningful Perturbation (student)"),

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._utils import eval_mode
 from ..blackbox import BlackBox
 
 __all__ = [
@@ -38,11 +39,16 @@ Targets = int | Sequence[int] | torch.Tensor
 
 
 def check_images(images: Any, channels: int | None = 3) -> torch.Tensor:
-    """Validate a batch ``(B,channels,H,W)`` of finite floating-point images and return it detached."""
+    """Validate a batch ``(B,channels,H,W)`` of finite floating-point images; return it detached, as float32.
+
+    The one image rule of lwcam: any floating dtype is accepted and converted to float32; any other
+    dtype raises ``TypeError`` naming it.
+    """
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"images must be a torch.Tensor of shape (B,3,H,W), got {type(images).__name__}")
     if not images.is_floating_point():
-        raise TypeError(f"images must be a floating-point tensor, got dtype {images.dtype}")
+        raise TypeError(f"images must be a floating-point tensor (any float dtype is converted to float32), "
+                        f"got dtype {images.dtype}")
     if images.dim() != 4:
         raise ValueError(f"images must have shape (B,3,H,W), got {tuple(images.shape)}")
     if images.shape[0] == 0:
@@ -53,6 +59,10 @@ def check_images(images: Any, channels: int | None = 3) -> torch.Tensor:
         raise ValueError(f"images must have a positive height and width, got {tuple(images.shape)}")
     if not torch.isfinite(images).all():
         raise ValueError("images contain NaN or Inf pixels")
+    if images.dtype != torch.float32:
+        images = images.to(torch.float32)
+        if not torch.isfinite(images).all():
+            raise ValueError("images hold values too large for float32 (they become Inf)")
     return images.detach()
 
 
@@ -130,22 +140,6 @@ def require_module(model: Any, method: str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"{method} needs an nn.Module, got {type(model).__name__}")
     return model
-
-
-class eval_mode:  # noqa: N801 - used like a function
-    """Context manager: put a module in eval mode, then give every submodule its own training flag back."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-        self.flags = [(m, m.training) for m in module.modules()]
-
-    def __enter__(self) -> nn.Module:
-        self.module.eval()
-        return self.module
-
-    def __exit__(self, *exc: object) -> None:
-        for m, flag in self.flags:
-            m.training = flag
 
 
 def module_device(module: nn.Module) -> torch.device:

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from .._utils import progress
-from ..blackbox import BlackBox, as_prob_fn
+from ..blackbox import BlackBox
+from ..metrics import _evaluation_prob_fn
 from ._base import Recorder, Targets, check_images, check_targets, finish, generator, require_blackbox
 
 __all__ = ["rise", "rise_masks"]
@@ -126,7 +127,7 @@ def rise(
     b, _, h, w = images.shape
     targets = check_targets(targets, b, bb.num_classes)
     _check(n_masks, grid_size, p_keep, batch_size)
-    prob_fn = as_prob_fn(bb)
+    prob_fn = _evaluation_prob_fn(bb)  # inference_mode, channels_last for a CPU convnet
     with Recorder(stats, b, bb) as rec:
         bank = _MaskBank(n_masks, (h, w), grid_size, p_keep, seed)
         images = images.cpu().float()

@@ -1,0 +1,118 @@
+"""Score-CAM (Wang et al., CVPR-W 2020) on one layer of the white-box student."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._base import (
+    Recorder,
+    Targets,
+    check_images,
+    check_targets,
+    eval_mode,
+    finish,
+    require_module,
+    upsample,
+)
+from .gradcampp import layer_activations, resolve_layer, to_model
+
+__all__ = ["scorecam"]
+
+EPS = 1e-8  # in the per-channel min-max normalisation, as torchcam does
+
+
+def _channel_masks(act: torch.Tensor) -> torch.Tensor:
+    """Per-channel min-max normalised activations ``(A - min) / (max - min + ε)``, (B,K,h,w)."""
+    lo = act.amin(dim=(2, 3), keepdim=True)
+    shifted = act - lo
+    return shifted / (shifted.amax(dim=(2, 3), keepdim=True) + EPS)
+
+
+def _masked_scores(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, targets: torch.Tensor,
+                   batch_size: int) -> torch.Tensor:
+    """(B,K) target logits of ``images[b] ⊙ upsample(masks[b,k])``, in batches of masked images."""
+    b, k = masks.shape[:2]
+    size = tuple(images.shape[-2:])
+    flat = masks.reshape(b * k, 1, *masks.shape[2:]).to(images)
+    owner = torch.arange(b, device=images.device).repeat_interleave(k)
+    tgt = targets.to(images.device)
+    scores = torch.empty(b * k, device=images.device)
+    with eval_mode(model), torch.no_grad():
+        for start in range(0, b * k, batch_size):
+            idx = slice(start, min(start + batch_size, b * k))
+            m = F.interpolate(flat[idx], size=size, mode="bilinear", align_corners=False)
+            logits = model(images[owner[idx]] * m)
+            scores[idx] = logits.gather(1, tgt[owner[idx]][:, None].to(logits.device))[:, 0].to(scores)
+    return scores.reshape(b, k)
+
+
+def scorecam(
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: Targets,
+    *,
+    layer: str | nn.Module = "last",
+    batch_size: int = 256,
+    stats: dict | None = None,
+) -> torch.Tensor:
+    """Score-CAM of one layer, upsampled to the input size.
+
+    With ``A`` (K,h,w) the layer's activations on the image ``x``, each channel becomes a mask
+    ``M_k = U((A_k − min A_k) / (max A_k − min A_k + ε))`` (min-max normalised at the layer's
+    resolution, ``ε = 1e-8``, then ``U`` = bilinear upsampling to the input size,
+    ``align_corners=False``). With ``y(·)`` the target logit,
+
+    ``w = softmax_k( y(x ⊙ M_k) − y(x_b) )``, ``map = ReLU(Σ_k w_k A_k)``,
+
+    upsampled bilinearly to the input size. This is torchcam's ``ScoreCAM`` (0.5.0), which the
+    tests cross-check, and pytorch-grad-cam's up to its mask upsampling (``align_corners=True``,
+    normalised after upsampling). The baseline image ``x_b`` of the paper's channel-wise
+    increase of confidence does not matter here: its score is one constant per image and the
+    softmax over channels cancels it (torchcam uses ``x_b = x``, pytorch-grad-cam none). The
+    authors' code instead weighs by each masked input's softmax *probability* of the target
+    class, without a softmax over channels; we follow the two libraries.
+
+    White-box: one forward pass, then ``K`` forward passes per image on masked inputs, sent
+    ``batch_size`` at a time; 0 black-box queries.
+
+    Args:
+        model: an ``nn.Module`` returning logits (the distilled student).
+        images: ``(B,3,H,W)`` images in the model's normalised space.
+        targets: the class to explain per image: an int, a sequence or a ``(B,)`` tensor.
+        layer: ``"last"`` (the same default layer as :func:`~lwcam.baselines.gradcam`), or a
+            layer name / module.
+        batch_size: masked images per forward pass.
+        stats: optional dict that receives ``queries`` (0), ``seconds``, their per-image values,
+            ``layer`` and ``forwards``, the number of masked images scored.
+
+    Returns:
+        ``(B,H,W)`` float32 non-negative maps.
+
+    Example:
+        >>> import torchvision
+        >>> net = torchvision.models.resnet18(num_classes=10)
+        >>> st = {}
+        >>> scorecam(net, torch.rand(2, 3, 32, 32), [1, 2], layer="layer2", stats=st).shape
+        torch.Size([2, 32, 32])
+        >>> st["layer"], st["forwards"], st["queries"]  # 128 channels in layer2, 2 images
+        ('layer2', 256, 0)
+    """
+    model = require_module(model, "scorecam")
+    images = check_images(images)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    b, _, h, w = images.shape
+    targets = check_targets(targets, b, None)  # the class range is checked against the logits
+    with Recorder(stats, b) as rec:
+        name, module = resolve_layer(model, layer, tuple(images.shape[1:]))
+        act, _, _ = layer_activations(model, images, targets, module, grad=False)
+        scores = _masked_scores(model, to_model(model, images), _channel_masks(act), targets, int(batch_size))
+        weights = torch.softmax(scores.float(), dim=1)
+        cam = torch.relu(torch.einsum("bk,bkhw->bhw", weights.to(act), act))
+        out = upsample(cam.cpu(), (h, w))
+        rec.note(layer=name, forwards=int(scores.numel()))
+    return finish(out)
