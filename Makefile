@@ -25,7 +25,7 @@ reproduce: $(STAMP)
 ## The whole test suite: ruff, unit tests and the notebooks under nbval (quick profile).
 test: $(STAMP)
 	$(PY) -m ruff check lwcam tests benchmarks
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --doctest-modules lwcam tests
 	$(PY) -m pytest -q --nbval-lax --nbval-current-env -p no:cacheprovider notebooks
 
 bench: $(STAMP)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._report import add_common_args, machine, write_report  # noqa: E402
 from lwcam import pipeline  # noqa: E402
-from lwcam.baselines import center, random  # noqa: E402
+from lwcam.baselines import center_saliency, random_saliency  # noqa: E402
 from lwcam.metrics import bootstrap_ci, deletion_game, paired_test  # noqa: E402
 from lwcam.models import evaluate_accuracy, load_checkpoint, train_teacher  # noqa: E402
 
@@ -63,8 +63,8 @@ def main() -> None:
     images, masks = xt[:n], mt[:n]
     bb = pipeline.make_blackbox(teacher, params, paths, cache=False)
     targets = pipeline.blackbox_labels(bb, images)
-    maps = {"ground-truth mask (oracle)": masks.float(), "random": random(images, seed=args.seed),
-            "centre bias": center(images)}
+    maps = {"ground-truth mask (oracle)": masks.float(), "random": random_saliency(images, seed=args.seed),
+            "centre bias": center_saliency(images)}
     aucs = {k: deletion_game(bb, images, s, targets).auc for k, s in maps.items()}
     rows = [{"check": "teacher test accuracy", "value": acc, "target": ">= 0.95", "holds": acc >= 0.95,
              "note": f"{params['teacher']}, {len(xt)} test images"},

@@ -733,9 +733,12 @@ def distill(
             the epoch and step, and the checkpoint of the last completed epoch is left as it was.
 
     Example:
-        >>> result = distill(bb, transfer, student="resnet18", epochs=20)  # doctest: +SKIP
-        >>> result.fidelity["agreement"], result.queries                     # doctest: +SKIP
-        (0.93, 5000)
+        >>> from lwcam import BlackBox
+        >>> bb = BlackBox(nn.Sequential(nn.Conv2d(3, 5, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()), num_classes=5)
+        >>> result = distill(bb, torch.randn(40, 3, 16, 16), student="regnet_x_s8", epochs=1, batch_size=16,
+        ...                  query_budget=40, holdout=8, progress=False)
+        >>> result.queries, result.fidelity["n_holdout"], type(result.student).__name__
+        (40, 8, 'RegNet')
     """
     t_start = time.perf_counter()
     # ---- argument checks (identical on every rank, before any collective)

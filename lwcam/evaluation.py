@@ -8,9 +8,19 @@ ground-truth masks. Per-image results come back as a tidy ``pandas.DataFrame`` s
 tables and paired tests are one ``groupby`` away.
 
 Example:
-    >>> runs = run_methods(images, targets, masks, methods=["lwcam", "random"], student=student)  # doctest: +SKIP
-    >>> per_image, games = score_methods(blackbox, images, targets, masks, runs)                  # doctest: +SKIP
-    >>> summarize(per_image, runs)                                                                # doctest: +SKIP
+    >>> from lwcam import BlackBox
+    >>> def net():
+    ...     return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, padding=1),
+    ...                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    >>> _ = torch.manual_seed(0)
+    >>> student, blackbox = net(), BlackBox(net(), num_classes=3)
+    >>> images, masks = torch.rand(4, 3, 16, 16), torch.zeros(4, 16, 16, dtype=torch.bool)
+    >>> masks[:, 4:12, 4:12] = True
+    >>> targets = blackbox(images).argmax(1)
+    >>> runs = run_methods(images, targets, masks, methods=["lwcam", "random"], student=student)
+    >>> per_image, games = score_methods(blackbox, images, targets, masks, runs)
+    >>> per_image.shape, summarize(per_image, runs, n_boot=100)["method"].tolist()
+    ((8, 6), ['lwcam', 'random'])
 """
 
 from __future__ import annotations

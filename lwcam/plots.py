@@ -256,6 +256,15 @@ def _auc(curve: np.ndarray) -> np.ndarray:
     return (curve.sum(-1) - curve[..., 0] / 2 - curve[..., -1] / 2) / (n - 1)
 
 
+def _method_style(i: int) -> tuple[Any, str]:
+    """A distinct (colour, line style) for the i-th method: tab20's dark then light shades, solid then dashed."""
+    from matplotlib import colormaps
+
+    tab20 = colormaps["tab20"]
+    order = [*range(0, 20, 2), *range(1, 20, 2)]
+    return tab20(order[i % 20]), ("-", "--", ":")[(i // 10) % 3]
+
+
 def plot_game_curves(fractions: Any, curves: Mapping[str, Any], ax: Axes | None = None,
                      title: str = "deletion", *, xlabel: str | None = None,
                      ylabel: str = "probability of the target class", legend: bool = True) -> Figure:
@@ -285,7 +294,8 @@ def plot_game_curves(fractions: Any, curves: Mapping[str, Any], ax: Axes | None 
         ax = fig.add_subplot()
     else:
         fig = ax.figure
-    for method, c in curves.items():
+    band_alpha = 0.2 if len(curves) <= 6 else 0.07  # many methods: keep every curve readable
+    for i, (method, c) in enumerate(curves.items()):
         arr = _np(c)
         if arr.ndim == 1:
             arr = arr[None]
@@ -293,10 +303,11 @@ def plot_game_curves(fractions: Any, curves: Mapping[str, Any], ax: Axes | None 
             raise ValueError(f"curves of {method!r} must be (B, {fr.size}), got {arr.shape}")
         mean = arr.mean(0)
         b = arr.shape[0]
-        line = ax.plot(fr, mean, lw=1.6, label=f"{method} (AUC {_auc(arr).mean():.3f})")[0]
+        colour, style = _method_style(i)
+        line = ax.plot(fr, mean, lw=1.6, color=colour, ls=style, label=f"{method} (AUC {_auc(arr).mean():.3f})")[0]
         if b > 1:
             half = stats.t.ppf(0.975, b - 1) * arr.std(0, ddof=1) / np.sqrt(b)
-            ax.fill_between(fr, mean - half, mean + half, color=line.get_color(), alpha=0.2, lw=0)
+            ax.fill_between(fr, mean - half, mean + half, color=line.get_color(), alpha=band_alpha, lw=0)
     if xlabel is None:
         verb = {"deletion": "deleted", "insertion": "inserted"}.get(title.lower().split()[0] if title else "", "moved")
         xlabel = f"fraction of pixels {verb}"

@@ -61,9 +61,6 @@ from .occlusion import occlusion, occlusion_queries
 from .rise import rise, rise_masks
 from .scorecam import scorecam
 from .simple import center_saliency, mask_saliency, random_saliency
-from .simple import center_saliency as center
-from .simple import mask_saliency as mask
-from .simple import random_saliency as random
 
 __all__ = [
     "gradcam",
@@ -75,9 +72,6 @@ __all__ = [
     "rise",
     "lime",
     "occlusion",
-    "random",
-    "center",
-    "mask",
     "random_saliency",
     "center_saliency",
     "mask_saliency",
