@@ -99,10 +99,10 @@ def test_seeds_make_outputs_deterministic(images):
     lb = bl.lime(bb, images, 1, n_samples=30, segmentation="grid", n_segments=16, seed=5)
     lc = bl.lime(bb, images, 1, n_samples=30, segmentation="grid", n_segments=16, seed=6)
     assert torch.equal(la, lb) and not torch.equal(la, lc)
-    assert torch.equal(bl.random(images, seed=2), bl.random(images, seed=2))
-    assert not torch.equal(bl.random(images, seed=2), bl.random(images, seed=3))
+    assert torch.equal(bl.random_saliency(images, seed=2), bl.random_saliency(images, seed=2))
+    assert not torch.equal(bl.random_saliency(images, seed=2), bl.random_saliency(images, seed=3))
     state = torch.get_rng_state()
-    bl.random(images, seed=9)
+    bl.random_saliency(images, seed=9)
     assert torch.equal(state, torch.get_rng_state())  # the global random state is left alone
 
 
@@ -231,13 +231,13 @@ def test_gradcam_is_the_last_layer_of_layerwise_gradcam(tiny, images):
 
 def test_simple_maps():
     x = torch.zeros(3, 3, 9, 11)
-    c = bl.center(x)
+    c = bl.center_saliency(x)
     assert c.shape == (3, 9, 11) and divmod(int(c[0].argmax()), 11) == (4, 5)
-    r = bl.random(x)
+    r = bl.random_saliency(x)
     assert r.shape == (3, 9, 11) and r.min() >= 0 and r.max() < 1 and not torch.equal(r[0], r[1])
     m = torch.zeros(2, 4, 4, dtype=torch.bool)
     m[0, 1, 1] = True
-    assert torch.equal(bl.mask(m), m.float())
+    assert torch.equal(bl.mask_saliency(m), m.float())
     assert torch.equal(bl.minmax(torch.full((1, 2, 2), 3.0)), torch.zeros(1, 2, 2))
 
 
@@ -267,7 +267,7 @@ def test_bad_inputs_raise_clear_errors(tiny, images):
     with pytest.raises(ValueError, match="window"):
         bl.occlusion(bb, images, 0, window=64)
     with pytest.raises(ValueError, match="seed"):
-        bl.random(images, seed=-1)
+        bl.random_saliency(images, seed=-1)
     with pytest.raises(ValueError, match="unknown method"):
         bl.explain("nope", images, 0)
     with pytest.raises(ValueError, match="blackbox="):
