@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from _models import RESNET_STAGES, randomise_bn
 from torch import nn
 
 import lwcam.layercam as layercam
@@ -30,25 +31,10 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-RESNET_STAGES = ["relu", "layer1", "layer2", "layer3", "layer4"]
-
-
-def _randomise_bn(model: nn.Module, gen: torch.Generator) -> None:
-    """Non-trivial BatchNorm statistics and affine parameters, so eval-mode maps are not degenerate."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.running_mean.copy_(0.2 * torch.randn(c, generator=gen))
-                m.running_var.copy_(0.5 + torch.rand(c, generator=gen))
-                m.weight.copy_(0.5 + torch.rand(c, generator=gen))
-                m.bias.copy_(0.2 * torch.randn(c, generator=gen))
-
-
 def make_resnet(seed: int = 0) -> nn.Module:
     gen = seed_everything(seed)
     net = torchvision.models.resnet18(weights=None, num_classes=10)
-    _randomise_bn(net, gen)
+    randomise_bn(net, gen)
     return net.eval()
 
 
@@ -215,7 +201,7 @@ def test_both_weightings_match_a_hand_computation():
         nn.Conv2d(8, 12, 3, padding=1), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 6),
     )
-    _randomise_bn(net, torch.Generator().manual_seed(6))
+    randomise_bn(net, torch.Generator().manual_seed(6))
     net.eval()
     x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(7))
     targets = [0, 3, 5]

@@ -13,14 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from _models import RESNET_STAGES, randomise_bn
 from torch import nn
 
 import lwcam.baselines as bl
 from lwcam import BlackBox
 from lwcam._utils import seed_everything
 from lwcam.layercam import LayerwiseGradCAM
-
-RESNET_STAGES = ["relu", "layer1", "layer2", "layer3", "layer4"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -29,18 +28,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def _randomise_bn(model: nn.Module, gen: torch.Generator) -> None:
-    """Non-trivial BatchNorm statistics, so eval-mode maps of an untrained net are not degenerate."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.running_mean.copy_(0.2 * torch.randn(c, generator=gen))
-                m.running_var.copy_(0.5 + torch.rand(c, generator=gen))
-                m.weight.copy_(0.5 + torch.rand(c, generator=gen))
-                m.bias.copy_(0.2 * torch.randn(c, generator=gen))
 
 
 class Tiny(nn.Module):
@@ -61,7 +48,7 @@ class Tiny(nn.Module):
 def resnet() -> nn.Module:
     gen = seed_everything(0)
     net = torchvision.models.resnet18(weights=None, num_classes=10)
-    _randomise_bn(net, gen)
+    randomise_bn(net, gen)
     return net.eval()
 
 
