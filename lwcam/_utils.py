@@ -19,7 +19,7 @@ T = TypeVar("T")
 
 __all__ = [
     "seed_everything",
-    "progress",
+    "track",
     "progress_enabled",
     "atomic_save",
     "atomic_write_bytes",
@@ -64,7 +64,7 @@ def progress_enabled(progress: bool | None = None) -> bool:
     return sys.stderr.isatty()
 
 
-def progress(iterable: Iterable[T], *, total: int | None = None, desc: str = "",
+def track(iterable: Iterable[T], *, total: int | None = None, desc: str = "",
              enabled: bool | None = None, **kwargs: Any) -> Iterator[T]:
     """Wrap ``iterable`` in a tqdm bar when :func:`progress_enabled` says so."""
     if not progress_enabled(enabled):

@@ -18,7 +18,7 @@ than chance, and a layer no better than chance weighs 0.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ._utils import track
 from .baselines import random_saliency, rise
 from .evaluation import compare, explain_lwcam, layer_maps_all_weightings
 from .fusion import fuse
@@ -117,7 +118,7 @@ def _fused(stacks: Mapping[str, torch.Tensor], spec: Mapping[str, Any]) -> torch
 
 
 def select_fusion(student: nn.Module, scorer: Any, val_images: torch.Tensor, val_targets: torch.Tensor, *,
-                  seed: int = 0, progress_bar: bool | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
+                  seed: int = 0, progress: bool | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Score every setting of :func:`fusion_grid` by deletion AUC on validation images; pick the lowest.
 
     Args:
@@ -131,7 +132,7 @@ def select_fusion(student: nn.Module, scorer: Any, val_images: torch.Tensor, val
         ``selected_on_val`` flag, and the chosen setting's keyword arguments for :func:`explain_lwcam`.
     """
     names, stacks, resolutions = layer_maps_all_weightings(student, val_images, val_targets,
-                                                           tuple(WEIGHTING_LABELS), progress_bar=progress_bar)
+                                                           tuple(WEIGHTING_LABELS), progress=progress)
 
     def auc(sal: torch.Tensor) -> float:
         return float(deletion_game(scorer, val_images, sal, val_targets).auc.mean())
@@ -220,7 +221,7 @@ def queries_tradeoff(params: Mapping[str, Any], blackbox: Any, scorer: Any, imag
 def quality_vs_fidelity(snapshots: Mapping[int, nn.Module], scorer: Any, images: torch.Tensor,
                         targets: torch.Tensor, fidelity_images: torch.Tensor, fidelity_labels: torch.Tensor,
                         specs: Mapping[str, Mapping[str, Any]], *,
-                        progress: Callable[[Any], Any] = iter) -> pd.DataFrame:
+                        progress: bool | None = None) -> pd.DataFrame:
     """F7 data: explanation quality of each distillation epoch's student against its fidelity.
 
     Args:
@@ -229,13 +230,13 @@ def quality_vs_fidelity(snapshots: Mapping[int, nn.Module], scorer: Any, images:
         images, targets: the images explained (and the black box's labels for them).
         fidelity_images, fidelity_labels: images and black-box labels on which agreement is measured.
         specs: display name -> :func:`explain_lwcam` settings (e.g. the paper's and the selected fusion).
-        progress: wraps the epoch iterator (a progress bar).
+        progress: show a progress bar over epochs (``None``: only on a TTY).
 
     Returns:
         One row per (epoch, setting): ``agreement``, ``deletion_auc``, ``insertion_auc``, ``n_images``.
     """
     rows = []
-    for epoch in progress(sorted(snapshots)):
+    for epoch in track(sorted(snapshots), total=len(snapshots), desc="F7 epochs", enabled=progress):
         student = snapshots[epoch]
         agree = float((predict_logits(student, fidelity_images).argmax(1) == fidelity_labels).float().mean())
         for name, spec in specs.items():

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._utils import eval_mode, progress
+from ._utils import eval_mode, track
 
 __all__ = ["BlackBox", "TopK", "BlackBoxError", "CacheError", "as_prob_fn", "module_fingerprint", "TRANSIENT_ERRORS"]
 
@@ -537,7 +537,7 @@ class BlackBox:
         if self.cache is not None:
             keys, todo = self._plan(images, result)
         starts = range(0, len(todo), self.batch_size)
-        for s in progress(starts, total=len(starts), desc="black-box queries", enabled=self.progress):
+        for s in track(starts, total=len(starts), desc="black-box queries", enabled=self.progress):
             idx = todo[s : s + self.batch_size]
             answer = self._call_fn(images[idx].cpu() if not isinstance(self.fn, nn.Module) else images[idx])
             result[idx] = answer

@@ -345,7 +345,7 @@ class SyntheticTextures(Dataset):
             with np.load(path) as z:
                 self._arrays = (z["images"], z["labels"], z["masks"])
             return self._arrays
-        from ._utils import progress as bar
+        from ._utils import track as bar
 
         s = self.image_size
         images = np.empty((self.n, s, s, 3), dtype=np.uint8)

@@ -89,8 +89,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ._utils import atomic_save, eval_mode, progress_enabled, resolve_device, seed_everything
-from ._utils import progress as _progress_bar
+from ._utils import atomic_save, eval_mode, progress_enabled, resolve_device, seed_everything, track
 from .blackbox import BlackBox, TopK, _row_problems
 
 __all__ = [
@@ -980,7 +979,7 @@ def _run(*, blackbox: BlackBox, student: str | nn.Module, temperature: float, ep
         order = train_idx[torch.randperm(n_train, generator=order_gen)]
         mine = ctx.shard(global_batch)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        steps = _progress_bar(range(steps_per_epoch), total=steps_per_epoch, desc=f"distil {epoch + 1}/{epochs}",
+        steps = track(range(steps_per_epoch), total=steps_per_epoch, desc=f"distil {epoch + 1}/{epochs}",
                          enabled=show)
         for step in steps:
             gidx = order[step * global_batch : (step + 1) * global_batch]

@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ._utils import progress
+from ._utils import track
 from .baselines import METHODS
 from .fusion import fuse
 from .layercam import LayerwiseGradCAM
@@ -98,7 +98,7 @@ class MethodRun:
 
 
 def layer_maps_batched(student: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, batch_size: int = 64,
-                       layers: Any = "auto", weighting: str = "gradcam", progress_bar: bool | None = None
+                       layers: Any = "auto", weighting: str = "gradcam", progress: bool | None = None
                        ) -> tuple[list[str], torch.Tensor, dict[str, tuple[int, int]]]:
     """Upsampled per-layer maps for many images: ``(names, (B,L,H,W), native resolutions)``.
 
@@ -107,13 +107,13 @@ def layer_maps_batched(student: nn.Module, images: torch.Tensor, targets: torch.
     """
     names, stacks, resolutions = layer_maps_all_weightings(student, images, targets, (weighting,),
                                                            batch_size=batch_size, layers=layers,
-                                                           progress_bar=progress_bar)
+                                                           progress=progress)
     return names, stacks[weighting], resolutions
 
 
 def layer_maps_all_weightings(student: nn.Module, images: torch.Tensor, targets: torch.Tensor,
                               weightings: Sequence[str] = ("gradcam", "layercam"), *, batch_size: int = 64,
-                              layers: Any = "auto", progress_bar: bool | None = None
+                              layers: Any = "auto", progress: bool | None = None
                               ) -> tuple[list[str], dict[str, torch.Tensor], dict[str, tuple[int, int]]]:
     """Per-layer maps of several weightings from the same passes: ``(names, weighting -> (B,L,H,W), resolutions)``."""
     parts: dict[str, list[torch.Tensor]] = {w: [] for w in weightings}
@@ -121,7 +121,7 @@ def layer_maps_all_weightings(student: nn.Module, images: torch.Tensor, targets:
     resolutions: dict[str, tuple[int, int]] = {}
     with LayerwiseGradCAM(student, layers=layers, weighting=tuple(weightings), verbose=False) as cam:
         starts = range(0, len(images), batch_size)
-        for s in progress(starts, total=len(starts), desc="layer-wise CAM", enabled=progress_bar):
+        for s in track(starts, total=len(starts), desc="layer-wise CAM", enabled=progress):
             by_weighting = cam(images[s : s + batch_size], targets[s : s + batch_size])
             for w, lm in by_weighting.items():
                 names, resolutions = lm.names, lm.resolutions
@@ -154,7 +154,7 @@ def run_methods(images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor
                 blackbox: Any = None, student: nn.Module | None = None, teacher: nn.Module | None = None,
                 subset: Sequence[int] | torch.Tensor | None = None, subset_methods: Sequence[str] = (),
                 method_params: Mapping[str, dict[str, Any]] | None = None, chunk: int = 50,
-                progress_bar: bool | None = None) -> dict[str, MethodRun]:
+                progress: bool | None = None) -> dict[str, MethodRun]:
     """Explain ``images`` with each method, handing each only the model it may see.
 
     Args:
@@ -168,7 +168,7 @@ def run_methods(images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor
         subset_methods: methods restricted to ``subset``.
         method_params: extra keyword arguments per method.
         chunk: images per call, so a long run shows progress and bounded memory.
-        progress_bar: show progress (``None``: only on a TTY).
+        progress: show progress (``None``: only on a TTY).
 
     Returns:
         ``name -> MethodRun`` in ``methods`` order.
@@ -177,7 +177,7 @@ def run_methods(images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor
     all_idx = torch.arange(len(images))
     sub_idx = all_idx if subset is None else torch.as_tensor(subset, dtype=torch.long)
     runs: dict[str, MethodRun] = {}
-    for name in progress(methods, total=len(methods), desc="methods", enabled=progress_bar):
+    for name in track(methods, total=len(methods), desc="methods", enabled=progress):
         idx = sub_idx if name in subset_methods else all_idx
         params = dict(method_params.get(name, {}))
         parts, seconds, queries = [], 0.0, 0
@@ -221,7 +221,7 @@ def score_saliency(blackbox: Any, images: torch.Tensor, saliency: torch.Tensor, 
 
 def score_methods(blackbox: Any, images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor | None,
                   runs: Mapping[str, MethodRun], *, step: int | None = None, batch_size: int = 512,
-                  progress_bar: bool | None = None) -> tuple[pd.DataFrame, dict[str, tuple[GameResult, GameResult]]]:
+                  progress: bool | None = None) -> tuple[pd.DataFrame, dict[str, tuple[GameResult, GameResult]]]:
     """Score every method's maps on the black box.
 
     Returns:
@@ -230,7 +230,7 @@ def score_methods(blackbox: Any, images: torch.Tensor, targets: torch.Tensor, ma
         ``name -> (deletion GameResult, insertion GameResult)``.
     """
     frames, games = [], {}
-    for name, run in progress(runs.items(), total=len(runs), desc="deletion/insertion", enabled=progress_bar):
+    for name, run in track(runs.items(), total=len(runs), desc="deletion/insertion", enabled=progress):
         idx = run.indices
         df, dele, ins = score_saliency(blackbox, images[idx], run.saliency, targets[idx],
                                        None if masks is None else masks[idx], step=step, batch_size=batch_size)

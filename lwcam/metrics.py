@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._utils import progress as _progress
+from ._utils import track
 from .blackbox import BlackBox, as_prob_fn
 
 __all__ = [
@@ -464,7 +464,7 @@ def _play(kind: Literal["deletion", "insertion"], model: Model, images: torch.Te
     scores = torch.empty(total, dtype=torch.float32)
     before = model.queries if isinstance(model, BlackBox) else None
     chunks = range(0, total, batch_size)
-    for lo in _progress(chunks, total=len(chunks), desc=f"{kind} game", enabled=progress):
+    for lo in track(chunks, total=len(chunks), desc=f"{kind} game", enabled=progress):
         hi = min(lo + batch_size, total)
         x = _step_images(lo, hi, n_points, ranks, counts_d, start_flat, finish_flat).view(hi - lo, c, h, w)
         img = torch.arange(lo, hi, device=device) // n_points

@@ -33,7 +33,7 @@ from torch import nn
 from torchvision.models.regnet import BlockParams, RegNet
 from torchvision.ops.misc import Conv2dNormActivation
 
-from ._utils import atomic_save, eval_mode, progress, resolve_device, seed_everything
+from ._utils import atomic_save, eval_mode, resolve_device, seed_everything, track
 
 __all__ = [
     "SMALL_INPUT_ARCHITECTURES",
@@ -248,7 +248,7 @@ def train_teacher(
     label_smoothing: float = 0.05,
     seed: int = 0,
     checkpoint_path: str | os.PathLike | None = None,
-    progress_bar: bool | None = None,
+    progress: bool | None = None,
     device: str | torch.device | None = None,
     meta: dict[str, Any] | None = None,
     pixel_dropout: float = 0.5,
@@ -267,7 +267,7 @@ def train_teacher(
         seed: seeds initialisation, data order and augmentation.
         checkpoint_path: if given, the final model is written there atomically
             (temporary file, then rename) with its meta data.
-        progress_bar: tqdm bar over steps (``None``: only on a TTY).
+        progress: tqdm bar over steps (``None``: only on a TTY).
         device: ``None`` picks CUDA when available.
         meta: extra entries stored in the checkpoint's meta data.
         pixel_dropout: the largest share of pixels :func:`random_pixel_dropout` removes from half
@@ -299,8 +299,8 @@ def train_teacher(
     steps_per_epoch = math.ceil(len(images) / batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15)
     history: list[dict[str, float]] = []
-    bar = progress(range(epochs * steps_per_epoch), total=epochs * steps_per_epoch, desc=f"train {arch}",
-                   enabled=progress_bar)
+    bar = track(range(epochs * steps_per_epoch), total=epochs * steps_per_epoch, desc=f"train {arch}",
+                   enabled=progress)
     for epoch in range(epochs):
         model.train()
         order = torch.randperm(len(images), generator=gen)

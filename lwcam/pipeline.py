@@ -209,7 +209,7 @@ def _train_teacher(params: dict[str, Any], paths: RunPaths, x: torch.Tensor, y: 
         params["teacher"], x, y, num_classes=int(params["num_classes"]), val_images=xv, val_labels=yv,
         epochs=int(params.get("teacher_epochs", 12)), batch_size=int(params.get("teacher_batch_size", 64)),
         lr=float(params.get("teacher_lr", 4e-3)), seed=int(params.get("seed", 0)),
-        checkpoint_path=paths.teacher, progress_bar=progress, meta={"fingerprint": fingerprint},
+        checkpoint_path=paths.teacher, progress=progress, meta={"fingerprint": fingerprint},
         pixel_dropout=float(params.get("teacher_pixel_dropout", 0.5)),
     )
 
@@ -441,7 +441,7 @@ def run(profile: str = "default", only: list[str] | None = None, root: str | os.
         os.environ["LWCAM_NOTEBOOK"] = name  # the kernel inherits it: stage() labels its rows with it
         try:
             pm.execute_notebook(str(src), str(out_dir / f"{name}.ipynb"), parameters=params,
-                                cwd=str(base / "notebooks"), log_output=log_output, progress_bar=False,
+                                cwd=str(base / "notebooks"), log_output=log_output, progress=False,
                                 kernel_name="python3")
         finally:
             os.environ.pop("LWCAM_NOTEBOOK", None)

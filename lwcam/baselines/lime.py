@@ -9,7 +9,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .._utils import progress
+from .._utils import track
 from ..blackbox import BlackBox, as_prob_fn
 from ._base import Recorder, Targets, check_images, check_seed, check_targets, finish, require_blackbox
 
@@ -85,7 +85,7 @@ def lime(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     seed: int = 0,
-    progress_bar: bool | None = None,
+    progress: bool | None = None,
     stats: dict | None = None,
 ) -> torch.Tensor:
     """LIME: a weighted linear model of the black box's target probability over superpixels.
@@ -115,7 +115,7 @@ def lime(
         batch_size: perturbed images per black-box call.
         mean, std: the normalisation of ``images``, to de-normalise them for SLIC (optional).
         seed: seed of the sampled perturbations; the same seed gives identical maps.
-        progress_bar: show a progress bar over images (``None``: only on a TTY).
+        progress: show a progress bar over images (``None``: only on a TTY).
         stats: optional dict that receives ``queries``, ``seconds``, their per-image values
             and ``segments`` (the superpixel count of each image).
 
@@ -155,7 +155,7 @@ def lime(
     out = torch.zeros(b, h, w)
     counts: list[int] = []
     with Recorder(stats, b, bb) as rec:
-        for i in progress(range(b), total=b, desc="LIME", enabled=progress_bar):
+        for i in track(range(b), total=b, desc="LIME", enabled=progress):
             seg = superpixels(images[i], n_segments, segmentation=segmentation, compactness=compactness,
                               mean=mean, std=std)
             d = int(seg.max()) + 1

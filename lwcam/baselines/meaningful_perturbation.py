@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._utils import progress
+from .._utils import track
 from ._base import (
     Recorder,
     Targets,
@@ -50,7 +50,7 @@ def meaningful_perturbation(
     blur_sigma: float | None = None,
     noise: float = 0.0,
     seed: int = 0,
-    progress_bar: bool | None = None,
+    progress: bool | None = None,
     stats: dict | None = None,
 ) -> torch.Tensor:
     """Saliency ``1 − m`` of the smallest smooth mask whose deletion destroys the target class.
@@ -87,7 +87,7 @@ def meaningful_perturbation(
         blur_sigma: σ of the blur in pixels; ``None``: ``10·max(H,W)/224``.
         noise: standard deviation of the noise added to the upsampled mask while optimising.
         seed: seed of that noise (no effect when ``noise == 0``).
-        progress_bar: show a progress bar over iterations (``None``: only on a TTY).
+        progress: show a progress bar over iterations (``None``: only on a TTY).
         stats: optional dict that receives ``queries`` (0), ``seconds``, their per-image values
             and ``final_prob``, the target probability of each perturbed image at the end.
 
@@ -134,7 +134,7 @@ def meaningful_perturbation(
         m = torch.ones(b, 1, *mask_size, device=device, requires_grad=True)
         opt = torch.optim.Adam([m], lr=lr)
         rows = torch.arange(b, device=device)
-        for _ in progress(range(iters), total=iters, desc="meaningful perturbation", enabled=progress_bar):
+        for _ in track(range(iters), total=iters, desc="meaningful perturbation", enabled=progress):
             up = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
             if noise > 0:  # (without noise, up is a convex combination of m: already in [0,1])
                 up = (up + noise * torch.randn(up.shape, generator=g).to(device)).clamp(0, 1)

@@ -36,7 +36,7 @@ def occlusion(
     window: int = 8,
     stride: int = 4,
     batch_size: int = 256,
-    progress_bar: bool | None = None,
+    progress: bool | None = None,
     stats: dict | None = None,
 ) -> torch.Tensor:
     """Occlusion sensitivity: how much the target probability drops when a square patch is zeroed.
@@ -59,7 +59,7 @@ def occlusion(
         stride: step between window positions (at most ``window``).
         batch_size: about how many occluded images go to the black box per call
             (captum's ``perturbations_per_eval`` is ``max(1, batch_size // B)``).
-        progress_bar: show captum's progress bar (``None``: only on a TTY).
+        progress: show captum's progress bar (``None``: only on a TTY).
         stats: optional dict that receives ``queries``, ``seconds`` and their per-image values.
 
     Returns:
@@ -94,7 +94,7 @@ def occlusion(
             baselines=0.0,
             target=targets.tolist(),
             perturbations_per_eval=max(1, batch_size // b),
-            show_progress=progress_enabled(progress_bar),
+            show_progress=progress_enabled(progress),
         )
         rec.note(window=window, stride=stride)
     return finish(attr.sum(dim=1))

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .._utils import progress
+from .._utils import track
 from ..blackbox import BlackBox
 from ..metrics import _evaluation_prob_fn
 from ._base import Recorder, Targets, check_images, check_targets, finish, generator, require_blackbox
@@ -78,7 +78,7 @@ def rise(
     p_keep: float = 0.5,
     batch_size: int = 256,
     seed: int = 0,
-    progress_bar: bool | None = None,
+    progress: bool | None = None,
     stats: dict | None = None,
 ) -> torch.Tensor:
     """RISE saliency from black-box queries on randomly masked copies of each image.
@@ -107,7 +107,7 @@ def rise(
         p_keep: p, the probability that a grid cell is kept.
         batch_size: how many masked images are sent per black-box call.
         seed: seed of the masks; the same seed gives identical maps.
-        progress_bar: show a progress bar (``None``: only on a TTY).
+        progress: show a progress bar (``None``: only on a TTY).
         stats: optional dict that receives ``queries``, ``seconds`` and their per-image values.
 
     Returns:
@@ -133,7 +133,7 @@ def rise(
         images = images.cpu().float()
         sal = torch.zeros(b, h * w, dtype=torch.float64)
         starts = range(0, n_masks, batch_size)
-        for s in progress(starts, total=len(starts), desc="RISE", enabled=progress_bar):
+        for s in track(starts, total=len(starts), desc="RISE", enabled=progress):
             masks = bank.render(s, min(s + batch_size, n_masks))  # (n,H,W)
             flat = masks.reshape(masks.shape[0], -1).double()
             for i in range(b):
