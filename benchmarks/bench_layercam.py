@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
 
     rows = [bench_model(m, args.batch, args.size, args.repeats, args.warmup, args.seed) for m in args.model]
     df = pd.DataFrame(rows)
-    notes = (f"torchvision {torchvision.__version__}, batch {args.batch}, {args.size}x{args.size} px, seed {args.seed}, "
+    notes = (f"torchvision {torchvision.__version__}, batch {args.batch}, {args.size}x{args.size} px, "
+             f"seed {args.seed}, "
              f"median of {args.repeats} (after {args.warmup} warm-up rounds).\n\n"
              "a = all L auto layers in one `LayerwiseGradCAM` call (one forward, one backward); "
              "b = L single-layer calls; c = one forward + input-gradient backward. Goals: a/c ≤ 1.2, b/a ≥ L/1.5.\n\n"

@@ -29,15 +29,20 @@ Example:
 from __future__ import annotations
 
 import functools
+import io
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import skimage.data as skd
 import torch
+import torchvision.datasets as tvd
 from PIL import Image
 from torch.utils.data import Dataset
+
+from ._utils import atomic_write_bytes, track
 
 __all__ = [
     "CLASS_NAMES",
@@ -102,8 +107,6 @@ def denormalize(images: torch.Tensor, mean: Sequence[float] = MEAN, std: Sequenc
 @functools.lru_cache(maxsize=1)
 def _backgrounds() -> tuple[np.ndarray, ...]:
     """Photos bundled with scikit-image, as float32 RGB in [0,1], downsampled to <= 256 px."""
-    import skimage.data as skd
-
     names = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "camera", "grass", "gravel", "brick")
     out = []
     for name in names:
@@ -113,7 +116,7 @@ def _backgrounds() -> tuple[np.ndarray, ...]:
         pil = Image.fromarray(img[..., :3].astype(np.uint8))
         scale = 256 / max(pil.size)
         if scale < 1:
-            pil = pil.resize((round(pil.size[0] * scale), round(pil.size[1] * scale)), Image.BILINEAR)
+            pil = pil.resize((round(pil.size[0] * scale), round(pil.size[1] * scale)), Image.Resampling.BILINEAR)
         out.append(np.asarray(pil, dtype=np.float32) / 255.0)
     return tuple(out)
 
@@ -155,7 +158,7 @@ def _texture(cls: int, u: np.ndarray, v: np.ndarray, r: np.ndarray, theta: np.nd
         cell = max(2, int(round(p * 0.8)))
         noise = rng.standard_normal(((h + cell - 1) // cell + 1, (w + cell - 1) // cell + 1)).astype(np.float32)
         up = np.asarray(Image.fromarray(noise).resize(((noise.shape[1]) * cell, (noise.shape[0]) * cell),
-                                                      Image.BICUBIC))[:h, :w]
+                                                      Image.Resampling.BICUBIC))[:h, :w]
         return _smoothstep(up - 0.3, 3.0)
     if cls == 8:  # chevrons: sharp zigzag stripes
         q = 1.4 * p
@@ -163,8 +166,8 @@ def _texture(cls: int, u: np.ndarray, v: np.ndarray, r: np.ndarray, theta: np.nd
         return _smoothstep(np.sin(tau * (u + tri) / (1.25 * p)), s)
     if cls == 9:  # speckle: fine random binary noise, upsampled 2x
         h, w = u.shape
-        noise = rng.random(((h + 1) // 2, (w + 1) // 2)) > 0.5
-        return np.kron(noise, np.ones((2, 2)))[:h, :w].astype(np.float32)
+        bits = rng.random(((h + 1) // 2, (w + 1) // 2)) > 0.5
+        return np.kron(bits, np.ones((2, 2)))[:h, :w].astype(np.float32)
     raise ValueError(f"class index must be in [0, {len(CLASS_NAMES)}), got {cls}")
 
 
@@ -191,7 +194,8 @@ def _silhouette(kind: int, u: np.ndarray, v: np.ndarray, radius: float, rng: np.
     # kind == 3: smooth blob with random harmonics
     coef = rng.uniform(-0.12, 0.12, size=3)
     phase = rng.uniform(0, 2 * np.pi, size=3)
-    rad = radius * (1 + sum(c * np.cos((k + 2) * theta + ph) for k, (c, ph) in enumerate(zip(coef, phase, strict=True))))
+    wobble = sum(c * np.cos((k + 2) * theta + ph) for k, (c, ph) in enumerate(zip(coef, phase, strict=True)))
+    rad = radius * (1 + wobble)
     return np.clip(rad - rr + 0.5, 0, 1)
 
 
@@ -211,7 +215,7 @@ def _background(size: int, rng: np.random.Generator) -> np.ndarray:
     crop = int(rng.integers(min(h, w) // 3, min(h, w) + 1))
     y0, x0 = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
     patch = photo[y0 : y0 + crop, x0 : x0 + crop]
-    pil = Image.fromarray((patch * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR)
+    pil = Image.fromarray((patch * 255).astype(np.uint8)).resize((size, size), Image.Resampling.BILINEAR)
     bg = np.asarray(pil, dtype=np.float32) / 255.0
     if rng.random() < 0.5:
         bg = bg[:, ::-1]
@@ -345,22 +349,16 @@ class SyntheticTextures(Dataset):
             with np.load(path) as z:
                 self._arrays = (z["images"], z["labels"], z["masks"])
             return self._arrays
-        from ._utils import track as bar
-
         s = self.image_size
         images = np.empty((self.n, s, s, 3), dtype=np.uint8)
         labels = np.empty(self.n, dtype=np.int64)
         masks = np.empty((self.n, s, s), dtype=bool)
-        for i in bar(range(self.n), total=self.n, desc=f"render {self.split}", enabled=progress):
+        for i in track(range(self.n), total=self.n, desc=f"render {self.split}", enabled=progress):
             img, lab, m = self._render(i)
             images[i] = np.round(img * 255).astype(np.uint8)
             labels[i], masks[i] = lab, m
         self._arrays = (images, labels, masks)
         if path is not None:
-            import io
-
-            from ._utils import atomic_write_bytes
-
             buf = io.BytesIO()
             np.savez(buf, images=images, labels=labels, masks=masks)
             atomic_write_bytes(buf.getvalue(), path)
@@ -415,13 +413,13 @@ class _PairTransform:
         return img.crop((left, top, left + self.size, top + self.size))
 
     def __call__(self, img: Image.Image, mask: Image.Image | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        img = self._geom(img.convert("RGB"), Image.BILINEAR)
+        img = self._geom(img.convert("RGB"), Image.Resampling.BILINEAR)
         x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
         x = (x - self.mean) / self.std
         if mask is None:
             m = torch.zeros(self.size, self.size, dtype=torch.bool)
         else:
-            m = torch.from_numpy(np.asarray(self._geom(mask, Image.NEAREST)) > 0)
+            m = torch.from_numpy(np.asarray(self._geom(mask, Image.Resampling.NEAREST)) > 0)
         return x, m
 
 
@@ -463,7 +461,8 @@ class CUB200(Dataset):
         need = ["images.txt", "image_class_labels.txt", "train_test_split.txt", "bounding_boxes.txt", "images"]
         missing = [f for f in need if not (base / f).exists()]
         if missing:
-            raise FileNotFoundError(f"CUB-200-2011 root {base} lacks {missing}; expected the CUB_200_2011 release layout")
+            raise FileNotFoundError(
+                f"CUB-200-2011 root {base} lacks {missing}; expected the CUB_200_2011 release layout")
 
         def table(name: str) -> dict[int, list[str]]:
             rows = {}
@@ -535,22 +534,23 @@ def get_dataset(name: str, root: str | os.PathLike | None = None, split: str = "
     if not root.exists():
         raise FileNotFoundError(f"data root {root} does not exist")
     pair = _PairTransform(image_size or 224, IMAGENET_MEAN, IMAGENET_STD)
-    import torchvision.datasets as tvd
-
     if name == "imagenet":
         folder = root / ("train" if split == "train" else "val")
         if not folder.is_dir():
-            raise FileNotFoundError(f"ImageNet split folder {folder} does not exist (ImageFolder layout: root/train, root/val)")
+            raise FileNotFoundError(
+                f"ImageNet split folder {folder} does not exist (ImageFolder layout: root/train, root/val)")
         return ImageFolderWithMasks(tvd.ImageFolder(str(folder)), pair, transform)
     if name == "cub200":
         return CUB200(root, split, pair, transform)
     if name == "cars":
         return _Wrapped(tvd.StanfordCars(str(root), split="train" if split == "train" else "test", download=False),
                         pair, transform)
-    return _Wrapped(tvd.FGVCAircraft(str(root), split=split, annotation_level="variant", download=False), pair, transform)
+    aircraft = tvd.FGVCAircraft(str(root), split=split, annotation_level="variant", download=False)
+    return _Wrapped(aircraft, pair, transform)
 
 
-def load_tensors(dataset: Dataset, indices: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def load_tensors(dataset: Dataset, indices: Sequence[int] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stack ``(image, label, mask)`` items into tensors ``(N,3,H,W)``, ``(N,)``, ``(N,H,W)``."""
     if isinstance(dataset, SyntheticTextures) and indices is None:
         return dataset.tensors()

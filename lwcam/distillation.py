@@ -31,9 +31,10 @@ and ``KL(black box ‖ student)`` at ``T = 1`` are measured there.
 
 Determinism and resuming. With a fixed ``seed`` the run is deterministic: the student's
 initialisation, the hold-out split, the data order (its own ``torch.Generator``) and the
-augmentation (another generator) all derive from it. With ``checkpoint_dir`` a checkpoint is written
-atomically after the queries and after every epoch (student, optimiser, scheduler, epoch, every RNG
-state, history, black-box answers and the query count). Calling :func:`distill` again with the same
+augmentation (another generator) all derive from it. The hyper-parameters are checked as a
+:class:`DistillConfig`. With ``checkpoint_dir`` a :class:`DistillCheckpoint` is written atomically after
+the queries and after every epoch (student, optimiser, scheduler, epoch, every RNG state, history,
+black-box answers and the query count). Calling :func:`distill` again with the same
 arguments and ``resume=True`` continues from it without asking the black box again and, on the same
 machine (CPU, same thread count), ends with bitwise the same student as an uninterrupted run.
 A checkpoint written with different arguments raises ``ValueError``; pass ``resume=False`` to
@@ -80,9 +81,9 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.distributed as dist
@@ -91,9 +92,12 @@ from torch import nn
 
 from ._utils import atomic_save, eval_mode, progress_enabled, resolve_device, seed_everything, track
 from .blackbox import BlackBox, TopK, _row_problems
+from .models import build_model, classification_models
 
 __all__ = [
     "distill",
+    "DistillConfig",
+    "DistillCheckpoint",
     "DistillResult",
     "kd_loss",
     "label_loss",
@@ -108,6 +112,8 @@ _MATERIALIZE_BYTES = 2 * 2**30  # a Dataset up to this size is loaded into memor
 _QUERY_CHUNK = 1024  # images handed to the black box per call while answering the transfer set
 
 Augment = Literal["default", "query", "none"]
+#: ``lr`` and ``weight_decay`` when :func:`distill` is given ``None`` (AdamW's weight decay is decoupled).
+_OPTIMISER_DEFAULTS = {"adamw": {"lr": 2e-3, "weight_decay": 0.05}, "sgd": {"lr": 0.05, "weight_decay": 5e-4}}
 
 
 # ----------------------------------------------------------------------------- losses
@@ -288,7 +294,8 @@ class _Images:
         for i in idx:
             img = self._image(self.dataset[int(i)], int(i))
             if tuple(img.shape) != self.shape:
-                raise ValueError(f"{self.name}[{int(i)}] has shape {tuple(img.shape)}; every image must be {self.shape}")
+                raise ValueError(f"{self.name}[{int(i)}] has shape {tuple(img.shape)}; "
+                                 f"every image must be {self.shape}")
             imgs.append(img)
         return torch.stack(imgs)
 
@@ -299,7 +306,8 @@ class _Images:
         first = self.dataset[0]
         if not isinstance(first, (tuple, list)) or len(first) < 2:
             return None
-        if not isinstance(first[1], (int, torch.Tensor)) or (isinstance(first[1], torch.Tensor) and first[1].numel() != 1):
+        label = first[1]
+        if not isinstance(label, (int, torch.Tensor)) or (isinstance(label, torch.Tensor) and label.numel() != 1):
             return None
         return torch.tensor([int(self.dataset[i][1]) for i in range(self.n)], dtype=torch.long)
 
@@ -403,23 +411,247 @@ class _Dist:
             dist.destroy_process_group()
 
 
+
+
+# ----------------------------------------------------------------------------- argument checks
+def _check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_real(value: Any, name: str, low: float, high: float = math.inf, *, low_open: bool = False,
+                high_open: bool = False) -> float:
+    """``value`` as a float when it is a finite real number in the interval; ``ValueError`` naming ``name`` if not."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    number = float(value)
+    if number < low or (low_open and number == low) or number > high or (high_open and number == high):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open or high == math.inf else ']'}"
+        raise ValueError(f"{name} must lie in {interval}, got {value!r}")
+    return number
+
+
+def _check_augment(augment: Any) -> Augment:
+    """``True``/``"default"``, ``"query"`` or ``False``/``None``/``"none"`` as one of :data:`Augment`."""
+    if augment is True or augment == "default":
+        return "default"
+    if augment is False or augment is None or augment == "none":
+        return "none"
+    if augment == "query":
+        return "query"
+    raise ValueError(f"augment must be True/'default', 'query' or False/'none', got {augment!r}")
+
+
+def _check_holdout(holdout: Any) -> None:
+    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)):
+        raise ValueError(f"holdout must be a fraction in [0, 1) or an int count, got {holdout!r}")
+    if isinstance(holdout, int):
+        if holdout < 0:
+            raise ValueError(f"holdout must be >= 0, got {holdout}")
+    else:
+        _check_real(holdout, "holdout as a fraction", 0.0, 1.0, high_open=True)
+
+
+def _check_student(student: Any) -> None:
+    if isinstance(student, str):
+        if student not in classification_models():
+            raise ValueError(f"student={student!r} is not a torchvision classification model; pass an "
+                             f"nn.Module or one of torchvision.models.list_models(module=torchvision.models), "
+                             f"e.g. 'resnet18'")
+    elif not isinstance(student, nn.Module):
+        raise TypeError(f"student must be a torchvision model name or an nn.Module, got {type(student).__name__}")
+
+
+def _check_run_options(checkpoint_dir: Any, on_epoch_end: Any) -> None:
+    if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
+        raise TypeError(f"checkpoint_dir must be a path (str or os.PathLike) or None, "
+                        f"got {type(checkpoint_dir).__name__}")
+    if on_epoch_end is not None and not callable(on_epoch_end):
+        raise TypeError(f"on_epoch_end must be callable or None, got {type(on_epoch_end).__name__}")
+
+
+# ----------------------------------------------------------------------------- configuration
+@dataclass(frozen=True)
+class DistillConfig:
+    """The hyper-parameters of :func:`distill`, validated when the object is made.
+
+    The fields and their defaults are :func:`distill`'s keyword arguments of the same names. For a
+    black box with soft answers (``probs``, ``logits``, ``topk`` completed) the loss is::
+
+        L = T² · KL(softmax(log p_T / T) ‖ softmax(z_S / T))      (T = temperature)
+
+    the ``T²`` keeping the gradient scale independent of ``T``; for a ``label`` black box it is
+    cross-entropy with ``label_smoothing``. ``lr`` and ``weight_decay`` may be ``None``, the
+    optimiser's default (:attr:`peak_lr`, :attr:`decay`); ``augment`` may be a bool
+    (:attr:`aug_mode` is the normalised mode).
+
+    Raises:
+        ValueError: a value of the wrong type or out of range; the message names the argument.
+
+    Example:
+        >>> cfg = DistillConfig(epochs=2, optimizer="sgd", augment=False)
+        >>> cfg.peak_lr, cfg.decay, cfg.aug_mode
+        (0.05, 0.0005, 'none')
+        >>> DistillConfig(temperature=0)
+        Traceback (most recent call last):
+            ...
+        ValueError: temperature must lie in (0, inf), got 0
+    """
+
+    temperature: float = 4.0
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float | None = None
+    weight_decay: float | None = None
+    optimizer: str = "adamw"
+    augment: bool | str = True
+    query_budget: int | None = None
+    holdout: float | int = 0.1
+    label_smoothing: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_real(self.temperature, "temperature", 0.0, low_open=True)
+        _check_positive_int(self.epochs, "epochs")
+        _check_positive_int(self.batch_size, "batch_size")
+        _check_positive_int(self.seed, "seed", minimum=0)
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        self._resolved("lr")
+        self._resolved("weight_decay")
+        _check_real(self.label_smoothing, "label_smoothing", 0.0, 1.0, high_open=True)
+        _check_augment(self.augment)
+        if self.query_budget is not None:
+            _check_positive_int(self.query_budget, "query_budget")
+        _check_holdout(self.holdout)
+
+    def _resolved(self, name: Literal["lr", "weight_decay"]) -> float:
+        """``lr`` or ``weight_decay`` as given, or the optimiser's default when ``None``; checked."""
+        value = getattr(self, name)
+        if value is None:
+            value = _OPTIMISER_DEFAULTS[self.optimizer][name]
+        if name == "lr":
+            return _check_real(value, "lr", 0.0, low_open=True)
+        return _check_real(value, "weight_decay", 0.0)
+
+    @property
+    def peak_lr(self) -> float:
+        """``lr``, or 2e-3 for AdamW and 0.05 for SGD when it is ``None``."""
+        return self._resolved("lr")
+
+    @property
+    def decay(self) -> float:
+        """``weight_decay``, or 0.05 for AdamW (decoupled) and 5e-4 for SGD when it is ``None``."""
+        return self._resolved("weight_decay")
+
+    @property
+    def aug_mode(self) -> Augment:
+        """``augment`` as ``"default"``, ``"query"`` or ``"none"``."""
+        return _check_augment(self.augment)
+
+    def sizes(self, n_transfer: int, n_eval: int) -> tuple[int, int]:
+        """``(n_used, n_holdout)``: the transfer images the budget pays for, and how many are held out.
+
+        Raises:
+            ValueError: ``query_budget`` cannot pay for one batch (after ``n_eval`` evaluation images),
+                or ``holdout`` leaves no image to train on.
+        """
+        n_used = n_transfer
+        budget = self.query_budget
+        if budget is not None:
+            one_batch = min(self.batch_size, n_transfer)
+            if budget < one_batch:
+                raise ValueError(f"query_budget={budget} is smaller than one batch ({one_batch} images)")
+            if budget - n_eval < one_batch:
+                raise ValueError(f"query_budget={budget} leaves {budget - n_eval} queries after the "
+                                 f"{n_eval} eval_images: less than one batch ({one_batch} images)")
+            n_used = min(n_transfer, budget - n_eval)
+        holdout = self.holdout
+        n_hold = holdout if isinstance(holdout, int) else int(round(float(holdout) * n_used))
+        if n_used - n_hold < 1:
+            raise ValueError(f"holdout={holdout!r} leaves no transfer image to train on ({n_used} used)")
+        return n_used, n_hold
+
+    def settings(self) -> dict[str, Any]:
+        """The resolved hyper-parameters, as the checkpoint fingerprint and :attr:`DistillResult.config` hold them."""
+        return {"temperature": float(self.temperature), "epochs": self.epochs, "batch_size": self.batch_size,
+                "lr": self.peak_lr, "weight_decay": self.decay, "optimizer": self.optimizer,
+                "augment": self.aug_mode, "query_budget": self.query_budget,
+                "label_smoothing": float(self.label_smoothing), "seed": self.seed}
+
+    def fingerprint(self, plan: _Plan, student: str, student_init: str) -> dict[str, Any]:
+        """What a checkpoint must match to be resumed: these settings, the student (its name and a
+        hash of its initial weights), the black box's kind and the data (sizes and a content hash)."""
+        return {"version": _CHECKPOINT_VERSION, "student": student, "student_init": student_init,
+                **self.settings(), "n_holdout": plan.n_hold, **plan.facts(),
+                "image_shape": list(plan.source.shape), "transfer": plan.source.fingerprint(plan.n_used),
+                "eval": plan.evals.fingerprint() if plan.evals is not None else None}
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a run works on: the black box's kind, the images and how many of them are used."""
+
+    output: str
+    num_classes: int
+    k: int | None
+    source: _Images
+    evals: _Images | None
+    eval_labels: torch.Tensor | None
+    n_used: int
+    n_hold: int
+
+    @property
+    def n_train(self) -> int:
+        return self.n_used - self.n_hold
+
+    @property
+    def n_eval(self) -> int:
+        return self.evals.n if self.evals is not None else 0
+
+    def facts(self) -> dict[str, Any]:
+        return {"output": self.output, "k": self.k, "num_classes": self.num_classes,
+                "n_transfer": self.source.n, "n_used": self.n_used}
+
+
+def _eval_labels(evals: _Images | None, eval_labels: Any, num_classes: int) -> torch.Tensor | None:
+    """``eval_labels`` (or the labels of a Dataset's ``(image, label, ...)`` items), checked."""
+    if eval_labels is not None and evals is None:
+        raise ValueError("eval_labels were given without eval_images")
+    if evals is None:
+        return None
+    labels = evals.labels_from_items() if eval_labels is None else torch.as_tensor(eval_labels).long()
+    if labels is None:
+        return None
+    if labels.shape != (evals.n,):
+        raise ValueError(f"eval_labels must have shape ({evals.n},), got {tuple(labels.shape)}")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"eval_labels must lie in [0, {num_classes}), got values in "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
+    return labels
+
+
+def _make_plan(blackbox: BlackBox, transfer_images: Any, eval_images: Any, eval_labels: Any,
+               config: DistillConfig) -> _Plan:
+    source = _Images(transfer_images, "transfer_images", blackbox.channels)
+    evals = _Images(eval_images, "eval_images", blackbox.channels) if eval_images is not None else None
+    labels = _eval_labels(evals, eval_labels, blackbox.num_classes)
+    n_used, n_hold = config.sizes(source.n, evals.n if evals is not None else 0)
+    return _Plan(output=blackbox.output, num_classes=blackbox.num_classes,
+                 k=blackbox.k if blackbox.output == "topk" else None, source=source, evals=evals,
+                 eval_labels=labels, n_used=n_used, n_hold=n_hold)
+
+
 # ----------------------------------------------------------------------------- helpers
-def _classification_models() -> list[str]:
-    from .models import classification_models
-
-    return classification_models()
-
-
 def _build_student(name: str, num_classes: int) -> nn.Module:
     """A torchvision classification architecture with random weights, auxiliary heads removed."""
-    if name not in _classification_models():
+    if name not in classification_models():
         raise ValueError(f"student={name!r} is not a torchvision classification model; pass an nn.Module or "
                          f"one of torchvision.models.list_models(module=torchvision.models), e.g. 'resnet18'")
-    from .models import build_model
-
     model = build_model(name, num_classes=num_classes, weights=None)
     if getattr(model, "aux_logits", False):  # inception_v3 / googlenet: train on the main head only
-        model.aux_logits = False
+        cast(Any, model).aux_logits = False
         for attr in ("AuxLogits", "aux1", "aux2"):
             if hasattr(model, attr):
                 setattr(model, attr, None)
@@ -496,23 +728,56 @@ def _targets(answers: dict[str, torch.Tensor], output: str, num_classes: int) ->
     return answers_to_log_probs(raw, output, num_classes), top1
 
 
-def _check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
+def _ask_transfer(blackbox: BlackBox, plan: _Plan) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None,
+                                                            int]:
+    """The black box's answers for the used transfer images and the eval images, and the queries they cost."""
+    before = blackbox.queries
+    answers = _query(blackbox, plan.source, torch.arange(plan.n_used))
+    evals = _query(blackbox, plan.evals, torch.arange(plan.evals.n)) if plan.evals is not None else None
+    return answers, evals, blackbox.queries - before
 
 
-def _check_real(value: Any, name: str, low: float, high: float = math.inf, *, low_open: bool = False,
-                high_open: bool = False) -> float:
-    """``value`` as a float when it is a finite real number in the interval; ``ValueError`` naming ``name`` if not."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if value < low or (low_open and value == low) or value > high or (high_open and value == high):
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open or high == math.inf else ']'}"
-        raise ValueError(f"{name} must lie in {interval}, got {value!r}")
-    return float(value)
+def _all_finite(loss: torch.Tensor, ctx: _Dist) -> bool:
+    """Whether ``loss`` is finite on every rank (one small all-reduce under ``torchrun``, so all ranks agree)."""
+    ok = torch.isfinite(loss.detach()).to(torch.float64).reshape(1).cpu()
+    return bool(ctx.all_reduce(ok).item() == ctx.world)
 
 
+def _train_mode(model: nn.Module, frozen: set[str]) -> None:
+    """Training mode, except for the submodules the caller had put in eval mode (e.g. a frozen BatchNorm)."""
+    model.train()
+    for name, m in model.named_modules():
+        if name in frozen:
+            m.training = False
+
+
+def _lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    def fn(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress_ = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_)))
+
+    return fn
+
+
+def _optimiser(model: nn.Module, config: DistillConfig,
+               n_train: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (or SGD, Nesterov momentum 0.9), one epoch of linear warm-up (at most 1/10 of the run), cosine decay."""
+    params = model.parameters()
+    opt: torch.optim.Optimizer
+    if config.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=config.peak_lr, weight_decay=config.decay)
+    else:
+        opt = torch.optim.SGD(params, lr=config.peak_lr, momentum=0.9, nesterov=True, weight_decay=config.decay)
+    steps_per_epoch = max(1, n_train // config.batch_size)
+    total_steps = config.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, _lr_lambda(total_steps, max(1, min(steps_per_epoch, total_steps // 10))))
+    return opt, sched
+
+
+# ----------------------------------------------------------------------------- checkpoint
 def _prepare_checkpoint_dir(checkpoint_dir: str | os.PathLike | None) -> Path | None:
     """Create ``checkpoint_dir`` and prove it writable (a test file), before anything is paid for."""
     if checkpoint_dir is None:
@@ -528,18 +793,6 @@ def _prepare_checkpoint_dir(checkpoint_dir: str | os.PathLike | None) -> Path | 
     except OSError as err:
         raise ValueError(f"checkpoint_dir {str(path)!r} is not a writable folder: {err}") from err
     return path
-
-
-def _load_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"the checkpoint {path} cannot be read ({type(err).__name__}: {err}); delete it or pass "
-                         f"resume=False to start afresh") from err
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"the checkpoint {path} holds a {type(ckpt).__name__}, not a distillation checkpoint; "
-                         f"delete it or pass resume=False to start afresh")
-    return ckpt
 
 
 def _answers_problem(answers: Any, output: str, num_classes: int, n: int, atol: float) -> str | None:
@@ -568,59 +821,134 @@ def _answers_problem(answers: Any, output: str, num_classes: int, n: int, atol: 
     return None
 
 
-def _check_checkpoint(ckpt: dict[str, Any], path: Path | None, *, output: str, num_classes: int, n_used: int,
-                      n_eval: int, epochs: int, atol: float) -> None:
-    """Validate what a resumed run takes from a checkpoint; ``ValueError`` naming the file and the fault."""
-    def damaged(what: str) -> ValueError:
-        return ValueError(f"the checkpoint {path} is damaged: {what}; delete it or pass resume=False to start afresh")
+#: The entries a resumed run takes from a checkpoint file; a file without one of them is damaged.
+_CHECKPOINT_NEEDS = ("epoch", "student", "optimizer", "scheduler", "order_rng", "aug_rng", "torch_rng", "history",
+                     "answers", "eval_answers", "queries", "seconds")
 
-    need = ("epoch", "student", "optimizer", "scheduler", "order_rng", "aug_rng", "torch_rng", "history",
-            "answers", "eval_answers", "queries", "seconds")
-    missing = [k for k in need if k not in ckpt]
+
+def _mine(states: list[torch.Tensor], rank: int, world: int) -> torch.Tensor:
+    """This rank's RNG state from a per-rank list (rank 0's when the world size has changed)."""
+    return states[rank] if len(states) == world else states[0]
+
+
+@dataclass
+class DistillCheckpoint:
+    """Everything :func:`distill` needs to continue a run bit for bit, stored in ``distill_checkpoint.pt``.
+
+    Written atomically (:func:`lwcam._utils.atomic_save`) by rank 0 after the queries (``epoch=0``) and
+    after every epoch; read with ``torch.load(..., weights_only=True)``. It holds the student, optimiser
+    and scheduler states, every random state (the data-order and augmentation generators, and torch's
+    CPU and CUDA generators of every rank), the history, the black box's answers (so a resumed run never
+    asks again), the queries paid, the wall time so far, the hold-out split and the ``fingerprint`` of
+    the arguments (:meth:`DistillConfig.fingerprint`), which a resumed run must match.
+    """
+
+    fingerprint: dict[str, Any]
+    epoch: int
+    epochs: int | None
+    student: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    order_rng: torch.Tensor
+    aug_rng: torch.Tensor
+    torch_rng: list[torch.Tensor]
+    cuda_rng: list[torch.Tensor] | None
+    history: list[dict[str, Any]]
+    answers: dict[str, torch.Tensor]
+    eval_answers: dict[str, torch.Tensor] | None
+    queries: int
+    seconds: float
+    holdout_indices: torch.Tensor | None
+    train_indices: torch.Tensor | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain dict that is written to the file (tensors, numbers, strings: ``weights_only``-safe)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the checkpoint atomically (a temporary file, then a rename)."""
+        return atomic_save(self.to_dict(), path)
+
+    @staticmethod
+    def read(path: Path) -> dict[str, Any]:
+        """The raw content of a checkpoint file; ``ValueError`` naming the file if it is unreadable or not a dict."""
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ValueError(f"the checkpoint {path} cannot be read ({type(err).__name__}: {err}); delete it or "
+                             f"pass resume=False to start afresh") from err
+        if not isinstance(ckpt, dict):
+            raise ValueError(f"the checkpoint {path} holds a {type(ckpt).__name__}, not a distillation checkpoint; "
+                             f"delete it or pass resume=False to start afresh")
+        return ckpt
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], path: Path | None, *, fingerprint: dict[str, Any], plan: _Plan,
+                  epochs: int, atol: float) -> DistillCheckpoint:
+        """Check ``raw`` against the run's ``fingerprint`` (``ValueError`` listing what differs), then
+        validate what a resumed run takes from it (``ValueError`` naming the file and the damage)."""
+        old = raw.get("fingerprint", {})
+        diff = [f"{k}: {old.get(k)!r} != {v!r}" for k, v in fingerprint.items() if old.get(k) != v]
+        if diff:
+            raise ValueError(f"the checkpoint {path} was written by a run with other arguments "
+                             f"({'; '.join(diff)[:800]}); pass resume=False to start afresh or use another "
+                             f"checkpoint_dir")
+        _check_content(raw, path, plan=plan, epochs=epochs, atol=atol)
+        entries: dict[str, Any] = {f.name: raw.get(f.name) for f in fields(cls)}
+        return cls(**entries)
+
+    @classmethod
+    def load(cls, path: Path, *, fingerprint: dict[str, Any], plan: _Plan, epochs: int,
+             atol: float) -> DistillCheckpoint:
+        """:meth:`read` then :meth:`from_dict`."""
+        return cls.from_dict(cls.read(path), path, fingerprint=fingerprint, plan=plan, epochs=epochs, atol=atol)
+
+    def restore(self, model: nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
+                order_gen: torch.Generator, aug_gen: torch.Generator, ctx: _Dist) -> None:
+        """Load the student, optimiser and scheduler states, then every random state."""
+        model.load_state_dict(self.student)
+        opt.load_state_dict(self.optimizer)
+        sched.load_state_dict(self.scheduler)
+        self.restore_rng(order_gen, aug_gen, ctx)
+
+    def restore_rng(self, order_gen: torch.Generator, aug_gen: torch.Generator, ctx: _Dist) -> None:
+        """Data-order and augmentation generators, and this rank's torch CPU (and CUDA) generator."""
+        order_gen.set_state(self.order_rng)
+        aug_gen.set_state(self.aug_rng)
+        torch.set_rng_state(_mine(self.torch_rng, ctx.rank, ctx.world))
+        if ctx.device.type == "cuda" and self.cuda_rng is not None:
+            torch.cuda.set_rng_state(_mine(self.cuda_rng, ctx.rank, ctx.world), ctx.device)
+
+
+def _damaged(path: Path | None, what: str) -> ValueError:
+    return ValueError(f"the checkpoint {path} is damaged: {what}; delete it or pass resume=False to start afresh")
+
+
+def _check_content(ckpt: dict[str, Any], path: Path | None, *, plan: _Plan, epochs: int, atol: float) -> None:
+    """Validate what a resumed run takes from a checkpoint; ``ValueError`` naming the file and the fault."""
+    missing = [k for k in _CHECKPOINT_NEEDS if k not in ckpt]
     if missing:
-        raise damaged(f"missing entries {missing}")
-    problem = _answers_problem(ckpt["answers"], output, num_classes, n_used, atol)
+        raise _damaged(path, f"missing entries {missing}")
+    problem = _answers_problem(ckpt["answers"], plan.output, plan.num_classes, plan.n_used, atol)
     if problem is not None:
-        raise damaged(f"its black-box answers: {problem}")
-    if (ckpt["eval_answers"] is None) != (n_eval == 0):
-        raise damaged("eval_answers do not match eval_images")
-    if n_eval and (problem := _answers_problem(ckpt["eval_answers"], output, num_classes, n_eval, atol)):
-        raise damaged(f"its eval_images answers: {problem}")
+        raise _damaged(path, f"its black-box answers: {problem}")
+    if (ckpt["eval_answers"] is None) != (plan.n_eval == 0):
+        raise _damaged(path, "eval_answers do not match eval_images")
+    if plan.n_eval and (problem := _answers_problem(ckpt["eval_answers"], plan.output, plan.num_classes,
+                                                    plan.n_eval, atol)):
+        raise _damaged(path, f"its eval_images answers: {problem}")
     epoch, queries = ckpt["epoch"], ckpt["queries"]
     if not isinstance(epoch, int) or not 0 <= epoch <= epochs or len(ckpt["history"]) != epoch:
-        raise damaged(f"epoch={epoch!r} must be an int in [0, {epochs}] with one history entry per epoch")
+        raise _damaged(path, f"epoch={epoch!r} must be an int in [0, {epochs}] with one history entry per epoch")
     if not isinstance(queries, int) or queries < 0:
-        raise damaged(f"queries={queries!r} must be an int >= 0")
+        raise _damaged(path, f"queries={queries!r} must be an int >= 0")
     bad = [k for k, v in ckpt["student"].items() if isinstance(v, torch.Tensor) and v.is_floating_point()
            and not torch.isfinite(v).all()]
     if bad:
-        raise damaged(f"the student's {bad[:3]} hold NaN or Inf")
+        raise _damaged(path, f"the student's {bad[:3]} hold NaN or Inf")
 
 
-def _all_finite(loss: torch.Tensor, ctx: _Dist) -> bool:
-    """Whether ``loss`` is finite on every rank (one small all-reduce under ``torchrun``, so all ranks agree)."""
-    ok = torch.isfinite(loss.detach()).to(torch.float64).reshape(1).cpu()
-    return bool(ctx.all_reduce(ok).item() == ctx.world)
-
-
-def _train_mode(model: nn.Module, frozen: set[str]) -> None:
-    """Training mode, except for the submodules the caller had put in eval mode (e.g. a frozen BatchNorm)."""
-    model.train()
-    for name, m in model.named_modules():
-        if name in frozen:
-            m.training = False
-
-
-def _lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    def fn(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress_ = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_)))
-
-    return fn
-
-
+# ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def _evaluate(model: nn.Module, images: _Images, idx: torch.Tensor, top1: torch.Tensor,
               log_probs: torch.Tensor | None, labels: torch.Tensor | None, ctx: _Dist,
@@ -646,6 +974,278 @@ def _evaluate(model: nn.Module, images: _Images, idx: torch.Tensor, top1: torch.
     return {"agreement": float(acc[0]) / n,
             "kl": float(acc[1]) / n if log_probs is not None else None,
             "accuracy": float(acc[2]) / n if labels is not None else None}
+
+
+# ----------------------------------------------------------------------------- training
+@dataclass
+class _Training:
+    """The state of one distillation run that the per-epoch functions read and advance."""
+
+    config: DistillConfig
+    plan: _Plan
+    ctx: _Dist
+    blackbox: BlackBox
+    student_name: str
+    model: nn.Module
+    frozen: set[str]
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    holdout_idx: torch.Tensor
+    train_idx: torch.Tensor
+    answers: dict[str, torch.Tensor]
+    eval_answers: dict[str, torch.Tensor] | None
+    spent: int  # queries paid by this distillation (over resumed runs)
+    fingerprint: dict[str, Any]
+    ckpt_path: Path | None
+    t_start: float
+    net: nn.Module  # the model, or its DistributedDataParallel wrapper
+    order_gen: torch.Generator = field(default_factory=torch.Generator)
+    aug_gen: torch.Generator = field(default_factory=torch.Generator)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    start_epoch: int = 0
+    seconds_before: float = 0.0
+    targets: torch.Tensor = field(init=False)  # log-probabilities (N,C), or labels (N,) for a label black box
+    top1: torch.Tensor = field(init=False)  # the black box's top-1 class (N,)
+
+    def __post_init__(self) -> None:
+        self.order_gen.manual_seed(self.config.seed + 1)
+        self.aug_gen.manual_seed(self.config.seed + 2)
+        self.targets, self.top1 = _targets(self.answers, self.plan.output, self.plan.num_classes)
+
+    @property
+    def soft(self) -> bool:
+        return self.plan.output != "label"
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, self.plan.n_train // self.config.batch_size)
+
+    @property
+    def global_batch(self) -> int:
+        return min(self.config.batch_size, self.plan.n_train)
+
+    @property
+    def pad(self) -> int:
+        return max(1, round(self.plan.source.shape[1] / 8))
+
+    def elapsed(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.t_start
+
+
+def _split(plan: _Plan, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted hold-out and training indices among the used transfer images (a seeded random split)."""
+    perm = torch.randperm(plan.n_used, generator=torch.Generator().manual_seed(seed))
+    return perm[: plan.n_hold].sort().values, perm[plan.n_hold :].sort().values
+
+
+def _prepare_student(student: str | nn.Module, plan: _Plan, seed: int,
+                     device: torch.device) -> tuple[nn.Module, str, str, set[str]]:
+    """The seeded student on ``device``, its name, a hash of its initial weights and its frozen submodules.
+
+    One image is passed through it to check that it takes the transfer images and outputs
+    ``num_classes`` logits (``ValueError`` otherwise).
+    """
+    seed_everything(seed)
+    if isinstance(student, str):
+        name, model = student, _build_student(student, plan.num_classes)
+    else:
+        name, model = f"{type(student).__module__}.{type(student).__qualname__}", copy.deepcopy(student)
+    init_hash = _state_hash(model)
+    frozen = {n for n, m in model.named_modules() if not m.training} if model.training else set()
+    model.to(device)
+    with eval_mode(model), torch.no_grad():
+        try:
+            probe = _logits(model(plan.source.get(torch.tensor([0])).to(device)))
+        except Exception as err:
+            raise ValueError(f"student {name} cannot take transfer_images of shape {plan.source.shape}: "
+                             f"{type(err).__name__}: {err}") from err
+    if probe.dim() != 2 or probe.shape[1] != plan.num_classes:
+        raise ValueError(f"student {name} outputs shape {tuple(probe.shape)} for one image, but the "
+                         f"black box has num_classes={plan.num_classes}: its output width must match")
+    return model, name, init_hash, frozen
+
+
+def _resume_point(ctx: _Dist, path: Path | None, resume: bool, fingerprint: dict[str, Any], plan: _Plan,
+                  epochs: int, atol: float) -> DistillCheckpoint | None:
+    """The checkpoint to continue from: read on rank 0, checked on every rank; ``None`` to start afresh."""
+    raw = ctx.rank0(lambda: DistillCheckpoint.read(path) if path is not None and resume and path.exists() else None)
+    if raw is None:
+        return None
+    return DistillCheckpoint.from_dict(raw, path, fingerprint=fingerprint, plan=plan, epochs=epochs, atol=atol)
+
+
+def _save(tr: _Training, epoch: int) -> None:
+    """Write the checkpoint after ``epoch`` epochs (rank 0 writes; every rank contributes its RNG state)."""
+    if tr.ckpt_path is None:
+        return
+    ctx, device = tr.ctx, tr.ctx.device
+    rngs = ctx.gather(torch.get_rng_state())
+    cuda_rngs = ctx.gather(torch.cuda.get_rng_state(device)) if device.type == "cuda" else None
+    if ctx.rank != 0:
+        return
+    DistillCheckpoint(
+        fingerprint=tr.fingerprint, epoch=epoch, epochs=tr.config.epochs,
+        student={k: v.detach().cpu() for k, v in tr.model.state_dict().items()},
+        optimizer=tr.opt.state_dict(), scheduler=tr.sched.state_dict(),
+        order_rng=tr.order_gen.get_state(), aug_rng=tr.aug_gen.get_state(), torch_rng=rngs, cuda_rng=cuda_rngs,
+        history=tr.history, answers=tr.answers, eval_answers=tr.eval_answers, queries=tr.spent,
+        seconds=tr.elapsed(), holdout_indices=tr.holdout_idx, train_indices=tr.train_idx,
+    ).save(tr.ckpt_path)
+
+
+def _setup(blackbox: BlackBox, student: str | nn.Module, config: DistillConfig, plan: _Plan, ctx: _Dist,
+           ckpt_dir: Path | None, resume: bool, t_start: float) -> tuple[_Training, DistillCheckpoint | None]:
+    """Split, student, checkpoint, black-box answers and optimiser: a run ready for its first (or next) epoch."""
+    holdout_idx, train_idx = _split(plan, config.seed)
+    model, name, init_hash, frozen = _prepare_student(student, plan, config.seed, ctx.device)
+    fingerprint = config.fingerprint(plan, name, init_hash)
+    ckpt_path = ckpt_dir / CHECKPOINT_NAME if ckpt_dir is not None else None
+    ckpt = _resume_point(ctx, ckpt_path, resume, fingerprint, plan, config.epochs, blackbox.atol)
+    if ckpt is not None:
+        answers, eval_answers, spent = ckpt.answers, ckpt.eval_answers, int(ckpt.queries)
+    else:  # asked once, on rank 0, then broadcast
+        answers, eval_answers, spent = ctx.rank0(lambda: _ask_transfer(blackbox, plan))
+    if ctx.active and ctx.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    opt, sched = _optimiser(model, config, plan.n_train)
+    tr = _Training(config=config, plan=plan, ctx=ctx, blackbox=blackbox, student_name=name, model=model,
+                   frozen=frozen, opt=opt, sched=sched, holdout_idx=holdout_idx, train_idx=train_idx,
+                   answers=answers, eval_answers=eval_answers, spent=spent, fingerprint=fingerprint,
+                   ckpt_path=ckpt_path, t_start=t_start, net=model)
+    if ckpt is not None:
+        ckpt.restore(model, opt, sched, tr.order_gen, tr.aug_gen, ctx)
+        tr.history, tr.start_epoch, tr.seconds_before = list(ckpt.history), int(ckpt.epoch), float(ckpt.seconds)
+    if ctx.active:
+        tr.net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    return tr, ckpt
+
+
+def _ask_views(tr: _Training, gidx: torch.Tensor, flips: torch.Tensor,
+               shifts: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """With ``augment="query"``: the black box's answers for the augmented views of a global batch (as
+    far as the budget pays; the rest keep their original image's answer) and the queries they cost."""
+    views = _apply_augment(tr.plan.source.get(gidx).cpu(), flips, shifts, tr.pad)
+    batch_t = tr.targets[gidx].clone()
+    budget = tr.config.query_budget
+    room = len(views) if budget is None else max(0, budget - tr.spent)
+    m = min(room, len(views))
+    if m == 0:
+        return batch_t, 0
+    before = tr.blackbox.queries
+    output = tr.plan.output
+    fresh, _ = _targets(_cat_answers([tr.blackbox(views[:m])], output), output, tr.plan.num_classes)
+    batch_t[:m] = fresh
+    return batch_t, tr.blackbox.queries - before
+
+
+def _batch(tr: _Training, gidx: torch.Tensor, mine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of the global batch ``gidx``: images (augmented) on the device, and their targets."""
+    mode, device = tr.config.aug_mode, tr.ctx.device
+    if mode == "none":
+        return tr.plan.source.get(gidx[mine]).to(device), tr.targets[gidx[mine]]
+    flips, shifts = _augment_params(len(gidx), tr.pad, tr.aug_gen)
+    if mode == "query":
+        batch_targets, paid = tr.ctx.rank0(lambda: _ask_views(tr, gidx, flips, shifts))
+        tr.spent += paid
+        tgt = batch_targets[mine]
+    else:
+        tgt = tr.targets[gidx[mine]]
+    x = _apply_augment(tr.plan.source.get(gidx[mine]).to(device), flips[mine], shifts[mine], tr.pad)
+    return x, tgt
+
+
+def _train_step(tr: _Training, gidx: torch.Tensor, mine: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
+    """One optimiser step on the global batch ``gidx``; returns this rank's summed per-image loss (float64).
+
+    Per image, ``T² · KL(p_T^T ‖ p_S^T)`` for soft answers, cross-entropy for labels; the loss
+    backpropagated is their sum times ``world / len(gidx)``, so that DistributedDataParallel's average
+    over ranks is the mean over the global batch.
+    """
+    config, ctx = tr.config, tr.ctx
+    x, tgt = _batch(tr, gidx, mine)
+    out = _logits(tr.net(x))
+    tgt = tgt.to(ctx.device)
+    if tr.soft:
+        per = kd_loss(out, tgt, float(config.temperature), reduction="none")
+    else:
+        per = label_loss(out, tgt, float(config.label_smoothing), reduction="none")
+    loss = per.sum() * (ctx.world / len(gidx))
+    if not _all_finite(loss, ctx):
+        raise FloatingPointError(
+            f"distillation diverged: the training loss is not finite at epoch {epoch + 1}, step {step + 1} "
+            f"of {tr.steps_per_epoch} (lr={config.peak_lr:g}, temperature={config.temperature:g}); the student "
+            f"was not saved" + (f" and the last good checkpoint (epoch {epoch}) stays in {tr.ckpt_path}"
+                                if tr.ckpt_path else "") + "; lower lr and pass resume=False")
+    tr.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    tr.opt.step()
+    tr.sched.step()
+    return per.detach().sum().double()
+
+
+def _train_epoch(tr: _Training, epoch: int, show: bool) -> float:
+    """One pass over the training share in a seeded random order; returns the mean training loss."""
+    _train_mode(tr.model, tr.frozen)
+    order = tr.train_idx[torch.randperm(tr.plan.n_train, generator=tr.order_gen)]
+    mine = tr.ctx.shard(tr.global_batch)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=tr.ctx.device)
+    steps = track(range(tr.steps_per_epoch), total=tr.steps_per_epoch,
+                  desc=f"distil {epoch + 1}/{tr.config.epochs}", enabled=show)
+    for step in steps:
+        gidx = order[step * tr.global_batch : (step + 1) * tr.global_batch]
+        loss_sum += _train_step(tr, gidx, mine, epoch, step)
+    loss_sum = tr.ctx.all_reduce(loss_sum.cpu())
+    return float(loss_sum) / (tr.steps_per_epoch * tr.global_batch)
+
+
+def _holdout_fidelity(tr: _Training) -> dict[str, float | None]:
+    """Top-1 agreement and ``KL(black box ‖ student)`` at T=1 on the held-out transfer images."""
+    return _evaluate(tr.model, tr.plan.source, tr.holdout_idx, tr.top1, tr.targets if tr.soft else None, None,
+                     tr.ctx, tr.config.batch_size)
+
+
+def _end_epoch(tr: _Training, epoch: int, loss: float, on_epoch_end: Callable[[int, nn.Module], None] | None) -> None:
+    """Held-out fidelity, the history entry, the checkpoint and the caller's ``on_epoch_end``."""
+    tr.ctx.sync_module(tr.model)  # BatchNorm statistics are per rank: take rank 0's
+    ev = _holdout_fidelity(tr)
+    if ev["kl"] is not None and not math.isfinite(ev["kl"]):
+        raise FloatingPointError(f"distillation diverged: the held-out KL is {ev['kl']} after epoch {epoch + 1}; "
+                                 f"the student was not saved; lower lr and pass resume=False")
+    tr.history.append({"epoch": epoch + 1, "loss": loss, "agreement": ev["agreement"], "kl": ev["kl"],
+                       "queries": tr.spent, "lr": float(tr.opt.param_groups[0]["lr"]), "seconds": tr.elapsed()})
+    _save(tr, epoch + 1)
+    if on_epoch_end is not None and tr.ctx.rank == 0:
+        with eval_mode(tr.model):
+            on_epoch_end(epoch + 1, tr.model)
+
+
+def _fidelity(tr: _Training) -> dict[str, Any]:
+    """:attr:`DistillResult.fidelity`: the last epoch's held-out numbers and, with ``eval_images``, the
+    student's agreement, KL and accuracy there (and the black box's accuracy when labels are known)."""
+    tr.ctx.sync_module(tr.model)
+    last, plan = tr.history[-1], tr.plan
+    fidelity: dict[str, Any] = {"agreement": last["agreement"], "kl": last["kl"], "accuracy": None,
+                                "n_holdout": plan.n_hold}
+    if plan.evals is None or tr.eval_answers is None:
+        return fidelity
+    ev_targets, ev_top1 = _targets(tr.eval_answers, plan.output, plan.num_classes)
+    ev = _evaluate(tr.model, plan.evals, torch.arange(plan.evals.n), ev_top1, ev_targets if tr.soft else None,
+                   plan.eval_labels, tr.ctx, tr.config.batch_size)
+    fidelity.update(accuracy=ev["accuracy"], eval_agreement=ev["agreement"], eval_kl=ev["kl"], n_eval=plan.n_eval)
+    if plan.eval_labels is not None:
+        fidelity["blackbox_accuracy"] = float((ev_top1 == plan.eval_labels).double().mean())
+    return fidelity
+
+
+def _result_config(tr: _Training, resumed: bool) -> dict[str, Any]:
+    """:attr:`DistillResult.config`: the resolved settings, the data sizes and how the run went."""
+    plan = tr.plan
+    return {"student": tr.student_name, **tr.config.settings(), **plan.facts(), "n_train": plan.n_train,
+            "n_holdout": plan.n_hold, "n_eval": plan.n_eval, "image_shape": tuple(plan.source.shape),
+            "steps_per_epoch": tr.steps_per_epoch, "world_size": tr.ctx.world, "device": str(tr.ctx.device),
+            "resumed_from_epoch": tr.start_epoch if resumed else None,
+            "checkpoint": str(tr.ckpt_path) if tr.ckpt_path is not None else None}
 
 
 # ----------------------------------------------------------------------------- distill
@@ -740,330 +1340,38 @@ def distill(
         (40, 8, 'RegNet')
     """
     t_start = time.perf_counter()
-    # ---- argument checks (identical on every rank, before any collective)
+    # ---- argument checks (identical on every rank, before any collective and any query)
     if not isinstance(blackbox, BlackBox):
         raise TypeError(f"blackbox must be an lwcam.BlackBox, got {type(blackbox).__name__}")
-    temperature = _check_real(temperature, "temperature", 0.0, low_open=True)
-    epochs = _check_positive_int(epochs, "epochs")
-    batch_size = _check_positive_int(batch_size, "batch_size")
-    seed = _check_positive_int(seed, "seed", minimum=0)
-    if optimizer not in ("adamw", "sgd"):
-        raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
-    lr = (2e-3 if optimizer == "adamw" else 0.05) if lr is None else lr
-    weight_decay = (0.05 if optimizer == "adamw" else 5e-4) if weight_decay is None else weight_decay
-    lr = _check_real(lr, "lr", 0.0, low_open=True)
-    weight_decay = _check_real(weight_decay, "weight_decay", 0.0)
-    label_smoothing = _check_real(label_smoothing, "label_smoothing", 0.0, 1.0, high_open=True)
-    if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
-        raise TypeError(f"checkpoint_dir must be a path (str or os.PathLike) or None, got {type(checkpoint_dir).__name__}")
-    if on_epoch_end is not None and not callable(on_epoch_end):
-        raise TypeError(f"on_epoch_end must be callable or None, got {type(on_epoch_end).__name__}")
-    aug_mode: Augment
-    if augment is True or augment == "default":
-        aug_mode = "default"
-    elif augment is False or augment is None or augment == "none":
-        aug_mode = "none"
-    elif augment == "query":
-        aug_mode = "query"
-    else:
-        raise ValueError(f"augment must be True/'default', 'query' or False/'none', got {augment!r}")
-    if isinstance(student, str):
-        if student not in _classification_models():
-            raise ValueError(f"student={student!r} is not a torchvision classification model; pass an "
-                             f"nn.Module or one of torchvision.models.list_models(module=torchvision.models), "
-                             f"e.g. 'resnet18'")
-    elif not isinstance(student, nn.Module):
-        raise TypeError(f"student must be a torchvision model name or an nn.Module, got {type(student).__name__}")
-    output = blackbox.output
-    num_classes = blackbox.num_classes
-
-    source = _Images(transfer_images, "transfer_images", blackbox.channels)
-    evals = _Images(eval_images, "eval_images", blackbox.channels) if eval_images is not None else None
-    if eval_labels is not None and evals is None:
-        raise ValueError("eval_labels were given without eval_images")
-    labels_eval: torch.Tensor | None = None
-    if evals is not None:
-        labels_eval = evals.labels_from_items() if eval_labels is None else torch.as_tensor(eval_labels).long()
-        if labels_eval is not None:
-            if labels_eval.shape != (evals.n,):
-                raise ValueError(f"eval_labels must have shape ({evals.n},), got {tuple(labels_eval.shape)}")
-            if labels_eval.min() < 0 or labels_eval.max() >= num_classes:
-                raise ValueError(f"eval_labels must lie in [0, {num_classes}), got values in "
-                                 f"[{int(labels_eval.min())}, {int(labels_eval.max())}]")
-    n_eval = evals.n if evals is not None else 0
-
-    # ---- how many images the budget pays for
-    n_used = source.n
-    if query_budget is not None:
-        query_budget = _check_positive_int(query_budget, "query_budget")
-        one_batch = min(batch_size, source.n)
-        if query_budget < one_batch:
-            raise ValueError(f"query_budget={query_budget} is smaller than one batch ({one_batch} images)")
-        if query_budget - n_eval < one_batch:
-            raise ValueError(f"query_budget={query_budget} leaves {query_budget - n_eval} queries after the "
-                             f"{n_eval} eval_images: less than one batch ({one_batch} images)")
-        n_used = min(source.n, query_budget - n_eval)
-    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)):
-        raise ValueError(f"holdout must be a fraction in [0, 1) or an int count, got {holdout!r}")
-    if isinstance(holdout, int):
-        if holdout < 0:
-            raise ValueError(f"holdout must be >= 0, got {holdout}")
-        n_hold = holdout
-    else:
-        n_hold = int(round(_check_real(holdout, "holdout as a fraction", 0.0, 1.0, high_open=True) * n_used))
-    n_train = n_used - n_hold
-    if n_train < 1:
-        raise ValueError(f"holdout={holdout!r} leaves no transfer image to train on ({n_used} used)")
-
+    config = DistillConfig(temperature=temperature, epochs=epochs, batch_size=batch_size, lr=lr,
+                           weight_decay=weight_decay, optimizer=optimizer, augment=augment,
+                           query_budget=query_budget, holdout=holdout, label_smoothing=label_smoothing, seed=seed)
+    _check_run_options(checkpoint_dir, on_epoch_end)
+    _check_student(student)
+    plan = _make_plan(blackbox, transfer_images, eval_images, eval_labels, config)
     ctx = _Dist(device)
     try:
-        return _run(
-            blackbox=blackbox, student=student, temperature=float(temperature), epochs=epochs,
-            batch_size=batch_size, lr=float(lr), weight_decay=float(weight_decay), optimizer=optimizer,
-            aug_mode=aug_mode, query_budget=query_budget, label_smoothing=float(label_smoothing), seed=seed,
-            checkpoint_dir=checkpoint_dir, resume=resume, progress=progress, on_epoch_end=on_epoch_end, output=output,
-            num_classes=num_classes, source=source, evals=evals, labels_eval=labels_eval, n_eval=n_eval,
-            n_used=n_used, n_hold=n_hold, n_train=n_train, ctx=ctx, t_start=t_start)
+        return _run(blackbox, student, config, plan, ctx, checkpoint_dir=checkpoint_dir, resume=resume,
+                    progress=progress, on_epoch_end=on_epoch_end, t_start=t_start)
     finally:
         ctx.close()
 
 
-def _run(*, blackbox: BlackBox, student: str | nn.Module, temperature: float, epochs: int, batch_size: int,
-         lr: float, weight_decay: float, optimizer: str, aug_mode: str, query_budget: int | None,
-         label_smoothing: float, seed: int, checkpoint_dir: str | os.PathLike | None, resume: bool,
-         progress: bool | None, on_epoch_end: Callable[[int, nn.Module], None] | None, output: str, num_classes: int, source: _Images, evals: _Images | None,
-         labels_eval: torch.Tensor | None, n_eval: int, n_used: int, n_hold: int, n_train: int,
-         ctx: _Dist, t_start: float) -> DistillResult:
-    device = ctx.device
-    world = ctx.world
-    if batch_size < world:
-        raise ValueError(f"batch_size={batch_size} is smaller than the number of processes ({world})")
+def _run(blackbox: BlackBox, student: str | nn.Module, config: DistillConfig, plan: _Plan, ctx: _Dist, *,
+         checkpoint_dir: str | os.PathLike | None, resume: bool, progress: bool | None,
+         on_epoch_end: Callable[[int, nn.Module], None] | None, t_start: float) -> DistillResult:
+    """:func:`distill` once its arguments are checked: set up (or resume), train epoch by epoch, evaluate."""
+    if config.batch_size < ctx.world:
+        raise ValueError(f"batch_size={config.batch_size} is smaller than the number of processes ({ctx.world})")
     ckpt_dir = ctx.rank0(lambda: _prepare_checkpoint_dir(checkpoint_dir))  # before anything is paid for
-
-    # ---- split, student
-    split_gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n_used, generator=split_gen)
-    holdout_idx = perm[:n_hold].sort().values
-    train_idx = perm[n_hold:].sort().values
-
-    seed_everything(seed)
-    if isinstance(student, str):
-        student_name = student
-        model = _build_student(student, num_classes)
-    else:
-        student_name = f"{type(student).__module__}.{type(student).__qualname__}"
-        model = copy.deepcopy(student)
-    init_hash = _state_hash(model)
-    frozen = {name for name, m in model.named_modules() if not m.training} if model.training else set()
-    model.to(device)
-    with eval_mode(model), torch.no_grad():
-        try:
-            probe = _logits(model(source.get(torch.tensor([0])).to(device)))
-        except Exception as err:
-            raise ValueError(f"student {student_name} cannot take transfer_images of shape {source.shape}: "
-                             f"{type(err).__name__}: {err}") from err
-    if probe.dim() != 2 or probe.shape[1] != num_classes:
-        raise ValueError(f"student {student_name} outputs shape {tuple(probe.shape)} for one image, but the "
-                         f"black box has num_classes={num_classes}: its output width must match")
-
-    fingerprint = {
-        "version": _CHECKPOINT_VERSION, "student": student_name, "student_init": init_hash,
-        "temperature": float(temperature), "epochs": epochs, "batch_size": batch_size, "lr": float(lr),
-        "weight_decay": float(weight_decay), "optimizer": optimizer, "augment": aug_mode,
-        "query_budget": query_budget, "n_holdout": n_hold, "label_smoothing": float(label_smoothing),
-        "seed": seed, "output": output, "num_classes": num_classes,
-        "k": blackbox.k if output == "topk" else None, "n_transfer": source.n, "n_used": n_used,
-        "image_shape": list(source.shape), "transfer": source.fingerprint(n_used),
-        "eval": evals.fingerprint() if evals is not None else None,
-    }
-
-    # ---- checkpoint (rank 0 reads, every rank receives)
-    ckpt_path = ckpt_dir / CHECKPOINT_NAME if ckpt_dir is not None else None
-
-    def load() -> dict[str, Any] | None:
-        if ckpt_path is None or not resume or not ckpt_path.exists():
-            return None
-        return _load_checkpoint(ckpt_path)
-
-    ckpt = ctx.rank0(load)
-    if ckpt is not None:
-        old = ckpt.get("fingerprint", {})
-        diff = [f"{k}: {old.get(k)!r} != {v!r}" for k, v in fingerprint.items() if old.get(k) != v]
-        if diff:
-            raise ValueError(f"the checkpoint {ckpt_path} was written by a run with other arguments "
-                             f"({'; '.join(diff)[:800]}); pass resume=False to start afresh or use another "
-                             f"checkpoint_dir")
-        _check_checkpoint(ckpt, ckpt_path, output=output, num_classes=num_classes, n_used=n_used, n_eval=n_eval,
-                          epochs=epochs, atol=blackbox.atol)
-
-    # ---- black-box answers: asked once, on rank 0, then broadcast
-    spent = 0  # queries paid by this distillation (over resumed runs)
-    if ckpt is not None:
-        answers, eval_answers, spent = ckpt["answers"], ckpt["eval_answers"], int(ckpt["queries"])
-    else:
-        def ask() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, int]:
-            before = blackbox.queries
-            ans = _query(blackbox, source, torch.arange(n_used))
-            ev = _query(blackbox, evals, torch.arange(evals.n)) if evals is not None else None
-            return ans, ev, blackbox.queries - before
-
-        answers, eval_answers, spent = ctx.rank0(ask)
-    targets, top1 = _targets(answers, output, num_classes)
-    soft = output != "label"
-
-    # ---- optimisation
-    if ctx.active and device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    params = model.parameters()
-    if optimizer == "adamw":
-        opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    else:
-        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
-    steps_per_epoch = max(1, n_train // batch_size)
-    global_batch = min(batch_size, n_train)
-    total_steps = epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, _lr_lambda(total_steps, max(1, min(steps_per_epoch, total_steps // 10))))
-    order_gen = torch.Generator().manual_seed(seed + 1)
-    aug_gen = torch.Generator().manual_seed(seed + 2)
-    pad = max(1, round(source.shape[1] / 8))
-    history: list[dict[str, Any]] = []
-    start_epoch = 0
-    seconds_before = 0.0
-    if ckpt is not None:
-        (model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model).load_state_dict(
-            ckpt["student"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        order_gen.set_state(ckpt["order_rng"])
-        aug_gen.set_state(ckpt["aug_rng"])
-        rng = ckpt["torch_rng"]
-        torch.set_rng_state(rng[ctx.rank] if len(rng) == world else rng[0])
-        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
-            cuda_rng = ckpt["cuda_rng"]
-            torch.cuda.set_rng_state(cuda_rng[ctx.rank] if len(cuda_rng) == world else cuda_rng[0], device)
-        history = list(ckpt["history"])
-        start_epoch = int(ckpt["epoch"])
-        seconds_before = float(ckpt["seconds"])
-
-    def elapsed() -> float:
-        return seconds_before + time.perf_counter() - t_start
-
-    net = model
-    if ctx.active:
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    def save(epoch: int) -> None:
-        rngs = ctx.gather(torch.get_rng_state())
-        cuda_rngs = ctx.gather(torch.cuda.get_rng_state(device)) if device.type == "cuda" else None
-        if ckpt_path is None or ctx.rank != 0:
-            return
-        atomic_save({
-            "fingerprint": fingerprint, "epoch": epoch, "epochs": epochs,
-            "student": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "order_rng": order_gen.get_state(), "aug_rng": aug_gen.get_state(),
-            "torch_rng": rngs, "cuda_rng": cuda_rngs, "history": history,
-            "answers": answers, "eval_answers": eval_answers, "queries": spent,
-            "seconds": elapsed(),
-            "holdout_indices": holdout_idx, "train_indices": train_idx,
-        }, ckpt_path)
-
+    tr, ckpt = _setup(blackbox, student, config, plan, ctx, ckpt_dir, resume, t_start)
     if ckpt is None:
-        save(0)  # the answers are safe before the first epoch
-
+        _save(tr, 0)  # the answers are safe before the first epoch
     show = progress_enabled(progress) and ctx.rank == 0
-    for epoch in range(start_epoch, epochs):
-        _train_mode(model, frozen)
-        order = train_idx[torch.randperm(n_train, generator=order_gen)]
-        mine = ctx.shard(global_batch)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        steps = track(range(steps_per_epoch), total=steps_per_epoch, desc=f"distil {epoch + 1}/{epochs}",
-                         enabled=show)
-        for step in steps:
-            gidx = order[step * global_batch : (step + 1) * global_batch]
-            if aug_mode != "none":
-                flips, shifts = _augment_params(len(gidx), pad, aug_gen)
-            if aug_mode == "query":
-                def ask_views(gidx: torch.Tensor = gidx, flips: torch.Tensor = flips,
-                              shifts: torch.Tensor = shifts, spent: int = spent) -> tuple[torch.Tensor, int]:
-                    views = _apply_augment(source.get(gidx).cpu(), flips, shifts, pad)
-                    batch_t = targets[gidx].clone()
-                    room = len(views) if query_budget is None else max(0, query_budget - spent)
-                    m = min(room, len(views))
-                    if m == 0:
-                        return batch_t, 0
-                    before = blackbox.queries
-                    fresh, _ = _targets(_cat_answers([blackbox(views[:m])], output), output, num_classes)
-                    batch_t[:m] = fresh
-                    return batch_t, blackbox.queries - before
-
-                batch_targets, paid = ctx.rank0(ask_views)
-                spent += paid
-                tgt = batch_targets[mine]
-            else:
-                tgt = targets[gidx[mine]]
-            x = source.get(gidx[mine]).to(device)
-            if aug_mode != "none":
-                x = _apply_augment(x, flips[mine], shifts[mine], pad)
-            out = _logits(net(x))
-            tgt = tgt.to(device)
-            if soft:
-                per = kd_loss(out, tgt, temperature, reduction="none")
-            else:
-                per = label_loss(out, tgt, label_smoothing, reduction="none")
-            loss = per.sum() * (world / len(gidx))  # DDP averages over ranks: the mean over the global batch
-            if not _all_finite(loss, ctx):
-                raise FloatingPointError(
-                    f"distillation diverged: the training loss is not finite at epoch {epoch + 1}, step {step + 1} "
-                    f"of {steps_per_epoch} (lr={lr:g}, temperature={temperature:g}); the student was not saved"
-                    + (f" and the last good checkpoint (epoch {epoch}) stays in {ckpt_path}" if ckpt_path else "")
-                    + "; lower lr and pass resume=False")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += per.detach().sum().double()
-        loss_sum = ctx.all_reduce(loss_sum.cpu())
-        ctx.sync_module(model)  # BatchNorm statistics are per rank: take rank 0's
-        ev = _evaluate(model, source, holdout_idx, top1, targets if soft else None, None, ctx, batch_size)
-        if ev["kl"] is not None and not math.isfinite(ev["kl"]):
-            raise FloatingPointError(f"distillation diverged: the held-out KL is {ev['kl']} after epoch {epoch + 1}; "
-                                     f"the student was not saved; lower lr and pass resume=False")
-        history.append({
-            "epoch": epoch + 1, "loss": float(loss_sum) / (steps_per_epoch * global_batch),
-            "agreement": ev["agreement"], "kl": ev["kl"], "queries": spent,
-            "lr": float(opt.param_groups[0]["lr"]),
-            "seconds": elapsed(),
-        })
-        save(epoch + 1)
-        if on_epoch_end is not None and ctx.rank == 0:
-            with eval_mode(model):
-                on_epoch_end(epoch + 1, model)
-
-    # ---- final fidelity
-    ctx.sync_module(model)
-    last = history[-1]
-    fidelity: dict[str, Any] = {"agreement": last["agreement"], "kl": last["kl"], "accuracy": None,
-                                "n_holdout": n_hold}
-    if evals is not None and eval_answers is not None:
-        ev_targets, ev_top1 = _targets(eval_answers, output, num_classes)
-        ev = _evaluate(model, evals, torch.arange(evals.n), ev_top1, ev_targets if soft else None, labels_eval,
-                       ctx, batch_size)
-        fidelity.update(accuracy=ev["accuracy"], eval_agreement=ev["agreement"], eval_kl=ev["kl"], n_eval=n_eval)
-        if labels_eval is not None:
-            fidelity["blackbox_accuracy"] = float((ev_top1 == labels_eval).double().mean())
-    seconds = elapsed()
-    config = {
-        "student": student_name, "temperature": float(temperature), "epochs": epochs, "batch_size": batch_size,
-        "lr": float(lr), "weight_decay": float(weight_decay), "optimizer": optimizer, "augment": aug_mode,
-        "query_budget": query_budget, "label_smoothing": float(label_smoothing), "seed": seed,
-        "output": output, "k": blackbox.k if output == "topk" else None, "num_classes": num_classes,
-        "n_transfer": source.n, "n_used": n_used, "n_train": n_train, "n_holdout": n_hold, "n_eval": n_eval,
-        "image_shape": tuple(source.shape), "steps_per_epoch": steps_per_epoch, "world_size": world,
-        "device": str(device), "resumed_from_epoch": start_epoch if ckpt is not None else None,
-        "checkpoint": str(ckpt_path) if ckpt_path is not None else None,
-    }
-    return DistillResult(student=model.cpu().eval(), history=history, fidelity=fidelity, queries=spent,
-                         seconds=seconds, config=config)
+    for epoch in range(tr.start_epoch, config.epochs):
+        loss = _train_epoch(tr, epoch, show)
+        _end_epoch(tr, epoch, loss, on_epoch_end)
+    fidelity = _fidelity(tr)
+    seconds = tr.elapsed()
+    return DistillResult(student=tr.model.cpu().eval(), history=tr.history, fidelity=fidelity, queries=tr.spent,
+                         seconds=seconds, config=_result_config(tr, resumed=ckpt is not None))

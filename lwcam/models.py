@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -280,50 +280,18 @@ def train_teacher(
         ValueError: an argument out of range (the message names it).
         FloatingPointError: the loss became NaN or Inf; the message names the epoch and step.
     """
-    if images.ndim != 4 or len(images) != len(labels):
-        raise ValueError(f"images must be (N,3,H,W) matching labels (N,), got {tuple(images.shape)} and {tuple(labels.shape)}")
-    if epochs < 1 or batch_size < 1:
-        raise ValueError(f"epochs and batch_size must be positive, got {epochs}, {batch_size}")
-    for name, value in (("lr", lr), ("weight_decay", weight_decay), ("label_smoothing", label_smoothing),
-                        ("pixel_dropout", pixel_dropout)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    if not lr > 0 or not label_smoothing < 1 or not pixel_dropout <= 1:
-        raise ValueError(f"need lr > 0, label_smoothing < 1 and pixel_dropout <= 1; got lr={lr}, "
-                         f"label_smoothing={label_smoothing}, pixel_dropout={pixel_dropout}")
+    _check_teacher_arguments(images, labels, epochs=epochs, batch_size=batch_size, lr=lr,
+                             weight_decay=weight_decay, label_smoothing=label_smoothing, pixel_dropout=pixel_dropout)
     t0 = time.perf_counter()
-    gen = seed_everything(seed)
-    dev = resolve_device(device)
-    model = build_model(arch, num_classes).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = math.ceil(len(images) / batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15)
+    run = _TeacherTraining.start(arch, num_classes, seed=seed, device=device, batch_size=batch_size, lr=lr,
+                                 weight_decay=weight_decay, label_smoothing=label_smoothing,
+                                 pixel_dropout=pixel_dropout, total_steps=epochs * math.ceil(len(images) / batch_size))
+    model = run.model
     history: list[dict[str, float]] = []
-    bar = track(range(epochs * steps_per_epoch), total=epochs * steps_per_epoch, desc=f"train {arch}",
-                   enabled=progress)
+    bar = track(range(run.total_steps), total=run.total_steps, desc=f"train {arch}", enabled=progress)
     for epoch in range(epochs):
-        model.train()
-        order = torch.randperm(len(images), generator=gen)
-        total, correct, seen = 0.0, 0, 0
-        for s in range(steps_per_epoch):
-            idx = order[s * batch_size : (s + 1) * batch_size]
-            x = random_pixel_dropout(random_flip_shift(images[idx], gen), gen, max_rate=pixel_dropout).to(dev)
-            y = labels[idx].to(dev)
-            out = model(x)
-            loss = F.cross_entropy(out, y, label_smoothing=label_smoothing)
-            if not math.isfinite(loss_value := loss.item()):
-                raise FloatingPointError(f"teacher training diverged: the loss is {loss_value} at epoch {epoch + 1}, "
-                                         f"step {s + 1}; lower lr (now {lr}) or check the images for NaN/Inf")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss_value * len(idx)
-            correct += int((out.argmax(1) == y).sum())
-            seen += len(idx)
-            next(bar, None)
-        row = {"epoch": epoch + 1, "loss": total / seen, "train_accuracy": correct / seen,
-               "seconds": time.perf_counter() - t0}
+        loss, accuracy = _train_teacher_epoch(run, images, labels, epoch, bar)
+        row = {"epoch": epoch + 1, "loss": loss, "train_accuracy": accuracy, "seconds": time.perf_counter() - t0}
         if val_images is not None and val_labels is not None:
             row["val_accuracy"] = evaluate_accuracy(model, val_images, val_labels)
         history.append(row)
@@ -336,3 +304,82 @@ def train_teacher(
                                val_accuracy=val_acc, seconds=seconds, epochs=epochs, pixel_dropout=pixel_dropout,
                                **(meta or {}))
     return TeacherResult(model=model, history=history, val_accuracy=val_acc, seconds=seconds, checkpoint=ckpt)
+
+
+def _check_teacher_arguments(images: torch.Tensor, labels: torch.Tensor, *, epochs: int, batch_size: int, lr: float,
+                             weight_decay: float, label_smoothing: float, pixel_dropout: float) -> None:
+    """``ValueError`` naming the argument when one of :func:`train_teacher`'s is out of range."""
+    if images.ndim != 4 or len(images) != len(labels):
+        raise ValueError(f"images must be (N,3,H,W) matching labels (N,), got {tuple(images.shape)} and "
+                         f"{tuple(labels.shape)}")
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be positive, got {epochs}, {batch_size}")
+    for name, value in (("lr", lr), ("weight_decay", weight_decay), ("label_smoothing", label_smoothing),
+                        ("pixel_dropout", pixel_dropout)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if not lr > 0 or not label_smoothing < 1 or not pixel_dropout <= 1:
+        raise ValueError(f"need lr > 0, label_smoothing < 1 and pixel_dropout <= 1; got lr={lr}, "
+                         f"label_smoothing={label_smoothing}, pixel_dropout={pixel_dropout}")
+
+
+@dataclass
+class _TeacherTraining:
+    """What :func:`train_teacher`'s epochs share: the model, its optimiser and schedule, the generator."""
+
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    gen: torch.Generator  # data order and augmentation
+    device: torch.device
+    batch_size: int
+    lr: float
+    label_smoothing: float
+    pixel_dropout: float
+    total_steps: int
+
+    @classmethod
+    def start(cls, arch: str, num_classes: int, *, seed: int, device: str | torch.device | None, batch_size: int,
+              lr: float, weight_decay: float, label_smoothing: float, pixel_dropout: float,
+              total_steps: int) -> _TeacherTraining:
+        """Seed everything, build ``arch`` on the device, AdamW with a one-cycle schedule (15 % warm-up)."""
+        gen = seed_everything(seed)
+        dev = resolve_device(device)
+        model = build_model(arch, num_classes).to(dev)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps, pct_start=0.15)
+        return cls(model=model, opt=opt, sched=sched, gen=gen, device=dev, batch_size=batch_size, lr=lr,
+                   label_smoothing=label_smoothing, pixel_dropout=pixel_dropout, total_steps=total_steps)
+
+
+def _train_teacher_epoch(run: _TeacherTraining, images: torch.Tensor, labels: torch.Tensor, epoch: int,
+                         bar: Iterator[int]) -> tuple[float, float]:
+    """One pass in a random order with flip/shift and pixel-dropout augmentation; returns the mean
+    training loss and the training accuracy (both on the augmented batches)."""
+    run.model.train()
+    order = torch.randperm(len(images), generator=run.gen)
+    total, correct, seen = 0.0, 0, 0
+    for s in range(math.ceil(len(images) / run.batch_size)):
+        idx = order[s * run.batch_size : (s + 1) * run.batch_size]
+        x = random_pixel_dropout(random_flip_shift(images[idx], run.gen), run.gen, max_rate=run.pixel_dropout)
+        loss_value, hits = _train_teacher_step(run, x.to(run.device), labels[idx].to(run.device), epoch, s)
+        total += loss_value * len(idx)
+        correct += hits
+        seen += len(idx)
+        next(bar, None)
+    return total / seen, correct / seen
+
+
+def _train_teacher_step(run: _TeacherTraining, x: torch.Tensor, y: torch.Tensor, epoch: int,
+                        step: int) -> tuple[float, int]:
+    """One AdamW step on ``L = -(1-ε) log p_y - ε/C Σ_c log p_c``; returns the loss and the correct predictions."""
+    out = run.model(x)
+    loss = F.cross_entropy(out, y, label_smoothing=run.label_smoothing)
+    if not math.isfinite(loss_value := loss.item()):
+        raise FloatingPointError(f"teacher training diverged: the loss is {loss_value} at epoch {epoch + 1}, "
+                                 f"step {step + 1}; lower lr (now {run.lr}) or check the images for NaN/Inf")
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    run.opt.step()
+    run.sched.step()
+    return loss_value, int((out.argmax(1) == y).sum())

@@ -10,7 +10,10 @@ RESNET_STAGES = ["relu", "layer1", "layer2", "layer3", "layer4"]
 
 
 def randomise_bn(model: nn.Module, gen: torch.Generator) -> None:
-    """Non-trivial BatchNorm statistics and affine parameters, so eval-mode maps of an untrained net are not degenerate."""
+    """Non-trivial BatchNorm statistics and affine parameters.
+
+    Without them the eval-mode maps of an untrained net are degenerate.
+    """
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
