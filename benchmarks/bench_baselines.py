@@ -38,7 +38,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import torch
@@ -48,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lwcam.baselines as bl  # noqa: E402
 from benchmarks._report import add_common_args, machine, write_report  # noqa: E402
-from lwcam import BlackBox, LayerwiseGradCAM  # noqa: E402
+from lwcam import BlackBox  # noqa: E402
 from lwcam._utils import seed_everything  # noqa: E402
 from lwcam.data import get_dataset, load_tensors  # noqa: E402
 
@@ -81,66 +80,46 @@ def time_raw(model: torch.nn.Module, images: torch.Tensor, n: int, batch_size: i
     return out
 
 
-def lwcam_explain(student: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor,
-                  stats: dict | None = None) -> torch.Tensor:
-    """Layer-wise Grad-CAM on every auto layer of the student, fused (default fusion)."""
-    t0 = time.perf_counter()
-    with LayerwiseGradCAM(student, layers="auto", verbose=False) as lw:
-        saliency = lw(images, targets).fuse()
-    if stats is not None:
-        sec = time.perf_counter() - t0
-        b = images.shape[0]
-        stats.update(queries=0, seconds=sec, images=b, queries_per_image=0.0, seconds_per_image=sec / b)
-    return saliency.cpu()
-
-
-def time_method(fn, images: torch.Tensor, targets: torch.Tensor, params: dict, warm: dict | None,
-                repeats: int, bb: BlackBox) -> list[dict]:
-    """One warm-up call, then timed calls (until 5 s or ``repeats``); each call's ``stats``."""
+def time_method(name: str, models: dict, images: torch.Tensor, targets: torch.Tensor, params: dict,
+                warm: dict | None, repeats: int, bb: BlackBox) -> list[bl.Explanation]:
+    """One warm-up call, then timed calls (until 5 s or ``repeats``) through the method registry."""
+    method = bl.METHODS[name]
     if warm is not None:
-        fn(images[:1], targets[:1], **warm)  # warm-up, not timed
+        method(images[:1], targets[:1], **models, **warm)  # warm-up, not timed
     else:
-        fn(images, targets, **params)
+        method(images, targets, **models, **params)
     bb.reset_queries()
-    runs: list[dict] = []
-    while not runs or (runs[-1]["seconds"] < 5.0 and len(runs) < repeats):
-        st: dict = {}
-        fn(images, targets, stats=st, **params)
-        runs.append(st)
+    runs: list[bl.Explanation] = []
+    while not runs or (runs[-1].seconds < 5.0 and len(runs) < repeats):
+        runs.append(method(images, targets, **models, **params))
     return runs
 
 
 def method_rows(args: argparse.Namespace, teacher, student, bb: BlackBox, images, targets) -> tuple[list[dict], dict]:
     """A row per method, and the raw forward timings taken around RISE."""
-    methods: list[tuple[str, str, Any, dict]] = [
-        ("lwcam", "white-box student", lambda x, t, **kw: lwcam_explain(student, x, t, **kw), {}),
-        ("gradcam", "white-box student", lambda x, t, **kw: bl.gradcam(student, x, t, **kw), {}),
-        ("gradcam_teacher", "white-box teacher (oracle)", lambda x, t, **kw: bl.gradcam(teacher, x, t, **kw), {}),
-        ("cam", "white-box student", lambda x, t, **kw: bl.cam(student, x, t, **kw), {}),
-        ("meaningful_perturbation", "white-box student",
-         lambda x, t, **kw: bl.meaningful_perturbation(student, x, t, **kw), {}),
-        ("rise", "black-box", lambda x, t, **kw: bl.rise(bb, x, t, **kw),
-         {"n_masks": args.rise_masks, "batch_size": args.batch_size}),
-        ("lime", "black-box", lambda x, t, **kw: bl.lime(bb, x, t, **kw), {}),
-        ("occlusion", "black-box", lambda x, t, **kw: bl.occlusion(bb, x, t, **kw), {}),
+    methods: list[tuple[str, dict]] = [
+        ("lwcam", {}), ("gradcam", {}), ("gradcam_teacher", {}), ("cam", {}), ("meaningful_perturbation", {}),
+        ("rise", {"n_masks": args.rise_masks, "batch_size": args.batch_size}), ("lime", {}), ("occlusion", {}),
     ]
+    models = {"blackbox": bb, "student": student, "teacher": teacher}
     # warm-up calls: the fast white-box methods on the whole batch (same shapes as timed), the slow
     # methods on one image with a few samples
     warm = {"rise": {"n_masks": 256}, "lime": {"n_samples": 250}, "meaningful_perturbation": {"iters": 2},
             "occlusion": {}}
     rows, raw = [], {}
-    for name, access, fn, params in methods:
+    for name, params in methods:
+        access = bl.METHODS[name].access
         if name == "rise":
             time_raw(teacher, images, args.batch_size, args.batch_size)  # warm-up, not timed
             raw = time_raw(teacher, images, args.raw_images // 2, args.batch_size)
-        runs = time_method(fn, images, targets, params, warm.get(name), args.repeats, bb)
+        runs = time_method(name, models, images, targets, params, warm.get(name), args.repeats, bb)
         if name == "rise":
             after = time_raw(teacher, images, args.raw_images - args.raw_images // 2, args.batch_size)
             raw = {k: (raw[k][0] + after[k][0], raw[k][1] + after[k][1]) for k in raw}
-        sec = statistics.median(r["seconds_per_image"] for r in runs)
-        queries = runs[0]["queries_per_image"]
+        sec = statistics.median(r.seconds_per_image for r in runs)
+        queries = runs[0].queries_per_image
         rows.append({"method": name, "access": access, "seconds_per_image": sec,
-                     "best_seconds_per_image": min(r["seconds_per_image"] for r in runs),
+                     "best_seconds_per_image": min(r.seconds_per_image for r in runs),
                      "queries_per_image": queries, "model_images_per_s": queries / sec if queries else float("nan"),
                      "timed_runs": len(runs), "params": ", ".join(f"{k}={v}" for k, v in params.items())})
         print(f"{name:>24}: {sec:9.4f} s/image  {queries:7.0f} queries/image  ({len(runs)} run(s))", flush=True)

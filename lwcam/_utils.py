@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 T = TypeVar("T")
 
@@ -69,8 +70,6 @@ def track(iterable: Iterable[T], *, total: int | None = None, desc: str = "",
     """Wrap ``iterable`` in a tqdm bar when :func:`progress_enabled` says so."""
     if not progress_enabled(enabled):
         return iter(iterable)
-    from tqdm.auto import tqdm
-
     return iter(tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, **kwargs))
 
 

@@ -145,8 +145,10 @@ def select_fusion(student: nn.Module, scorer: Any, val_images: torch.Tensor, val
     rows = []
     for label, spec in grid.items():
         weights = spec.get("weights")
-        is_single = weights is not None and sorted(weights) == _one_hot(n, n - 1)
-        value = single[spec["weighting"]][weights.index(1.0)] if is_single else auc(_fused(stacks, spec))
+        if weights is not None and sorted(weights) == _one_hot(n, n - 1):
+            value = single[spec["weighting"]][weights.index(1.0)]
+        else:
+            value = auc(_fused(stacks, spec))
         rows.append({"fusion": label, "weighting": spec["weighting"], "normalize": spec["normalize"],
                      "mode": spec["mode"], "weights": "" if weights is None else
                      " ".join(f"{w:.3g}" for w in weights), "val_deletion_auc": value, "n_val": len(val_images)})

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._checks import check_images
 from ._utils import eval_mode, track
 
 __all__ = ["BlackBox", "TopK", "BlackBoxError", "CacheError", "as_prob_fn", "module_fingerprint", "TRANSIENT_ERRORS"]
@@ -123,13 +124,18 @@ class _Cache:
         """The stored value of every key found, as stored (bytes for a sound row)."""
         out: dict[str, object] = {}
         for i in range(0, len(keys), 500):
-            chunk = keys[i : i + 500]
-            marks = ",".join("?" * len(chunk))
-            rows = self._run("be read", lambda c, chunk=chunk, marks=marks: c.execute(
-                f"SELECT key, value FROM answers WHERE ns=? AND key IN ({marks})", [self.namespace, *chunk]
-            ).fetchall())
-            out.update(dict(rows))  # type: ignore[arg-type]
+            out.update(self._select(keys[i : i + 500]))
         return out
+
+    def _select(self, chunk: list[str]) -> dict[str, object]:
+        query = f"SELECT key, value FROM answers WHERE ns=? AND key IN ({','.join('?' * len(chunk))})"
+
+        def read(c: sqlite3.Connection) -> list[tuple[str, object]]:
+            return c.execute(query, [self.namespace, *chunk]).fetchall()
+
+        rows = self._run("be read", read)
+        assert isinstance(rows, list)
+        return dict(rows)
 
     def put_many(self, items: list[tuple[str, np.ndarray]]) -> None:
         rows = [(self.namespace, k, v.astype(np.float32).tobytes()) for k, v in items]
@@ -321,14 +327,16 @@ class BlackBox:
     def _check_args(fn: object, num_classes: object, fn_returns: object, output: object, k: object,
                     batch_size: object, retries: object, backoff: object, atol: object, channels: object,
                     cache_namespace: object, retry_on: object) -> None:
+        if not callable(fn):
+            raise TypeError(f"fn must be callable (an nn.Module or a function), got {type(fn).__name__}")
+        BlackBox._check_outputs(num_classes, fn_returns, output, k)
+        BlackBox._check_limits(batch_size, retries, backoff, atol, channels, cache_namespace, retry_on)
+
+    @staticmethod
+    def _check_outputs(num_classes: object, fn_returns: object, output: object, k: object) -> None:
         def is_int(v: object) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
 
-        def is_real(v: object) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
-
-        if not callable(fn):
-            raise TypeError(f"fn must be callable (an nn.Module or a function), got {type(fn).__name__}")
         if not is_int(num_classes) or num_classes < 2:  # type: ignore[operator]
             raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
         if fn_returns not in ("auto", "probs", "logits"):
@@ -337,6 +345,16 @@ class BlackBox:
             raise ValueError(f"output must be 'probs', 'logits', 'topk' or 'label', got {output!r}")
         if output == "topk" and (not is_int(k) or not 1 <= k <= num_classes):  # type: ignore[operator]
             raise ValueError(f"k must be an int in [1, num_classes={num_classes}], got {k!r}")
+
+    @staticmethod
+    def _check_limits(batch_size: object, retries: object, backoff: object, atol: object, channels: object,
+                      cache_namespace: object, retry_on: object) -> None:
+        def is_int(v: object) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_real(v: object) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
         if not is_int(batch_size) or batch_size < 1:  # type: ignore[operator]
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if not is_int(retries) or retries < 0:  # type: ignore[operator]
@@ -411,34 +429,16 @@ class BlackBox:
 
     # ---------------------------------------------------------------- internal
     def _validate_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Check a batch and return it detached as float32 (the one image rule)."""
-        if not isinstance(images, torch.Tensor):
-            raise TypeError(f"images must be a torch.Tensor of shape (B,{self.channels},H,W), got {type(images).__name__}")
-        if not images.is_floating_point():
-            raise TypeError(f"images must be a floating-point tensor (any float dtype is converted to float32), "
-                            f"got dtype {images.dtype}")
-        if images.dim() != 4:
-            raise ValueError(
-                f"images must have 4 dimensions (B,{self.channels},H,W), got {images.dim()} with shape {tuple(images.shape)}"
-            )
-        if images.shape[0] == 0:
-            raise ValueError("images is an empty batch (B=0); expected at least one image")
-        if images.shape[1] != self.channels:
-            raise ValueError(f"images must have {self.channels} channels, got shape {tuple(images.shape)}")
-        if not torch.isfinite(images).all():
-            raise ValueError("images contain NaN or Inf pixels")
-        if images.dtype != torch.float32:
-            images = images.to(torch.float32)
-            if not torch.isfinite(images).all():
-                raise ValueError("images hold values too large for float32 (they become Inf)")
-        return images.detach()
+        """Check a batch and return it detached as float32 (the one image rule, :func:`lwcam._checks.check_images`)."""
+        return check_images(images, channels=self.channels)
 
     def _validate_answer(self, out: object, n: int) -> torch.Tensor:
         if not isinstance(out, torch.Tensor):
             if isinstance(out, np.ndarray):
                 out = torch.from_numpy(out)
             else:
-                raise BlackBoxError(f"fn must return a tensor of shape ({n}, {self.num_classes}), got {type(out).__name__}")
+                raise BlackBoxError(f"fn must return a tensor of shape ({n}, {self.num_classes}), "
+                                    f"got {type(out).__name__}")
         out = out.detach().to("cpu", torch.float32)
         if tuple(out.shape) != (n, self.num_classes):
             raise BlackBoxError(
@@ -580,7 +580,8 @@ class BlackBox:
         self.close()
 
 
-def as_prob_fn(model: BlackBox | nn.Module | Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+def as_prob_fn(model: BlackBox | nn.Module | Callable[[torch.Tensor], torch.Tensor]
+               ) -> Callable[[torch.Tensor], torch.Tensor]:
     """Turn a ``BlackBox``, module or callable into ``images -> (B,C) probabilities``.
 
     * ``BlackBox`` in ``probs`` or ``logits`` mode: its answer (softmax for logits).
@@ -592,7 +593,8 @@ def as_prob_fn(model: BlackBox | nn.Module | Callable[[torch.Tensor], torch.Tens
     """
     if isinstance(model, BlackBox):
         if model.output == "label":
-            raise ValueError("a BlackBox with output='label' reveals no class probability; use 'probs', 'logits' or 'topk'")
+            raise ValueError("a BlackBox with output='label' reveals no class probability; "
+                             "use 'probs', 'logits' or 'topk'")
 
         def bb_fn(x: torch.Tensor) -> torch.Tensor:
             out = model(x)

@@ -25,7 +25,6 @@ Example:
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,9 +35,9 @@ import torch
 from torch import nn
 
 from ._utils import track
-from .baselines import METHODS
+from .baselines import LWCAM_LABEL, METHODS, Explanation
 from .fusion import fuse
-from .layercam import LayerwiseGradCAM
+from .layercam import LayerMaps, LayerwiseGradCAM, explain_lwcam, layer_maps_all_weightings, layer_maps_batched
 from .metrics import (
     GameResult,
     bootstrap_ci,
@@ -51,6 +50,7 @@ from .metrics import (
 
 __all__ = [
     "MethodRun",
+    "Explanation",
     "layer_maps_batched",
     "explain_lwcam",
     "run_methods",
@@ -66,10 +66,10 @@ __all__ = [
     "method_resolution",
 ]
 
-LWCAM_LABEL = "lwcam (paper)"
-#: lwcam's variants as methods: name -> display label. ``lwcam`` is the paper's fusion, fixed in
-#: advance; ``lwcam_selected`` takes the fusion chosen on ``val`` through ``method_params``.
-LWCAM_METHODS = {"lwcam": LWCAM_LABEL, "lwcam_selected": "lwcam (selected on val)"}
+#: lwcam's variants among :data:`lwcam.baselines.METHODS`: name -> display label. ``lwcam`` is the
+#: paper's fusion, fixed in advance; ``lwcam_selected`` takes the fusion chosen on ``val`` through
+#: ``method_params``.
+LWCAM_METHODS = {name: m.label for name, m in METHODS.items() if m.fn is explain_lwcam}
 
 
 @dataclass
@@ -77,7 +77,7 @@ class MethodRun:
     """One method's saliency on (a subset of) the evaluation images.
 
     Attributes:
-        name: method key (``"lwcam"`` or a key of :data:`lwcam.baselines.METHODS`).
+        name: method key (a key of :data:`lwcam.baselines.METHODS`, ``"lwcam"`` included).
         label: display name.
         access: what the method saw (``"white-box student"``, ``"black-box"``, ...).
         indices: (n,) positions of the explained images within the evaluation batch.
@@ -97,59 +97,6 @@ class MethodRun:
     params: dict[str, Any] = field(default_factory=dict)
 
 
-def layer_maps_batched(student: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, batch_size: int = 64,
-                       layers: Any = "auto", weighting: str = "gradcam", progress: bool | None = None
-                       ) -> tuple[list[str], torch.Tensor, dict[str, tuple[int, int]]]:
-    """Upsampled per-layer maps for many images: ``(names, (B,L,H,W), native resolutions)``.
-
-    One forward and one backward pass per chunk of ``batch_size`` images, all layers at once.
-    ``weighting`` is ``"gradcam"`` or ``"layercam"`` (see :class:`~lwcam.layercam.LayerwiseGradCAM`).
-    """
-    names, stacks, resolutions = layer_maps_all_weightings(student, images, targets, (weighting,),
-                                                           batch_size=batch_size, layers=layers,
-                                                           progress=progress)
-    return names, stacks[weighting], resolutions
-
-
-def layer_maps_all_weightings(student: nn.Module, images: torch.Tensor, targets: torch.Tensor,
-                              weightings: Sequence[str] = ("gradcam", "layercam"), *, batch_size: int = 64,
-                              layers: Any = "auto", progress: bool | None = None
-                              ) -> tuple[list[str], dict[str, torch.Tensor], dict[str, tuple[int, int]]]:
-    """Per-layer maps of several weightings from the same passes: ``(names, weighting -> (B,L,H,W), resolutions)``."""
-    parts: dict[str, list[torch.Tensor]] = {w: [] for w in weightings}
-    names: list[str] = []
-    resolutions: dict[str, tuple[int, int]] = {}
-    with LayerwiseGradCAM(student, layers=layers, weighting=tuple(weightings), verbose=False) as cam:
-        starts = range(0, len(images), batch_size)
-        for s in track(starts, total=len(starts), desc="layer-wise CAM", enabled=progress):
-            by_weighting = cam(images[s : s + batch_size], targets[s : s + batch_size])
-            for w, lm in by_weighting.items():
-                names, resolutions = lm.names, lm.resolutions
-                parts[w].append(lm.stack().cpu())
-    return names, {w: torch.cat(p) for w, p in parts.items()}, resolutions
-
-
-def explain_lwcam(student: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, batch_size: int = 64,
-                  layers: Any = "auto", weighting: str = "gradcam", mode: str = "sum", normalize: str = "minmax",
-                  weights: Any = None, stats: dict | None = None) -> torch.Tensor:
-    """lwcam's saliency: fused layer-wise CAM of the student, batched. ``stats`` gets seconds/queries.
-
-    The defaults are ``lwcam (paper)``: Grad-CAM per layer, per-layer min-max, sum, min-max.
-    """
-    t0 = time.perf_counter()
-    names, stack, _ = layer_maps_batched(student, images, targets, batch_size=batch_size, layers=layers,
-                                         weighting=weighting)
-    w = weights
-    if isinstance(weights, Mapping):
-        w = [float(weights.get(n, 0.0)) for n in names]
-    fused = fuse(stack, mode=mode, normalize=normalize, weights=w)
-    if stats is not None:
-        seconds = time.perf_counter() - t0
-        stats.update(queries=0, seconds=seconds, images=len(images), queries_per_image=0.0,
-                     seconds_per_image=seconds / len(images), layers=names)
-    return fused
-
-
 def run_methods(images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor, *, methods: Sequence[str],
                 blackbox: Any = None, student: nn.Module | None = None, teacher: nn.Module | None = None,
                 subset: Sequence[int] | torch.Tensor | None = None, subset_methods: Sequence[str] = (),
@@ -157,11 +104,15 @@ def run_methods(images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor
                 progress: bool | None = None) -> dict[str, MethodRun]:
     """Explain ``images`` with each method, handing each only the model it may see.
 
+    Every method runs through the registry (:data:`lwcam.baselines.METHODS`), which measures each
+    call's cost (:class:`~lwcam.baselines.Explanation`); the costs of a method's chunks add up to
+    its ``seconds_per_image`` and ``queries_per_image``.
+
     Args:
         images, targets, masks: the evaluation batch; ``targets`` are the black box's labels.
-        methods: ``"lwcam"`` and/or keys of :data:`lwcam.baselines.METHODS`.
+        methods: keys of :data:`lwcam.baselines.METHODS` (``"lwcam"``, ``"lwcam_selected"``, ``"rise"``, ...).
         blackbox: the :class:`~lwcam.blackbox.BlackBox` for black-box methods (its queries are counted).
-        student: the distilled student (white-box methods).
+        student: the distilled student (white-box methods, lwcam included).
         teacher: the teacher as a white-box **oracle** (``gradcam_teacher`` only).
         subset: positions of the images that the methods in ``subset_methods`` explain
             (expensive methods run on fewer images); the others explain every image.
@@ -173,35 +124,26 @@ def run_methods(images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor
     Returns:
         ``name -> MethodRun`` in ``methods`` order.
     """
+    unknown = [name for name in methods if name not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method {unknown[0]!r}; expected one of {sorted(METHODS)}")
     method_params = dict(method_params or {})
     all_idx = torch.arange(len(images))
     sub_idx = all_idx if subset is None else torch.as_tensor(subset, dtype=torch.long)
     runs: dict[str, MethodRun] = {}
     for name in track(methods, total=len(methods), desc="methods", enabled=progress):
+        method = METHODS[name]
         idx = sub_idx if name in subset_methods else all_idx
         params = dict(method_params.get(name, {}))
-        parts, seconds, queries = [], 0.0, 0
-        for s in range(0, len(idx), chunk):
-            part = idx[s : s + chunk]
-            stats: dict[str, Any] = {}
-            if name in LWCAM_METHODS:
-                if student is None:
-                    raise ValueError(f"{name} needs student=")
-                sal = explain_lwcam(student, images[part], targets[part], stats=stats, **params)
-            else:
-                if name not in METHODS:
-                    raise ValueError(f"unknown method {name!r}; expected one of {sorted(LWCAM_METHODS)} or "
-                                     f"{sorted(METHODS)}")
-                sal = METHODS[name](images[part], targets[part], blackbox=blackbox, student=student,
-                                    teacher=teacher, masks=masks[part], stats=stats, **params)
-            parts.append(sal.detach().float().cpu())
-            seconds += float(stats.get("seconds", 0.0))
-            queries += int(stats.get("queries", 0))
-        label = LWCAM_METHODS[name] if name in LWCAM_METHODS else METHODS[name].label
-        access = "white-box student (distilled)" if name in LWCAM_METHODS else METHODS[name].access
-        runs[name] = MethodRun(name=name, label=label, access=access, indices=idx, saliency=torch.cat(parts),
-                               seconds_per_image=seconds / len(idx), queries_per_image=queries / len(idx),
-                               params=params)
+        results: list[Explanation] = [
+            method(images[part], targets[part], blackbox=blackbox, student=student, teacher=teacher,
+                   masks=masks[part], **params)
+            for part in idx.split(chunk)
+        ]
+        runs[name] = MethodRun(name=name, label=method.label, access=method.access, indices=idx,
+                               saliency=torch.cat([r.saliency for r in results]),
+                               seconds_per_image=sum(r.seconds for r in results) / len(idx),
+                               queries_per_image=sum(r.queries for r in results) / len(idx), params=params)
     return runs
 
 
@@ -331,7 +273,9 @@ def layer_resolutions(model: nn.Module, image_size: int) -> dict[str, tuple[int,
     param = next(model.parameters())
     probe = torch.zeros(1, 3, image_size, image_size, device=param.device)
     with LayerwiseGradCAM(model, "auto", verbose=False) as cam:
-        return cam(probe, targets=0).resolutions
+        maps = cam(probe, targets=0)
+    assert isinstance(maps, LayerMaps)  # one weighting gives one LayerMaps
+    return maps.resolutions
 
 
 def method_resolution(run: MethodRun, student: nn.Module, teacher: nn.Module | None, image_size: int) -> str:

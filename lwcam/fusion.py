@@ -38,63 +38,32 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from .layercam import LayerMaps
+from ._ops import minmax_normalize
 
-__all__ = ["fuse", "minmax_normalize", "MODES", "NORMALIZE"]
+__all__ = ["fuse", "minmax_normalize", "MODES", "NORMALIZE", "NamedMaps"]
 
 MODES = ("sum", "mean", "max", "weighted")
 NORMALIZE = ("minmax", "none")
 
 
-def minmax_normalize(x: Tensor) -> Tensor:
-    """Min-max normalise each map to [0, 1] over its last two dimensions (H, W).
+@runtime_checkable
+class NamedMaps(Protocol):
+    """Named per-layer maps, as a :class:`~lwcam.layercam.LayerMaps` holds them."""
 
-    Works for (H,W), (B,H,W), (B,L,H,W), ... A constant map becomes all zeros (never NaN).
-
-    Args:
-        x: a real tensor with at least 2 dimensions, all values finite.
-
-    Returns:
-        A float tensor of the same shape with values in [0, 1].
-
-    Example:
-        >>> minmax_normalize(torch.tensor([[1., 3.], [2., 5.]]))
-        tensor([[0.0000, 0.5000],
-                [0.2500, 1.0000]])
-        >>> minmax_normalize(torch.full((2, 2), 7.0))
-        tensor([[0., 0.],
-                [0., 0.]])
-    """
-    x = torch.as_tensor(x)
-    if x.ndim < 2:
-        raise ValueError(f"minmax_normalize needs at least 2 dimensions (..., H, W), got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        x = x.float()
-    if x.numel() and not bool(torch.isfinite(x).all()):
-        raise ValueError("minmax_normalize got NaN or infinite values")
-    if x.numel() == 0:
-        return x.clone()
-    lo = x.amin(dim=(-2, -1), keepdim=True)
-    hi = x.amax(dim=(-2, -1), keepdim=True)
-    rng = hi - lo
-    safe = torch.where(rng > 0, rng, torch.ones_like(rng))
-    out = torch.where(rng > 0, (x - lo) / safe, torch.zeros_like(x))
-    return out.clamp_(0.0, 1.0)
+    names: list[str]
+    maps: dict[str, Tensor]
 
 
 def _as_stack(maps: Any) -> tuple[Tensor, list[str] | None]:
     """(B,L,H,W) float tensor and layer names (None when the input carries none)."""
-    from .layercam import LayerMaps
-
     names: list[str] | None = None
-    if isinstance(maps, LayerMaps):
+    if isinstance(maps, NamedMaps):
         names = list(maps.names)
         items = [maps.maps[n] for n in names]
     elif isinstance(maps, Mapping):
@@ -129,8 +98,8 @@ def _as_stack(maps: Any) -> tuple[Tensor, list[str] | None]:
     return stack, names
 
 
-def _weights(weights: Any, names: list[str] | None, n_layers: int, device: torch.device) -> Tensor:
-    """Validate the per-layer weights of ``mode="weighted"`` and return them as an (L,) tensor."""
+def _weight_values(weights: Any, names: list[str] | None) -> Any:
+    """The weights in layer order: a dict ``name -> weight`` becomes a list (a layer left out weighs 0)."""
     if weights is None:
         raise ValueError("mode='weighted' needs weights (one per layer)")
     if isinstance(weights, Mapping):
@@ -144,6 +113,12 @@ def _weights(weights: Any, names: list[str] | None, n_layers: int, device: torch
         raise TypeError(f"weights must be numbers, one per layer, got {weights!r}")
     else:
         values = weights
+    return values
+
+
+def _weights(weights: Any, names: list[str] | None, n_layers: int, device: torch.device) -> Tensor:
+    """Validate the per-layer weights of ``mode="weighted"`` and return them as an (L,) tensor."""
+    values = _weight_values(weights, names)
     try:
         w = torch.as_tensor(values.detach() if isinstance(values, Tensor) else values)
     except (TypeError, ValueError, RuntimeError):
@@ -164,7 +139,7 @@ def _weights(weights: Any, names: list[str] | None, n_layers: int, device: torch
     return w.to(device=device)
 
 
-def fuse(maps: LayerMaps | Mapping[str, Tensor] | Sequence[Tensor] | Tensor, mode: str = "sum",
+def fuse(maps: NamedMaps | Mapping[str, Tensor] | Sequence[Tensor] | Tensor, mode: str = "sum",
          normalize: str = "minmax", weights: Sequence[float] | Tensor | Mapping[str, float] | None = None
          ) -> Tensor:
     """Fuse L per-layer maps of B images into one (B,H,W) saliency map.

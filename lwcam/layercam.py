@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +51,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LayerwiseGradCAM", "LayerMaps", "ClassifierOutputTarget", "auto_layers", "WEIGHTINGS"]
+from ._checks import check_classes, check_images, check_targets
+from ._utils import eval_mode, track
+from .fusion import fuse
+
+__all__ = ["LayerwiseGradCAM", "LayerMaps", "ClassifierOutputTarget", "auto_layers", "WEIGHTINGS",
+           "layer_maps_batched", "layer_maps_all_weightings", "explain_lwcam"]
 
 WEIGHTINGS = ("gradcam", "layercam")
 
@@ -69,6 +74,8 @@ class ClassifierOutputTarget:
     Args:
         category: the class index.
     """
+
+    category: int
 
     def __init__(self, category: int) -> None:
         if isinstance(category, bool) or not isinstance(category, numbers.Integral):
@@ -130,8 +137,6 @@ class LayerMaps:
     def fuse(self, mode: str = "sum", normalize: str = "minmax",
              weights: Sequence[float] | Tensor | dict[str, float] | None = None) -> Tensor:
         """Fuse the upsampled maps into one (B,H,W) saliency map; see :func:`lwcam.fusion.fuse`."""
-        from .fusion import fuse
-
         return fuse(self, mode=mode, normalize=normalize, weights=weights)
 
     def stack(self) -> Tensor:
@@ -319,7 +324,7 @@ class LayerwiseGradCAM:
             raise TypeError(f"layers must be 'auto' or a sequence of names/modules, got {layers!r}") from None
         if not items:
             raise ValueError("layers is empty: pass 'auto' or at least one layer")
-        by_id = {}
+        by_id: dict[int, str] = {}
         for name, mod in self._modules.items():
             by_id.setdefault(id(mod), name)
         names: list[str] = []
@@ -454,14 +459,8 @@ class LayerwiseGradCAM:
 
     # ------------------------------------------------------------------ inputs
     def _check_images(self, images: Any) -> Tensor:
-        if not isinstance(images, Tensor):
-            raise TypeError(f"images must be a torch.Tensor (B,C,H,W), got {type(images).__name__}")
-        if images.ndim != 4:
-            raise ValueError(f"images must be 4-D (B,C,H,W), got shape {tuple(images.shape)}")
-        if not images.is_floating_point():
-            raise ValueError(f"images must be floating point, got dtype {images.dtype}")
-        if images.shape[0] == 0:
-            raise ValueError("images is an empty batch")
+        """The one image rule (:func:`lwcam._checks.check_images`), then the model's channels, device and dtype."""
+        images = check_images(images, dtype=None)
         if self._in_channels is not None and images.shape[1] != self._in_channels:
             raise ValueError(
                 f"images have {images.shape[1]} channels but the model's first convolution "
@@ -474,43 +473,29 @@ class LayerwiseGradCAM:
 
     @staticmethod
     def _check_targets(targets: TargetSpec, batch: int) -> Any:
-        """Validate what can be validated before the forward pass."""
+        """Validate what can be validated before the forward pass (indices: :func:`lwcam._checks.check_targets`)."""
         if targets is None or (callable(targets) and not isinstance(targets, Tensor)):
             return targets
-        if isinstance(targets, bool):
-            raise TypeError("targets must be class indices, got a bool")
-        if isinstance(targets, numbers.Integral):
-            return int(targets)
         if isinstance(targets, (list, tuple)) and targets and all(callable(t) for t in targets):
             if len(targets) != batch:
                 raise ValueError(f"got {len(targets)} target callables for a batch of {batch} images")
             return list(targets)
-        try:
-            t = torch.as_tensor(targets)
-        except (TypeError, ValueError, RuntimeError):
-            raise TypeError(f"targets must be None, an int, a sequence or 1-D tensor of ints, "
-                            f"or a callable; got {type(targets).__name__}") from None
-        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise TypeError(f"targets must be integer class indices, got dtype {t.dtype}")
-        if t.ndim == 0:
-            return int(t)
-        if t.ndim != 1 or t.shape[0] != batch:
-            raise ValueError(f"targets has shape {tuple(t.shape)}, expected ({batch},) for a batch of {batch}")
-        return t.long()
+        return check_targets(targets, batch)
 
     @staticmethod
     def _scores(logits: Tensor, targets: Any) -> tuple[Tensor, Tensor]:
         """(scores (B,), target indices (B,) with -1 where unknown)."""
         b, c = logits.shape
         unknown = torch.full((b,), -1, dtype=torch.long, device=logits.device)
+        category = _category(targets)
         if targets is None:
             idx = logits.detach().argmax(dim=1)
-        elif _category(targets) is not None:
-            idx = torch.full((b,), _category(targets), dtype=torch.long, device=logits.device)
+        elif category is not None:
+            idx = torch.full((b,), category, dtype=torch.long, device=logits.device)
         elif isinstance(targets, list):  # per-sample callables
             idx = torch.tensor([c_ if (c_ := _category(t)) is not None else -1 for t in targets],
                                dtype=torch.long, device=logits.device)
-            _check_range(idx[idx >= 0], c)
+            check_classes(idx[idx >= 0], c)
             scores = []
             for i, fn in enumerate(targets):
                 s = fn(logits[i])
@@ -524,11 +509,9 @@ class LayerwiseGradCAM:
                 raise ValueError(f"a target callable must map logits ({b},{c}) to scores ({b},), "
                                  f"got {_describe(s)}")
             return s, unknown
-        elif isinstance(targets, int):
-            idx = torch.full((b,), targets, dtype=torch.long, device=logits.device)
         else:
             idx = targets.to(logits.device).clone()  # a normal tensor even if made in inference mode
-        _check_range(idx, c)
+        check_classes(idx, c)
         return logits.gather(1, idx[:, None]).squeeze(1), idx
 
     # ------------------------------------------------------------------ the call
@@ -553,12 +536,11 @@ class LayerwiseGradCAM:
         x = self._check_images(images)
         targets = self._check_targets(targets, x.shape[0])
         size = (int(x.shape[-2]), int(x.shape[-1]))
-        training = [(m, m.training) for m in self.model.modules()]
         attached_here = not self._handles
         try:
-            self._attach()
-            self.model.eval()
-            names, acts, grads, logits, idx = self._forward_backward(x, targets)
+            with eval_mode(self.model):
+                self._attach()
+                names, acts, grads, logits, idx = self._forward_backward(x, targets)
             logits_d = logits.detach().float()
             probs = torch.softmax(logits_d, dim=1)
             p = torch.full(idx.shape, float("nan"), device=logits_d.device)
@@ -580,8 +562,6 @@ class LayerwiseGradCAM:
             elif self._in_context and self._names is not None and self._hooked != self._names:
                 self._detach()  # after the probing call, keep hooks on the chosen layers only
                 self._attach()
-            for m, flag in training:
-                m.training = flag
 
     def _forward_backward(self, x: Tensor, targets: Any
                           ) -> tuple[list[str], list[Tensor], tuple[Tensor | None, ...], Tensor, Tensor]:
@@ -683,14 +663,6 @@ def _category(target: Any) -> int | None:
     return None
 
 
-def _check_range(idx: Tensor, num_classes: int) -> None:
-    bad = (idx < 0) | (idx >= num_classes)
-    if bool(bad.any()):
-        first = int(idx[bad][0])
-        raise ValueError(f"target {first} is out of range for a model with num_classes={num_classes} "
-                         f"(valid: 0..{num_classes - 1})")
-
-
 def auto_layers(model: nn.Module, image_size: int | tuple[int, int] = 64, in_channels: int | None = None) -> list[str]:
     """The layers ``layers="auto"`` picks for ``model`` at ``image_size``, from one probe pass.
 
@@ -710,3 +682,59 @@ def auto_layers(model: nn.Module, image_size: int | tuple[int, int] = 64, in_cha
     cam(x, targets=0)
     assert cam.layer_names is not None
     return cam.layer_names
+
+
+# ---------------------------------------------------------------------- many images
+def layer_maps_all_weightings(student: nn.Module, images: Tensor, targets: Tensor,
+                              weightings: Sequence[str] = ("gradcam", "layercam"), *, batch_size: int = 64,
+                              layers: Any = "auto", progress: bool | None = None
+                              ) -> tuple[list[str], dict[str, Tensor], dict[str, tuple[int, int]]]:
+    """Per-layer maps of several weightings from the same passes: ``(names, weighting -> (B,L,H,W), resolutions)``.
+
+    One forward and one backward pass per chunk of ``batch_size`` images, all layers at once; the
+    stacks are on the CPU.
+    """
+    parts: dict[str, list[Tensor]] = {w: [] for w in weightings}
+    names: list[str] = []
+    resolutions: dict[str, tuple[int, int]] = {}
+    with LayerwiseGradCAM(student, layers=layers, weighting=tuple(weightings), verbose=False) as cam:
+        starts = range(0, len(images), batch_size)
+        for s in track(starts, total=len(starts), desc="layer-wise CAM", enabled=progress):
+            by_weighting = cam(images[s : s + batch_size], targets[s : s + batch_size])
+            assert isinstance(by_weighting, dict)  # a tuple of weightings gives one LayerMaps each
+            for w, lm in by_weighting.items():
+                names, resolutions = lm.names, lm.resolutions
+                parts[w].append(lm.stack().cpu())
+    return names, {w: torch.cat(p) for w, p in parts.items()}, resolutions
+
+
+def layer_maps_batched(student: nn.Module, images: Tensor, targets: Tensor, *, batch_size: int = 64,
+                       layers: Any = "auto", weighting: str = "gradcam", progress: bool | None = None
+                       ) -> tuple[list[str], Tensor, dict[str, tuple[int, int]]]:
+    """Upsampled per-layer maps for many images: ``(names, (B,L,H,W), native resolutions)``.
+
+    ``weighting`` is ``"gradcam"`` or ``"layercam"`` (see :class:`LayerwiseGradCAM`).
+    """
+    names, stacks, resolutions = layer_maps_all_weightings(student, images, targets, (weighting,),
+                                                           batch_size=batch_size, layers=layers,
+                                                           progress=progress)
+    return names, stacks[weighting], resolutions
+
+
+def explain_lwcam(student: nn.Module, images: Tensor, targets: Tensor, *, batch_size: int = 64,
+                  layers: Any = "auto", weighting: str = "gradcam", mode: str = "sum", normalize: str = "minmax",
+                  weights: Sequence[float] | Tensor | Mapping[str, float] | None = None) -> Tensor:
+    """lwcam's saliency: the fused layer-wise CAM of the student, (B,H,W) on the CPU.
+
+    The defaults are ``lwcam (paper)``: Grad-CAM per layer, per-layer min-max, sum, min-max
+    (:func:`lwcam.fusion.fuse`). ``weights`` given as a dict ``layer -> weight`` weigh a layer left
+    out 0.
+    """
+    names, stack, _ = layer_maps_batched(student, images, targets, batch_size=batch_size, layers=layers,
+                                         weighting=weighting)
+    w: Sequence[float] | Tensor | None
+    if isinstance(weights, Mapping):
+        w = [float(weights.get(n, 0.0)) for n in names]
+    else:
+        w = weights
+    return fuse(stack, mode=mode, normalize=normalize, weights=w)

@@ -40,7 +40,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 import numbers
 import warnings
 from collections.abc import Callable, Sequence
@@ -49,9 +48,11 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from scipy import stats
 from torch import nn
 
+from ._checks import check_classes, check_images, check_map, check_targets
+from ._ops import gaussian_blur
 from ._utils import track
 from .blackbox import BlackBox, as_prob_fn
 
@@ -176,109 +177,10 @@ def game_auc(curves: torch.Tensor) -> torch.Tensor:
     return auc.to(out_dtype)
 
 
-def _gaussian_kernel1d(kernel_size: int, sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    half = (kernel_size - 1) / 2
-    x = torch.linspace(-half, half, kernel_size, dtype=torch.float64)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    return (k / k.sum()).to(device=device, dtype=dtype)
-
-
-def gaussian_blur(images: torch.Tensor, kernel_size: int = 11, sigma: float = 5.0) -> torch.Tensor:
-    """Per-channel Gaussian blur with reflect padding, as two 1-D convolutions.
-
-    The kernel is ``exp(-x^2 / (2 sigma^2))`` on ``x = -(k-1)/2 .. (k-1)/2``, normalised to sum 1
-    (the same kernel and padding as ``torchvision.transforms.functional.gaussian_blur``). Reflect
-    padding needs ``k // 2 < min(H, W)``; smaller images are padded by replication instead.
-
-    Args:
-        images: (B, C, H, W) float tensor.
-        kernel_size: odd positive int.
-        sigma: positive standard deviation in pixels.
-
-    Returns:
-        The blurred images, same shape and dtype.
-    """
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, numbers.Integral) or kernel_size < 1 \
-            or kernel_size % 2 == 0:
-        raise ValueError(f"blur kernel_size must be an odd positive int, got {kernel_size!r}")
-    if not isinstance(sigma, numbers.Real) or not math.isfinite(sigma) or sigma <= 0:
-        raise ValueError(f"blur sigma must be a positive finite number, got {sigma!r}")
-    if images.dim() != 4 or not images.is_floating_point():
-        raise ValueError(f"images must be a (B,C,H,W) float tensor, got shape {tuple(images.shape)}")
-    kernel_size = int(kernel_size)
-    if kernel_size == 1:
-        return images.clone()
-    b, c, h, w = images.shape
-    pad = kernel_size // 2
-    mode = "reflect" if pad < min(h, w) else "replicate"
-    k = _gaussian_kernel1d(kernel_size, float(sigma), images.dtype, images.device)
-    x = F.pad(images, (pad, pad, pad, pad), mode=mode)
-    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, kernel_size), groups=c)  # along W
-    x = F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, kernel_size, 1), groups=c)  # along H
-    return x
-
-
-def _check_images(images: object) -> torch.Tensor:
-    """The one image rule: any floating dtype is accepted and converted to float32; other dtypes raise."""
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"images must be a torch.Tensor of shape (B,C,H,W), got {type(images).__name__}")
-    if not images.is_floating_point():
-        raise TypeError(f"images must be a floating-point tensor (any float dtype is converted to float32), "
-                        f"got dtype {images.dtype}")
-    if images.dim() != 4:
-        raise ValueError(f"images must have shape (B,C,H,W), got {images.dim()} dimensions {tuple(images.shape)}")
-    if images.shape[0] == 0:
-        raise ValueError("images is an empty batch (B=0)")
-    if images.shape[2] == 0 or images.shape[3] == 0:
-        raise ValueError(f"images have no pixels, shape {tuple(images.shape)}")
-    if not torch.isfinite(images).all():
-        raise ValueError("images contain NaN or Inf")
-    if images.dtype != torch.float32:
-        images = images.to(torch.float32)
-        if not torch.isfinite(images).all():
-            raise ValueError("images hold values too large for float32 (they become Inf)")
-    return images.detach()
-
-
-def _check_map(saliency: object, b: int, h: int, w: int, name: str = "saliency") -> torch.Tensor:
-    """Validate a (B,H,W) or (B,1,H,W) map and return it as (B,H,W) (dtype unchanged)."""
-    if isinstance(saliency, np.ndarray):
-        saliency = torch.from_numpy(saliency)
-    if not isinstance(saliency, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape (B,H,W), got {type(saliency).__name__}")
-    if saliency.dim() == 4 and saliency.shape[1] == 1:
-        saliency = saliency[:, 0]
-    if tuple(saliency.shape) != (b, h, w):
-        raise ValueError(f"{name} must have shape (B,H,W)=({b},{h},{w}) or (B,1,H,W), got {tuple(saliency.shape)}")
-    if saliency.is_floating_point() and not torch.isfinite(saliency).all():
-        raise ValueError(f"{name} contains NaN or Inf")
-    return saliency.detach()
-
-
-def _check_targets(targets: object, b: int) -> torch.Tensor:
-    if isinstance(targets, numbers.Integral) and not isinstance(targets, bool):
-        t = torch.full((b,), int(targets), dtype=torch.long)
-    else:
-        if isinstance(targets, np.ndarray):
-            targets = torch.from_numpy(targets)
-        if isinstance(targets, torch.Tensor):
-            t = targets.detach().cpu()
-        elif isinstance(targets, Sequence) and not isinstance(targets, str):
-            if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in targets):
-                raise TypeError("targets must contain ints (class indices)")
-            t = torch.tensor(list(targets), dtype=torch.long)
-        else:
-            raise TypeError(f"targets must be an int, a sequence of ints or an integer tensor, got {type(targets).__name__}")
-        if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
-            raise TypeError(f"targets must be integer class indices, got dtype {t.dtype}")
-        if t.dim() != 1:
-            raise ValueError(f"targets must be one class index per image, shape (B,), got shape {tuple(t.shape)}")
-        t = t.to(torch.long)
-        if t.shape[0] != b:
-            raise ValueError(f"targets has {t.shape[0]} entries but there are {b} images")
-    if (t < 0).any():
-        raise ValueError(f"targets must be class indices >= 0, got {int(t.min())}")
-    return t
+#: The ``"blur"`` canvas (the insertion game's default start): :func:`gaussian_blur` with ``blur_kernel``
+#: (default 11) and ``blur_sigma`` (default 5), a reflect border and kernel weights computed in float64.
+BLUR_BORDER: Literal["reflect"] = "reflect"
+BLUR_KERNEL_DTYPE = torch.float64
 
 
 def _check_step(step: object, w: int) -> int:
@@ -324,7 +226,9 @@ def _make_canvas(spec: Canvas, images: torch.Tensor, role: str, blur_kernel: int
         if spec == "mean":
             return images.mean(dim=(2, 3), keepdim=True).expand_as(images).clone(), "mean"
         if spec == "blur":
-            return gaussian_blur(images, blur_kernel, blur_sigma), f"blur(k={blur_kernel}, sigma={blur_sigma:g})"
+            blurred = gaussian_blur(images, blur_kernel, blur_sigma, border=BLUR_BORDER,
+                                    kernel_dtype=BLUR_KERNEL_DTYPE)
+            return blurred, f"blur(k={blur_kernel}, sigma={blur_sigma:g})"
         raise ValueError(f"{role} must be one of {_NAMED_CANVASES}, a tensor or a callable, got {spec!r}")
     if isinstance(spec, torch.Tensor):
         out, desc = spec, "tensor"
@@ -425,31 +329,48 @@ def _step_images(lo: int, hi: int, n_points: int, ranks: torch.Tensor, counts: t
     return out
 
 
+def _checked_probs(prob_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, model: Model,
+                   tgt: torch.Tensor, num_classes: int | None) -> tuple[torch.Tensor, int]:
+    """The model's probabilities for the step images ``x``, validated; and the number of classes.
+
+    The first answer of a model that is not a BlackBox fixes the number of classes, against which
+    the targets are checked.
+    """
+    n = x.shape[0]
+    probs = prob_fn(x)
+    if not isinstance(probs, torch.Tensor):
+        probs = torch.as_tensor(np.asarray(probs))
+    if probs.dim() != 2 or probs.shape[0] != n:
+        raise ValueError(f"the model returned shape {tuple(probs.shape)} for {n} images; expected (B, C)")
+    if num_classes is None:
+        num_classes = int(probs.shape[1])
+        check_classes(tgt, num_classes)
+    elif probs.shape[1] != num_classes:
+        raise ValueError(f"the model returned {probs.shape[1]} classes, expected {num_classes}")
+    if not torch.isfinite(probs).all():
+        raise ValueError("the model returned NaN or Inf probabilities")
+    return _check_probs(probs, plain=not isinstance(model, (BlackBox, nn.Module))), num_classes
+
+
 def _play(kind: Literal["deletion", "insertion"], model: Model, images: torch.Tensor, saliency: torch.Tensor,
           targets: Targets, *, step: int | None, canvas: Canvas, blur_kernel: int, blur_sigma: float,
           batch_size: int, progress: bool | None) -> GameResult:
-    images = _check_images(images)
+    images = check_images(images)
     b, c, h, w = images.shape
-    sal = _check_map(saliency, b, h, w)
-    tgt = _check_targets(targets, b)
+    sal = check_map(saliency, b, h, w)
+    num_classes: int | None = model.num_classes if isinstance(model, BlackBox) else None
+    tgt = check_targets(targets, b, num_classes)
     step = _check_step(step, w)
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    num_classes: int | None = model.num_classes if isinstance(model, BlackBox) else None
-    if num_classes is not None and (tgt >= num_classes).any():
-        raise ValueError(f"targets must be class indices in [0, {num_classes}), got {int(tgt.max())}")
     prob_fn = _evaluation_prob_fn(model)  # raises for a label-only BlackBox
 
     canvas_img, desc = _make_canvas(canvas, images, "substrate" if kind == "deletion" else "start",
                                     blur_kernel, blur_sigma)
-    if kind == "deletion":
-        start, finish = images, canvas_img
-    else:
-        start, finish = canvas_img, images
+    start, finish = (images, canvas_img) if kind == "deletion" else (canvas_img, images)
 
     hw = h * w
-    n_steps = -(-hw // step)
-    n_points = n_steps + 1
+    n_points = -(-hw // step) + 1
     counts = (torch.arange(n_points, dtype=torch.long) * step).clamp_(max=hw)
     fractions = counts.to(torch.float64).div(hw).to(torch.float32)
 
@@ -468,28 +389,12 @@ def _play(kind: Literal["deletion", "insertion"], model: Model, images: torch.Te
         hi = min(lo + batch_size, total)
         x = _step_images(lo, hi, n_points, ranks, counts_d, start_flat, finish_flat).view(hi - lo, c, h, w)
         img = torch.arange(lo, hi, device=device) // n_points
-        probs = prob_fn(x)
-        if not isinstance(probs, torch.Tensor):
-            probs = torch.as_tensor(np.asarray(probs))
-        if probs.dim() != 2 or probs.shape[0] != hi - lo:
-            raise ValueError(f"the model returned shape {tuple(probs.shape)} for {hi - lo} images; expected (B, C)")
-        if num_classes is None:
-            num_classes = int(probs.shape[1])
-            if (tgt >= num_classes).any():
-                raise ValueError(
-                    f"targets must be class indices in [0, {num_classes}) (the model's output width), "
-                    f"got {int(tgt.max())}"
-                )
-        elif probs.shape[1] != num_classes:
-            raise ValueError(f"the model returned {probs.shape[1]} classes, expected {num_classes}")
-        if not torch.isfinite(probs).all():
-            raise ValueError("the model returned NaN or Inf probabilities")
-        probs = _check_probs(probs, plain=not isinstance(model, (BlackBox, nn.Module)))
+        probs, num_classes = _checked_probs(prob_fn, x, model, tgt, num_classes)
         got = probs.gather(1, tgt_d[img].to(probs.device).unsqueeze(1)).squeeze(1)
         scores[lo:hi] = got.detach().to("cpu", torch.float32)
 
     curves = scores.view(b, n_points)
-    spent = None if before is None else int(model.queries - before)  # type: ignore[union-attr]
+    spent = None if not isinstance(model, BlackBox) or before is None else int(model.queries - before)
     return GameResult(kind=kind, curves=curves, auc=game_auc(curves), fractions=fractions, queries=total,
                       step=step, targets=tgt, canvas=desc, blackbox_queries=spent)
 
@@ -583,8 +488,8 @@ def _check_pair(saliency: object, masks: object) -> tuple[torch.Tensor, torch.Te
     if saliency.dim() != 3:
         raise ValueError(f"saliency must have shape (B,H,W) or (B,1,H,W), got {tuple(saliency.shape)}")
     b, h, w = saliency.shape
-    sal = _check_map(saliency, b, h, w)
-    m = _check_map(masks, b, h, w, name="masks")
+    sal = check_map(saliency, b, h, w)
+    m = check_map(masks, b, h, w, name="masks")
     if m.dtype != torch.bool:
         if not ((m == 0) | (m == 1)).all():
             raise ValueError("masks must be boolean or contain only 0 and 1")
@@ -754,8 +659,6 @@ def paired_test(a: object, b: object, *, n_boot: int = 10000, ci: float = 0.95, 
         >>> round(r.mean_diff, 3), r.p_value < 0.05, r.n
         (-0.217, True, 6)
     """
-    from scipy import stats
-
     if alternative not in ("two-sided", "less", "greater"):
         raise ValueError(f"alternative must be 'two-sided', 'less' or 'greater', got {alternative!r}")
     _check_boot_args(n_boot, ci, seed)

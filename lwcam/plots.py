@@ -24,13 +24,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
+from scipy import stats
 
+from ._ops import minmax_normalize
 from ._utils import atomic_write_bytes
+from .data import denormalize as _denormalize
+from .layercam import LayerMaps
+from .metrics import game_auc
 
 __all__ = [
     "denormalize",
@@ -65,8 +71,6 @@ def denormalize(image: Any, mean: Sequence[float], std: Sequence[float]) -> np.n
     if img.ndim != 3 or img.shape[0] != len(mean) or len(mean) != len(std):
         raise ValueError(f"image must be (C,H,W) with C = len(mean) = len(std) = {len(mean)}, "
                          f"got {img.shape} (mean {len(mean)}, std {len(std)})")
-    from .data import denormalize as _denormalize
-
     out = _denormalize(torch.from_numpy(img), mean, std).numpy().transpose(1, 2, 0)
     return out[..., 0] if out.shape[-1] == 1 else out
 
@@ -77,10 +81,7 @@ def _scaled(saliency: Any) -> np.ndarray:
         raise ValueError(f"saliency must be (H,W), got shape {sal.shape}")
     if not np.isfinite(sal).all():
         raise ValueError("saliency contains NaN or infinite values")
-    lo, hi = float(sal.min()), float(sal.max())
-    if hi > lo:
-        return (sal - lo) / (hi - lo)
-    return np.zeros_like(sal)
+    return minmax_normalize(torch.as_tensor(sal)).numpy()
 
 
 def overlay(ax: Axes, image: Any, saliency: Any | None, *, mean: Sequence[float], std: Sequence[float],
@@ -202,8 +203,6 @@ def plot_layer_maps(images: Any, layer_maps: Any, fused: Any, *, mean: Sequence[
     Returns:
         The figure.
     """
-    from .layercam import LayerMaps
-
     imgs = _np(images)
     if imgs.ndim != 4:
         raise ValueError(f"images must be (B,3,H,W), got shape {imgs.shape}")
@@ -215,7 +214,7 @@ def plot_layer_maps(images: Any, layer_maps: Any, fused: Any, *, mean: Sequence[
     elif isinstance(layer_maps, Mapping):
         names = list(layer_maps)
         source = dict(layer_maps)
-        native = {n: tuple(int(s) for s in _np(m).shape[-2:]) for n, m in source.items()}
+        native = {n: (int(_np(m).shape[-2]), int(_np(m).shape[-1])) for n, m in source.items()}
     else:
         raise TypeError(f"layer_maps must be a LayerMaps or a dict name -> maps, got {type(layer_maps).__name__}")
     if layer_names is not None:
@@ -251,15 +250,13 @@ def plot_method_grid(images: Any, saliencies: Mapping[str, Any], *, mean: Sequen
     return _grid(images, columns, mean=mean, std=std, labels=labels, agree=agree, class_names=class_names)
 
 
-def _auc(curve: np.ndarray) -> np.ndarray:
-    n = curve.shape[-1]
-    return (curve.sum(-1) - curve[..., 0] / 2 - curve[..., -1] / 2) / (n - 1)
+def _mean_auc(curves: np.ndarray) -> float:
+    """Mean area under (B, n) curves, :func:`lwcam.metrics.game_auc`."""
+    return float(game_auc(torch.as_tensor(curves, dtype=torch.float64)).mean())
 
 
 def _method_style(i: int) -> tuple[Any, str]:
     """A distinct (colour, line style) for the i-th method: tab20's dark then light shades, solid then dashed."""
-    from matplotlib import colormaps
-
     tab20 = colormaps["tab20"]
     order = [*range(0, 20, 2), *range(1, 20, 2)]
     return tab20(order[i % 20]), ("-", "--", ":")[(i // 10) % 3]
@@ -284,8 +281,6 @@ def plot_game_curves(fractions: Any, curves: Mapping[str, Any], ax: Axes | None 
     Returns:
         The figure holding ``ax``.
     """
-    from scipy import stats
-
     fr = _np(fractions).ravel()
     if not curves:
         raise ValueError("curves is empty")
@@ -293,7 +288,9 @@ def plot_game_curves(fractions: Any, curves: Mapping[str, Any], ax: Axes | None 
         fig = Figure(figsize=(4.2, 3.2), layout="constrained")
         ax = fig.add_subplot()
     else:
-        fig = ax.figure
+        root = ax.get_figure(root=True)
+        assert root is not None  # an Axes always belongs to a figure
+        fig = root
     band_alpha = 0.2 if len(curves) <= 6 else 0.07  # many methods: keep every curve readable
     for i, (method, c) in enumerate(curves.items()):
         arr = _np(c)
@@ -304,7 +301,7 @@ def plot_game_curves(fractions: Any, curves: Mapping[str, Any], ax: Axes | None 
         mean = arr.mean(0)
         b = arr.shape[0]
         colour, style = _method_style(i)
-        line = ax.plot(fr, mean, lw=1.6, color=colour, ls=style, label=f"{method} (AUC {_auc(arr).mean():.3f})")[0]
+        line = ax.plot(fr, mean, lw=1.6, color=colour, ls=style, label=f"{method} (AUC {_mean_auc(arr):.3f})")[0]
         if b > 1:
             half = stats.t.ppf(0.975, b - 1) * arr.std(0, ddof=1) / np.sqrt(b)
             ax.fill_between(fr, mean - half, mean + half, color=line.get_color(), alpha=band_alpha, lw=0)
@@ -394,8 +391,8 @@ def plot_layer_importance(table: Any) -> Figure:
     layers = table[table["loo_deletion_delta"].notna()]
     fused = table[table["loo_deletion_delta"].isna()]
     x = np.arange(len(layers))
-    labels = [f"{n}\n{r}" if r else str(n) for n, r in zip(layers["layer"], layers.get("resolution", [""] * len(layers)),
-                                                            strict=True)]
+    resolutions = layers.get("resolution", [""] * len(layers))
+    labels = [f"{n}\n{r}" if r else str(n) for n, r in zip(layers["layer"], resolutions, strict=True)]
     fig = Figure(figsize=(9.0, 4.0), layout="constrained")
     ax_auc, ax_loo = fig.subplots(1, 2)
     width = 0.38
@@ -457,10 +454,10 @@ def plot_query_tradeoff(table: Any, *, distill_queries: int, lwcam_auc: float | 
     ax_q.set_xlabel("black-box queries per explained image")
     ax_q.set_ylabel("deletion AUC on the black box (lower is better)")
     ax_q.set_title("quality against queries per image")
-    n = np.arange(1, max_images + 1)
-    ax_t.plot(n, np.full(n.shape, float(distill_queries)), color="#1f77b4", label="lwcam: distillation only")
+    counts = np.arange(1, max_images + 1)
+    ax_t.plot(counts, np.full(counts.shape, float(distill_queries)), color="#1f77b4", label="lwcam: distillation only")
     for _, r in rise_rows.iterrows():
-        ax_t.plot(n, n * r["queries_per_image"], lw=1, label=f"RISE {r.get('setting', '')}")
+        ax_t.plot(counts, counts * r["queries_per_image"], lw=1, label=f"RISE {r.get('setting', '')}")
     ax_t.set_xscale("log")
     ax_t.set_yscale("log")
     ax_t.set_xlabel("images explained")

@@ -10,6 +10,7 @@ from torch import nn
 
 import lwcam.baselines as bl
 from lwcam import BlackBox
+from lwcam._ops import gaussian_blur
 from lwcam.layercam import LayerwiseGradCAM
 
 SIZE = 32
@@ -79,14 +80,18 @@ def test_every_method_returns_finite_maps(tiny, images):
     params = {"rise": {"n_masks": 40}, "lime": {"n_samples": 20, "n_segments": 9},
               "meaningful_perturbation": {"iters": 3}}
     for name, method in bl.METHODS.items():
-        stats: dict = {}
-        out = bl.explain(name, images, [1, 4], blackbox=bb, student=tiny, teacher=tiny, masks=masks,
-                         stats=stats, **params.get(name, {}))
-        assert out.shape == (2, SIZE, SIZE), name
+        before = bb.queries
+        res = bl.explain(name, images, [1, 4], blackbox=bb, student=tiny, teacher=tiny, masks=masks,
+                         **params.get(name, {}))
+        assert isinstance(res, bl.Explanation), name
+        out = res.saliency
+        assert out.shape == (2, SIZE, SIZE) and res.n_images == 2, name
         assert out.dtype == torch.float32 and out.device.type == "cpu", name
         assert torch.isfinite(out).all(), name
-        assert stats["images"] == 2 and stats["seconds"] >= 0, name
-        assert (stats["queries"] > 0) == (method.access == "black-box"), name
+        assert res.seconds >= 0 and res.queries == bb.queries - before, name
+        assert (res.queries > 0) == (method.access == "black-box"), name
+    assert {"lwcam", "lwcam_selected"} <= set(bl.METHODS)  # lwcam is registered like every other method
+    assert bl.METHODS["lwcam"].label == "lwcam (paper)" and bl.METHODS["lwcam"].access == "white-box student"
 
 
 def test_seeds_make_outputs_deterministic(images):
@@ -135,23 +140,19 @@ def test_whitebox_methods_refuse_a_blackbox(tiny, images):
 
 def test_queries_are_counted_exactly(tiny, images):
     bb = BlackBox(tiny, num_classes=5, batch_size=16)
-    st: dict = {}
-    bl.rise(bb, images, [0, 1], n_masks=37, grid_size=4, batch_size=10, stats=st)
-    assert st["queries"] == bb.queries == 2 * 37 and st["queries_per_image"] == 37
+    res = bl.explain("rise", images, [0, 1], blackbox=bb, n_masks=37, grid_size=4, batch_size=10)
+    assert res.queries == bb.queries == 2 * 37 and res.queries_per_image == 37
     bb.reset_queries()
-    st = {}
-    bl.occlusion(bb, images, [0, 1], window=8, stride=4, stats=st)
+    res = bl.explain("occlusion", images, [0, 1], blackbox=bb, window=8, stride=4)
     windows = ((SIZE - 8) // 4 + 1) ** 2  # 7 x 7 positions, each one forward
-    assert st["queries"] == bb.queries == 2 * (windows + 1)  # + the unoccluded image
+    assert res.queries == bb.queries == 2 * (windows + 1)  # + the unoccluded image
     assert bl.occlusion_queries(SIZE, SIZE, 8, 4) == windows + 1
     bb.reset_queries()
-    st = {}
-    bl.lime(bb, images, [0, 1], n_samples=23, n_segments=9, batch_size=10, stats=st)
-    assert st["queries"] == bb.queries == 2 * 23
-    for fn in (bl.gradcam, bl.cam):
-        st = {}
-        fn(tiny, images, 0, stats=st)
-        assert st["queries"] == 0
+    res = bl.explain("lime", images, [0, 1], blackbox=bb, n_samples=23, n_segments=9, batch_size=10)
+    assert res.queries == bb.queries == 2 * 23
+    for name in ("gradcam", "cam", "lwcam"):
+        assert bl.explain(name, images, [0, 0], blackbox=bb, student=tiny).queries == 0
+    assert bb.queries == 2 * 23  # white-box methods never touch the black box
 
 
 def test_topk_blackbox_is_accepted(tiny, images):
@@ -173,14 +174,17 @@ def test_blackbox_methods_find_the_class_region():
 
 def test_meaningful_perturbation_deletes_the_class_region():
     x = _patch_images()
-    st: dict = {}
-    sal = bl.meaningful_perturbation(PatchNet(), x, 1, iters=60, mask_size=(8, 8), blur_sigma=4.0, stats=st)
+    net = PatchNet()
+    sal = bl.meaningful_perturbation(net, x, 1, iters=60, mask_size=(8, 8), blur_sigma=4.0)
     assert sal.min() >= 0 and sal.max() <= 1
     assert sal[:, PATCH[0], PATCH[1]].min() > 0.5  # the mask covers the whole square (its argmax ties at 1)
     inside = sal[:, PATCH[0], PATCH[1]].mean()
     outside = (sal.sum() - sal[:, PATCH[0], PATCH[1]].sum()) / (sal.numel() - 2 * 64)
     assert inside > 0.9 and outside < 0.5
-    assert max(st["final_prob"]) < 0.5  # from 0.96: the learnt deletion removed most of the evidence
+    blurred = gaussian_blur(x, 25, 4.0, border="replicate", kernel_dtype=torch.float32)  # MP's blur at σ = 4
+    with torch.no_grad():
+        final = torch.softmax(net(x * (1 - sal[:, None]) + blurred * sal[:, None]), dim=1)[:, 1]
+    assert final.max() < 0.5  # from 0.96: the learnt deletion removed most of the evidence
 
 
 def test_meaningful_perturbation_leaves_the_model_alone(tiny, images):
@@ -194,9 +198,8 @@ def test_meaningful_perturbation_leaves_the_model_alone(tiny, images):
 
 
 def test_cam_equals_the_hand_formula(tiny, images):
-    st: dict = {}
-    out = bl.cam(tiny, images, [2, 4], stats=st)
-    assert (st["features"], st["fc"]) == ("features", "fc")
+    out = bl.cam(tiny, images, [2, 4])
+    assert bl.find_cam_head(tiny, images) == ("features", "fc")
     with torch.no_grad():
         a = tiny.features(images)
         logits = tiny(images)
@@ -219,11 +222,10 @@ def test_cam_finds_torchvision_heads_and_refuses_others():
 
 
 def test_gradcam_is_the_last_layer_of_layerwise_gradcam(tiny, images):
-    st: dict = {}
-    out = bl.gradcam(tiny, images, [1, 3], stats=st)
+    out = bl.gradcam(tiny, images, [1, 3])
     with LayerwiseGradCAM(tiny, verbose=False) as lw:
         lm = lw(images, [1, 3])
-    assert st["layer"] == lm.names[-1]
+    assert bl.last_layer(tiny, tuple(images.shape[1:])) == lm.names[-1]
     assert torch.allclose(out, lm.maps[lm.names[-1]].cpu(), atol=1e-6)
     first = bl.gradcam(tiny, images, [1, 3], layer=lm.names[0])
     assert torch.allclose(first, lm.maps[lm.names[0]].cpu(), atol=1e-6)

@@ -716,7 +716,7 @@ def test_error_bad_images():
         cam(torch.randn(3, 16, 16), 0)
     with pytest.raises(ValueError, match="1 channels but the model's first convolution expects 3"):
         cam(torch.randn(2, 1, 16, 16), 0)
-    with pytest.raises(ValueError, match="floating point"):
+    with pytest.raises(TypeError, match="floating-point"):  # the one image rule of lwcam._checks
         cam(torch.zeros(2, 3, 16, 16, dtype=torch.uint8), 0)
     with pytest.raises(TypeError, match="torch.Tensor"):
         cam(np.zeros((2, 3, 16, 16), dtype=np.float32), 0)

@@ -201,9 +201,9 @@ def test_gaussian_blur_matches_torchvision() -> None:
     torch.testing.assert_close(gaussian_blur(images, 11, 5.0), tv_blur(images, [11, 11], [5.0, 5.0]),
                                atol=1e-5, rtol=0)
     const = torch.full((1, 3, 9, 9), 0.7)  # blurring a constant image changes nothing
-    torch.testing.assert_close(gaussian_blur(const), const)
+    torch.testing.assert_close(gaussian_blur(const, 11, 5.0), const)
     tiny = torch.rand(1, 1, 3, 3)  # too small for reflect padding: replicate instead
-    assert gaussian_blur(tiny).shape == tiny.shape
+    assert gaussian_blur(tiny, 11, 5.0).shape == tiny.shape
 
 
 def test_insertion_from_blur_ends_at_the_original_score() -> None:
@@ -215,7 +215,7 @@ def test_insertion_from_blur_ends_at_the_original_score() -> None:
     res = insertion_game(net, images, torch.rand(3, 16, 16), targets)
     with torch.no_grad():
         p_orig = torch.softmax(net(images), 1)[torch.arange(3), targets]
-        p_blur = torch.softmax(net(gaussian_blur(images)), 1)[torch.arange(3), targets]
+        p_blur = torch.softmax(net(gaussian_blur(images, 11, 5.0)), 1)[torch.arange(3), targets]
     torch.testing.assert_close(res.curves[:, -1], p_orig, atol=1e-5, rtol=0)
     torch.testing.assert_close(res.curves[:, 0], p_blur, atol=1e-5, rtol=0)
     assert res.kind == "insertion" and res.queries == 3 * 17
@@ -307,7 +307,7 @@ IM, SAL = torch.rand(2, 3, 4, 4), torch.rand(2, 4, 4)
         ({"step": True}, TypeError, "step must be a positive int"),
         ({"targets": [0, 3]}, ValueError, r"\[0, 3\)"),
         ({"targets": [0, -1]}, ValueError, ">= 0"),
-        ({"targets": [0, 1, 2]}, ValueError, "3 entries but there are 2 images"),
+        ({"targets": [0, 1, 2]}, ValueError, "got 3 targets for a batch of 2 images"),
         ({"targets": torch.tensor([0.0, 1.0])}, TypeError, "integer class indices"),
         ({"targets": torch.zeros(2, 1, dtype=torch.long)}, ValueError, "one class index per image"),
         ({"substrate": "noise"}, ValueError, "substrate must be one of"),

@@ -19,7 +19,7 @@ from torch import nn
 import lwcam.baselines as bl
 from lwcam import BlackBox
 from lwcam._utils import seed_everything
-from lwcam.layercam import LayerwiseGradCAM
+from lwcam.layercam import LayerwiseGradCAM, auto_layers
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -88,10 +88,9 @@ def test_gradcampp_matches_pytorch_grad_cam(resnet, images, layer):
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget as PgcTarget
 
     targets = [1, 4, 7]
-    st: dict = {}
-    ours = bl.gradcampp(resnet, images, targets, layer=layer, stats=st)
+    ours = bl.gradcampp(resnet, images, targets, layer=layer)
     name = "layer4" if layer == "last" else layer
-    assert st["layer"] == name
+    assert layer != "last" or bl.last_layer(resnet, tuple(images.shape[1:])) == name
     module = dict(resnet.named_modules())[name]
     with GradCAMPlusPlus(model=resnet, target_layers=[module]) as ref:
         ref(input_tensor=images.clone(), targets=[PgcTarget(t) for t in targets])
@@ -131,9 +130,7 @@ def test_scorecam_matches_torchcam(resnet, images):
 
     x = F.avg_pool2d(images[:2], 2)  # 32 px, layer2 (128 channels) at 4x4: cheap enough
     targets = [2, 8]
-    st: dict = {}
-    ours = bl.scorecam(resnet, x, targets, layer="layer2", batch_size=100, stats=st)
-    assert st["forwards"] == 2 * 128 and st["layer"] == "layer2"
+    ours = bl.scorecam(resnet, x, targets, layer="layer2", batch_size=100)
     with ScoreCAM(resnet, "layer2", batch_size=64) as ext:
         resnet(x)
         theirs = ext(class_idx=targets, normalized=False)[0]
@@ -156,9 +153,8 @@ def test_scorecam_hand_formula_and_batching(tiny, tiny_images):
             w = torch.softmax(torch.stack(scores), 0)
             expected[b] = torch.relu((w[:, None, None] * a[b]).sum(0))
     assert expected.max() > 0
-    st: dict = {}
-    out = bl.scorecam(tiny, tiny_images, targets, stats=st)
-    assert st["layer"] == "stage2" and st["forwards"] == 8
+    out = bl.scorecam(tiny, tiny_images, targets)  # the default layer: the deepest auto layer, stage2
+    assert bl.last_layer(tiny, tuple(tiny_images.shape[1:])) == "stage2"
     torch.testing.assert_close(out, _up(expected, (16, 16)), atol=1e-6, rtol=1e-5)
     for batch_size in (1, 3, 8, 1000):  # how the masked images are batched does not matter
         torch.testing.assert_close(bl.scorecam(tiny, tiny_images, targets, batch_size=batch_size), out,
@@ -169,9 +165,8 @@ def test_layercam_baseline_matches_torchcam_fused(resnet, images):
     from torchcam.methods import LayerCAM
 
     targets = [0, 5, 9]
-    st: dict = {}
-    ours = bl.layercam(resnet, images, targets, stats=st)
-    assert st["layers"] == RESNET_STAGES  # the same layers as lwcam's layers="auto"
+    ours = bl.layercam(resnet, images, targets)
+    assert auto_layers(resnet, 64) == RESNET_STAGES  # the baseline's layers: those of lwcam's layers="auto"
     with LayerCAM(resnet, target_layer=RESNET_STAGES) as ext:
         cams = ext(class_idx=targets, scores=resnet(images))
         fused = ext.fuse_cams(cams)
@@ -204,9 +199,7 @@ def test_fuse_layercam_order_of_operations():
 def test_layercam_explicit_layers_and_gamma(tiny, tiny_images):
     with LayerwiseGradCAM(tiny, layers=["stage1", "stage2"], weighting="layercam", verbose=False) as lw:
         lm = lw(tiny_images, [2, 3])
-    st: dict = {}
-    out = bl.layercam(tiny, tiny_images, [2, 3], layers=["stage2", "stage1"], gamma=1.0, stats=st)
-    assert st["layers"] == ["stage1", "stage2"]  # reported shallow to deep
+    out = bl.layercam(tiny, tiny_images, [2, 3], layers=["stage2", "stage1"], gamma=1.0)
     expected = bl.fuse_layercam([lm.raw["stage1"], lm.raw["stage2"]], gamma=1.0)
     torch.testing.assert_close(out, expected)  # stage1 is 16x16 already: no final resize
     assert float(out.max()) <= math.tanh(1.0) + 1e-6
@@ -217,16 +210,18 @@ def test_layercam_explicit_layers_and_gamma(tiny, tiny_images):
 # contract shared with the other baselines
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", list(NEW))
-def test_stats_shape_range_and_zero_queries(tiny, tiny_images, name):
-    st: dict = {}
-    out = NEW[name](tiny, tiny_images, [1, 2], stats=st)
+def test_cost_shape_range_and_zero_queries(tiny, tiny_images, name):
+    bb = BlackBox(copy.deepcopy(tiny), 5)
+    res = bl.explain(name, tiny_images, [1, 2], student=tiny, blackbox=bb)
+    out = res.saliency
+    torch.testing.assert_close(out, NEW[name](tiny, tiny_images, [1, 2]))
     assert out.shape == (2, 16, 16) and out.dtype == torch.float32 and out.device.type == "cpu"
     assert not out.requires_grad and out.is_contiguous()
     assert torch.isfinite(out).all() and float(out.min()) >= 0 and float(out.max()) > 0
     if name == "layercam":
         assert float(out.max()) <= math.tanh(2.0) + 1e-6
-    assert st["queries"] == 0 and st["queries_per_image"] == 0.0
-    assert st["images"] == 2 and st["seconds"] >= 0 and st["seconds_per_image"] == st["seconds"] / 2
+    assert res.queries == 0 and res.queries_per_image == 0.0 and bb.queries == 0
+    assert res.n_images == 2 and res.seconds >= 0 and res.seconds_per_image == res.seconds / 2
 
 
 @pytest.mark.parametrize("name", list(NEW))
@@ -318,11 +313,9 @@ def test_registered_in_methods_and_explain(tiny, tiny_images):
         method = bl.METHODS[name]
         assert method.fn is NEW[name] and method.access == "white-box student" and method.label == label
         assert name in bl.__all__
-        st: dict = {}
-        out = bl.explain(name, tiny_images, [1, 2], student=tiny, blackbox=BlackBox(copy.deepcopy(tiny), 5),
-                         stats=st)
-        torch.testing.assert_close(out, NEW[name](tiny, tiny_images, [1, 2]))
-        assert st["queries"] == 0
+        res = bl.explain(name, tiny_images, [1, 2], student=tiny, blackbox=BlackBox(copy.deepcopy(tiny), 5))
+        torch.testing.assert_close(res.saliency, NEW[name](tiny, tiny_images, [1, 2]))
+        assert res.queries == 0
         with pytest.raises(ValueError, match="needs student="):
             bl.explain(name, tiny_images, [1, 2], blackbox=BlackBox(tiny, 5))
     assert "``gradcampp``" in bl.__doc__ and "``scorecam``" in bl.__doc__ and "``layercam``" in bl.__doc__

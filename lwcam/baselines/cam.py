@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
-from ._base import (
-    Recorder,
-    Targets,
-    check_images,
-    check_targets,
-    eval_mode,
-    finish,
-    module_device,
-    require_module,
-    upsample,
-)
+from .._checks import check_images, check_targets
+from .._utils import eval_mode
+from ._base import Targets, finish, module_device, require_module, upsample
 
 __all__ = ["cam", "find_cam_head"]
 
@@ -38,17 +32,18 @@ def _resolve(model: nn.Module, ref: str | nn.Module, what: str) -> tuple[str, nn
 
 def _find_fc(model: nn.Module) -> tuple[str, nn.Linear]:
     """The final linear layer, refusing heads that do more than GAP -> (dropout) -> Linear."""
-    head_name, head = None, None
+    head_name: str = ""
+    head: nn.Module | None = None
     for attr in _HEAD_ATTRS:
         sub = getattr(model, attr, None)
         if isinstance(sub, nn.Module):
             head_name, head = attr, sub
             break
     if head is None:  # fall back on the last Linear registered
-        linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        if not linears:
+        found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        if not found:
             raise ValueError(f"{type(model).__name__} has no nn.Linear classifier: CAM needs a GAP + linear head")
-        return linears[-1]  # type: ignore[return-value]
+        return found[-1]
     if isinstance(head, nn.Linear):
         return head_name, head
     if isinstance(head, nn.Sequential):
@@ -88,46 +83,43 @@ def find_cam_head(model: nn.Module, images: torch.Tensor, features: str | nn.Mod
         ('layer4', 'fc')
     """
     model = require_module(model, "cam")
-    _, feat_name, fc_name, _ = _run(model, check_images(images), features, fc)
+    _, feat_name, fc_name, _ = _run(model, check_images(images, channels=3), features, fc)
     return feat_name, fc_name
 
 
-def _run(model: nn.Module, images: torch.Tensor, features: str | nn.Module | None,
-         fc: str | nn.Module | None) -> tuple[torch.Tensor, str, str, nn.Linear]:
-    """One forward pass: the feature map A, its layer's name, the final linear layer's name and module."""
+def _resolve_fc(model: nn.Module, fc: str | nn.Module | None) -> tuple[str, nn.Linear]:
+    """The final linear layer: ``fc`` when given (a name or a module), else found by :func:`_find_fc`."""
     if fc is None:
-        fc_name, fc_mod = _find_fc(model)
-    else:
-        fc_name, fc_mod = _resolve(model, fc, "fc")
+        return _find_fc(model)
+    fc_name, fc_mod = _resolve(model, fc, "fc")
     if not isinstance(fc_mod, nn.Linear):
         raise ValueError(f"fc must be an nn.Linear, got {type(fc_mod).__name__} at {fc_name!r}")
+    return fc_name, fc_mod
+
+
+def _record(model: nn.Module, images: torch.Tensor, fc_mod: nn.Linear, feat_name: str | None
+            ) -> tuple[list[tuple[str, torch.Tensor]], list[torch.Tensor]]:
+    """One forward pass: every 4-D output with ``fc``'s input width until ``fc`` runs, and ``fc``'s input."""
     k = fc_mod.in_features
-    feat_name = None
-    if features is not None:
-        feat_name, _ = _resolve(model, features, "features")
     records: list[tuple[str, torch.Tensor]] = []
     fc_input: list[torch.Tensor] = []
-    done = [False]
     handles = []
 
-    def make_hook(name: str):
+    def make_hook(name: str) -> Callable[[nn.Module, object, object], None]:
         def hook(_m: nn.Module, _inp: object, out: object) -> None:
-            if done[0] or not isinstance(out, torch.Tensor) or out.dim() != 4 or out.shape[1] != k:
+            if fc_input or not isinstance(out, torch.Tensor) or out.dim() != 4 or out.shape[1] != k:
                 return
             records.append((name, out.detach()))
 
         return hook
 
     def fc_hook(_m: nn.Module, inp: tuple) -> None:
-        if not done[0]:
+        if not fc_input:
             fc_input.append(inp[0].detach())
-            done[0] = True
 
     try:
         for name, mod in model.named_modules():
-            if mod is model or isinstance(mod, _POOLS):
-                continue
-            if feat_name is not None and name != feat_name:
+            if mod is model or isinstance(mod, _POOLS) or (feat_name is not None and name != feat_name):
                 continue
             handles.append(mod.register_forward_hook(make_hook(name)))
         handles.append(fc_mod.register_forward_pre_hook(fc_hook))
@@ -136,6 +128,16 @@ def _run(model: nn.Module, images: torch.Tensor, features: str | nn.Module | Non
     finally:
         for hd in handles:
             hd.remove()
+    return records, fc_input
+
+
+def _run(model: nn.Module, images: torch.Tensor, features: str | nn.Module | None,
+         fc: str | nn.Module | None) -> tuple[torch.Tensor, str, str, nn.Linear]:
+    """One forward pass: the feature map A, its layer's name, the final linear layer's name and module."""
+    fc_name, fc_mod = _resolve_fc(model, fc)
+    k = fc_mod.in_features
+    feat_name = None if features is None else _resolve(model, features, "features")[0]
+    records, fc_input = _record(model, images, fc_mod, feat_name)
     if not fc_input:
         raise ValueError(f"the linear layer {fc_name!r} was not called in the forward pass")
     pooled = fc_input[0].reshape(fc_input[0].shape[0], -1)
@@ -160,7 +162,6 @@ def cam(
     features: str | nn.Module | None = None,
     fc: str | nn.Module | None = None,
     relu: bool = False,
-    stats: dict | None = None,
 ) -> torch.Tensor:
     """Class activation map of a network whose head is global average pooling + linear.
 
@@ -183,8 +184,6 @@ def cam(
         features: the feature layer (name or module) to use instead of the detected one.
         fc: the final linear layer (name or module) to use instead of the detected one.
         relu: apply a ReLU to the map.
-        stats: optional dict that receives ``queries`` (0), ``seconds``, their per-image values,
-            and the layer names used.
 
     Returns:
         ``(B,H,W)`` float32 maps in logit units.
@@ -196,21 +195,14 @@ def cam(
         torch.Size([2, 64, 64])
     """
     model = require_module(model, "cam")
-    images = check_images(images)
+    images = check_images(images, channels=3)
     b, _, h, w = images.shape
-    with Recorder(stats, b) as rec:
-        if fc is None:
-            fc_name, fc_mod = _find_fc(model)
-        else:
-            fc_name, fc_mod = _resolve(model, fc, "fc")
-        if not isinstance(fc_mod, nn.Linear):
-            raise ValueError(f"fc must be an nn.Linear, got {type(fc_mod).__name__} at {fc_name!r}")
-        targets = check_targets(targets, b, fc_mod.out_features)
-        a, feat_name, fc_name, fc_mod = _run(model, images, features, fc_mod)
-        weights = fc_mod.weight.detach()[targets.to(fc_mod.weight.device)]  # (B,K)
-        maps = torch.einsum("bk,bkhw->bhw", weights.to(a), a)
-        if relu:
-            maps = maps.clamp_min(0)
-        maps = upsample(maps.float().cpu(), (h, w))
-        rec.note(features=feat_name, fc=fc_name)
+    fc_name, fc_mod = _resolve_fc(model, fc)
+    targets = check_targets(targets, b, fc_mod.out_features)
+    a, feat_name, fc_name, fc_mod = _run(model, images, features, fc_mod)
+    weights = fc_mod.weight.detach()[targets.to(fc_mod.weight.device)]  # (B,K)
+    maps = torch.einsum("bk,bkhw->bhw", weights.to(a), a)
+    if relu:
+        maps = maps.clamp_min(0)
+    maps = upsample(maps.float().cpu(), (h, w))
     return finish(maps)

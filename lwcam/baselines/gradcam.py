@@ -7,16 +7,17 @@ import weakref
 import torch
 from torch import nn
 
-from ..layercam import LayerwiseGradCAM, auto_layers
-from ._base import Recorder, Targets, check_images, check_targets, finish, require_module
+from .._checks import check_images, check_targets
+from ..layercam import LayerMaps, LayerwiseGradCAM, auto_layers
+from ._base import Targets, finish, require_module
 
 __all__ = ["gradcam", "last_layer"]
 
 # model -> {(C, H, W): name of its deepest auto layer}; entries go away with the model
-_LAST: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, int, int], str]] = weakref.WeakKeyDictionary()
+_LAST: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], str]] = weakref.WeakKeyDictionary()
 
 
-def last_layer(model: nn.Module, image_shape: tuple[int, int, int]) -> str:
+def last_layer(model: nn.Module, image_shape: tuple[int, ...]) -> str:
     """The deepest layer ``LayerwiseGradCAM(model, layers="auto")`` picks for ``(C,H,W)`` inputs.
 
     Found with one probe pass on a single image and remembered per model and input shape.
@@ -40,7 +41,6 @@ def gradcam(
     targets: Targets,
     *,
     layer: str | nn.Module = "last",
-    stats: dict | None = None,
 ) -> torch.Tensor:
     """Grad-CAM of one layer, upsampled to the input size.
 
@@ -63,8 +63,6 @@ def gradcam(
         targets: the class to explain per image: an int, a sequence or a ``(B,)`` tensor.
         layer: ``"last"`` (the deepest of the layers ``LayerwiseGradCAM(layers="auto")``
             picks at this input size, see :func:`last_layer`), or a layer name / module.
-        stats: optional dict that receives ``queries`` (0), ``seconds``, their per-image values
-            and ``layer``, the layer used.
 
     Returns:
         ``(B,H,W)`` float32 non-negative maps.
@@ -72,20 +70,18 @@ def gradcam(
     Example:
         >>> import torchvision
         >>> net = torchvision.models.resnet18(num_classes=10)
-        >>> st = {}
-        >>> gradcam(net, torch.rand(2, 3, 64, 64), [1, 2], stats=st).shape, st["layer"]
+        >>> gradcam(net, torch.rand(2, 3, 64, 64), [1, 2]).shape, last_layer(net, (3, 64, 64))
         (torch.Size([2, 64, 64]), 'layer4')
     """
     model = require_module(model, "gradcam")
-    images = check_images(images)
+    images = check_images(images, channels=3)
     b, _, h, w = images.shape
     targets = check_targets(targets, b, None)  # the class range is checked against the logits
-    with Recorder(stats, b) as rec:
-        if isinstance(layer, str) and layer == "last":
-            layer = last_layer(model, tuple(images.shape[1:]))
-        with LayerwiseGradCAM(model, layers=[layer], verbose=False) as lw:
-            maps = lw(images, targets)
-        name = maps.names[0]
-        out = maps.maps[name]
-        rec.note(layer=name)
+    if isinstance(layer, str) and layer == "last":
+        layer = last_layer(model, tuple(images.shape[1:]))
+    with LayerwiseGradCAM(model, layers=[layer], verbose=False) as lw:
+        maps = lw(images, targets)
+    assert isinstance(maps, LayerMaps)  # one weighting gives one LayerMaps
+    name = maps.names[0]
+    out = maps.maps[name]
     return finish(out)

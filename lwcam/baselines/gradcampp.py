@@ -5,17 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._base import (
-    Recorder,
-    Targets,
-    check_images,
-    check_targets,
-    eval_mode,
-    finish,
-    module_device,
-    require_module,
-    upsample,
-)
+from .._checks import check_images, check_targets
+from .._utils import eval_mode
+from ._base import Targets, finish, module_device, require_module, upsample
 from .gradcam import last_layer
 
 __all__ = ["gradcampp", "layer_activations", "resolve_layer", "to_model"]
@@ -23,7 +15,7 @@ __all__ = ["gradcampp", "layer_activations", "resolve_layer", "to_model"]
 EPS = 1e-6  # added to the denominator of α, as pytorch-grad-cam does
 
 
-def resolve_layer(model: nn.Module, layer: str | nn.Module, image_shape: tuple[int, int, int]
+def resolve_layer(model: nn.Module, layer: str | nn.Module, image_shape: tuple[int, ...]
                    ) -> tuple[str, nn.Module]:
     """(name, module) of ``layer``: ``"last"``, a name from ``model.named_modules()`` or a submodule."""
     modules = dict(model.named_modules())
@@ -90,7 +82,6 @@ def gradcampp(
     targets: Targets,
     *,
     layer: str | nn.Module = "last",
-    stats: dict | None = None,
 ) -> torch.Tensor:
     """Grad-CAM++ of one layer, upsampled to the input size.
 
@@ -113,8 +104,6 @@ def gradcampp(
         targets: the class to explain per image: an int, a sequence or a ``(B,)`` tensor.
         layer: ``"last"`` (the same default layer as :func:`~lwcam.baselines.gradcam`), or a
             layer name / module.
-        stats: optional dict that receives ``queries`` (0), ``seconds``, their per-image values
-            and ``layer``, the layer used.
 
     Returns:
         ``(B,H,W)`` float32 non-negative maps.
@@ -122,26 +111,23 @@ def gradcampp(
     Example:
         >>> import torchvision
         >>> net = torchvision.models.resnet18(num_classes=10)
-        >>> st = {}
-        >>> gradcampp(net, torch.rand(2, 3, 64, 64), [1, 2], stats=st).shape, st["layer"], st["queries"]
-        (torch.Size([2, 64, 64]), 'layer4', 0)
+        >>> gradcampp(net, torch.rand(2, 3, 64, 64), [1, 2]).shape
+        torch.Size([2, 64, 64])
     """
     model = require_module(model, "gradcampp")
-    images = check_images(images)
+    images = check_images(images, channels=3)
     b, _, h, w = images.shape
     targets = check_targets(targets, b, None)  # the class range is checked against the logits
-    with Recorder(stats, b) as rec:
-        name, module = resolve_layer(model, layer, tuple(images.shape[1:]))
-        act, g, _ = layer_activations(model, images, targets, module)
-        assert g is not None
-        g2 = g.pow(2)
-        sum_act = act.sum(dim=(2, 3), keepdim=True)
-        alpha = g2 / (2 * g2 + sum_act * g2 * g + EPS)
-        alpha = torch.where(g != 0, alpha, torch.zeros_like(alpha))
-        weights = (alpha * torch.relu(g)).sum(dim=(2, 3))
-        cam = torch.relu(torch.einsum("bk,bkhw->bhw", weights, act))
-        if not bool(torch.isfinite(cam).all()):
-            raise ValueError(f"Grad-CAM++ of layer {name!r} is not finite (a zero denominator in α)")
-        out = upsample(cam.cpu(), (h, w))
-        rec.note(layer=name)
+    name, module = resolve_layer(model, layer, tuple(images.shape[1:]))
+    act, g, _ = layer_activations(model, images, targets, module)
+    assert g is not None
+    g2 = g.pow(2)
+    sum_act = act.sum(dim=(2, 3), keepdim=True)
+    alpha = g2 / (2 * g2 + sum_act * g2 * g + EPS)
+    alpha = torch.where(g != 0, alpha, torch.zeros_like(alpha))
+    weights = (alpha * torch.relu(g)).sum(dim=(2, 3))
+    cam = torch.relu(torch.einsum("bk,bkhw->bhw", weights, act))
+    if not bool(torch.isfinite(cam).all()):
+        raise ValueError(f"Grad-CAM++ of layer {name!r} is not finite (a zero denominator in α)")
+    out = upsample(cam.cpu(), (h, w))
     return finish(out)

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import check_images, check_targets
 from ..layercam import LayerSpec, LayerwiseGradCAM
-from ._base import Recorder, Targets, check_images, check_targets, finish, require_module, upsample
+from ._base import Targets, finish, require_module, upsample
 
 __all__ = ["layercam", "fuse_layercam"]
 
@@ -58,7 +59,6 @@ def layercam(
     *,
     layers: LayerSpec = "auto",
     gamma: float = 2.0,
-    stats: dict | None = None,
 ) -> torch.Tensor:
     """LayerCAM on the same layers as lwcam, fused by scaling and an element-wise maximum.
 
@@ -76,8 +76,6 @@ def layercam(
         targets: the class to explain per image: an int, a sequence or a ``(B,)`` tensor.
         layers: ``"auto"`` (the layers lwcam uses) or a sequence of layer names / modules.
         gamma: the scaling factor γ of ``tanh(γ·map)``, positive (2 in the paper and torchcam).
-        stats: optional dict that receives ``queries`` (0), ``seconds``, their per-image values
-            and ``layers``, the layer names used (shallow to deep).
 
     Returns:
         ``(B,H,W)`` float32 maps in [0, tanh(γ)].
@@ -85,20 +83,17 @@ def layercam(
     Example:
         >>> import torchvision
         >>> net = torchvision.models.resnet18(num_classes=10)
-        >>> st = {}
-        >>> layercam(net, torch.rand(2, 3, 64, 64), [1, 2], stats=st).shape, st["layers"]
-        (torch.Size([2, 64, 64]), ['relu', 'layer1', 'layer2', 'layer3', 'layer4'])
+        >>> layercam(net, torch.rand(2, 3, 64, 64), [1, 2]).shape
+        torch.Size([2, 64, 64])
     """
     model = require_module(model, "layercam")
-    images = check_images(images)
+    images = check_images(images, channels=3)
     if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not math.isfinite(gamma) or gamma <= 0:
         raise ValueError(f"gamma must be a positive finite number, got {gamma!r}")
     b, _, h, w = images.shape
     targets = check_targets(targets, b, None)  # the class range is checked against the logits
-    with Recorder(stats, b) as rec:
-        with LayerwiseGradCAM(model, layers=layers, weighting="layercam", verbose=False) as lw:
-            lm = lw(images, targets)
-        fused = fuse_layercam([lm.raw[n] for n in lm.names], float(gamma))
-        out = upsample(fused.cpu(), (h, w))
-        rec.note(layers=list(lm.names))
+    with LayerwiseGradCAM(model, layers=layers, weighting="layercam", verbose=False) as lw:
+        lm = lw(images, targets)
+    fused = fuse_layercam([lm.raw[n] for n in lm.names], float(gamma))
+    out = upsample(fused.cpu(), (h, w))
     return finish(out)

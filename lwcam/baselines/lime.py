@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
 import torch
+from captum._utils.models.linear_model import SkLearnRidge
+from captum.attr import Lime
+from skimage.segmentation import slic
 
+from .._checks import check_images, check_targets
+from .._ops import minmax_normalize
 from .._utils import track
 from ..blackbox import BlackBox, as_prob_fn
-from ._base import Recorder, Targets, check_images, check_seed, check_targets, finish, require_blackbox
+from ._base import Targets, check_seed, finish, require_blackbox
 
 __all__ = ["lime", "superpixels"]
 
@@ -22,11 +27,11 @@ def _to_display(image: torch.Tensor, mean: Sequence[float] | None, std: Sequence
     """(3,H,W) normalised image -> (H,W,3) float array in [0,1] for segmentation."""
     x = image.detach().cpu().float()
     if mean is not None and std is not None:
-        x = x * torch.tensor(std, dtype=torch.float32)[:, None, None] + torch.tensor(mean, dtype=torch.float32)[:, None, None]
+        scale = torch.tensor(std, dtype=torch.float32)[:, None, None]
+        x = x * scale + torch.tensor(mean, dtype=torch.float32)[:, None, None]
         x = x.clamp(0, 1)
     else:  # one affine map for all channels keeps the colours' relations
-        lo, hi = x.min(), x.max()
-        x = (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
+        x = minmax_normalize(x.reshape(1, -1)).reshape(x.shape)
     return x.permute(1, 2, 0).numpy().astype(np.float64)
 
 
@@ -57,17 +62,35 @@ def superpixels(image: torch.Tensor, n_segments: int = 50, *, segmentation: Segm
         raise ValueError(f"segmentation must be 'slic' or 'grid', got {segmentation!r}")
     labels: np.ndarray | None = None
     if segmentation == "slic":
-        try:
-            from skimage.segmentation import slic
-        except ImportError:  # pragma: no cover - scikit-image is a dependency
-            labels = None
-        else:
-            labels = slic(_to_display(image, mean, std), n_segments=n_segments, compactness=compactness,
-                          start_label=0, channel_axis=-1)
+        labels = slic(_to_display(image, mean, std), n_segments=n_segments, compactness=compactness,
+                      start_label=0, channel_axis=-1)
     if labels is None or len(np.unique(labels)) < 2:  # SLIC found no structure (e.g. flat or noise)
         labels = _grid_segments(h, w, n_segments)
     _, consecutive = np.unique(labels, return_inverse=True)
     return torch.from_numpy(consecutive.reshape(h, w).astype(np.int64))
+
+
+def _check_args(seed: int, *, n_samples: int, n_segments: int, batch_size: int, kernel_width: float,
+                mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
+    check_seed(seed)
+    for name, v in (("n_samples", n_samples), ("n_segments", n_segments), ("batch_size", batch_size)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if not kernel_width > 0:
+        raise ValueError(f"kernel_width must be > 0, got {kernel_width!r}")
+    if (mean is None) != (std is None):
+        raise ValueError("give both mean and std to de-normalise the images, or neither")
+
+
+def _similarity(kernel_width: float) -> Callable[..., float]:
+    """LIME's sample weight ``π(z) = sqrt(exp(−D(z)² / σ²))``, ``D`` the cosine distance of ``z`` to all ones."""
+
+    def similarity(_orig: object, _pert: object, z: torch.Tensor, **_: object) -> float:
+        z = z.float().flatten()
+        cos = z.sum() / (z.norm() * math.sqrt(z.numel())) if z.any() else torch.tensor(0.0)
+        return math.sqrt(math.exp(-float(1 - cos) ** 2 / kernel_width**2))
+
+    return similarity
 
 
 def lime(
@@ -86,7 +109,6 @@ def lime(
     std: Sequence[float] | None = None,
     seed: int = 0,
     progress: bool | None = None,
-    stats: dict | None = None,
 ) -> torch.Tensor:
     """LIME: a weighted linear model of the black box's target probability over superpixels.
 
@@ -116,8 +138,6 @@ def lime(
         mean, std: the normalisation of ``images``, to de-normalise them for SLIC (optional).
         seed: seed of the sampled perturbations; the same seed gives identical maps.
         progress: show a progress bar over images (``None``: only on a TTY).
-        stats: optional dict that receives ``queries``, ``seconds``, their per-image values
-            and ``segments`` (the superpixel count of each image).
 
     Returns:
         ``(B,H,W)`` float32 attribution (surrogate coefficients, probability units).
@@ -133,50 +153,32 @@ def lime(
     images = check_images(images, channels=bb.channels)
     b, _, h, w = images.shape
     targets = check_targets(targets, b, bb.num_classes)
-    check_seed(seed)
-    for name, v in (("n_samples", n_samples), ("n_segments", n_segments), ("batch_size", batch_size)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
-    if not kernel_width > 0:
-        raise ValueError(f"kernel_width must be > 0, got {kernel_width!r}")
-    if (mean is None) != (std is None):
-        raise ValueError("give both mean and std to de-normalise the images, or neither")
-    from captum._utils.models.linear_model import SkLearnRidge  # imported here: captum is slow to import
-    from captum.attr import Lime
-
+    _check_args(seed, n_samples=n_samples, n_segments=n_segments, batch_size=batch_size, kernel_width=kernel_width,
+                mean=mean, std=std)
     prob_fn = as_prob_fn(bb)
     images = images.cpu().float()
-
-    def similarity(_orig: object, _pert: object, z: torch.Tensor, **_: object) -> float:
-        z = z.float().flatten()
-        cos = z.sum() / (z.norm() * math.sqrt(z.numel())) if z.any() else torch.tensor(0.0)
-        return math.sqrt(math.exp(-float(1 - cos) ** 2 / kernel_width**2))
-
+    similarity = _similarity(kernel_width)
     out = torch.zeros(b, h, w)
-    counts: list[int] = []
-    with Recorder(stats, b, bb) as rec:
-        for i in track(range(b), total=b, desc="LIME", enabled=progress):
-            seg = superpixels(images[i], n_segments, segmentation=segmentation, compactness=compactness,
-                              mean=mean, std=std)
-            d = int(seg.max()) + 1
-            counts.append(d)
-            g = torch.Generator()  # same stream for every image: a map does not depend on the batch
-            g.manual_seed(seed)
+    for i in track(range(b), total=b, desc="LIME", enabled=progress):
+        seg = superpixels(images[i], n_segments, segmentation=segmentation, compactness=compactness,
+                          mean=mean, std=std)
+        d = int(seg.max()) + 1
+        g = torch.Generator()  # same stream for every image: a map does not depend on the batch
+        g.manual_seed(seed)
 
-            def sample(_inp: object, _g: torch.Generator = g, _d: int = d, **_: object) -> torch.Tensor:
-                return torch.bernoulli(torch.full((1, _d), 0.5), generator=_g).long()
+        def sample(_inp: object, _g: torch.Generator = g, _d: int = d, **_: object) -> torch.Tensor:
+            return torch.bernoulli(torch.full((1, _d), 0.5), generator=_g).long()
 
-            explainer = Lime(prob_fn, interpretable_model=SkLearnRidge(alpha=alpha),
-                             similarity_func=similarity, perturb_func=sample)
-            attr = explainer.attribute(
-                images[i : i + 1],
-                target=int(targets[i]),
-                baselines=0.0,
-                feature_mask=seg[None, None],
-                n_samples=n_samples,
-                perturbations_per_eval=batch_size,
-                return_input_shape=True,
-            )
-            out[i] = attr[0].float().mean(dim=0)
-        rec.note(segments=counts)
+        explainer = Lime(prob_fn, interpretable_model=SkLearnRidge(alpha=alpha),
+                         similarity_func=similarity, perturb_func=sample)
+        attr = explainer.attribute(
+            images[i : i + 1],
+            target=int(targets[i]),
+            baselines=0.0,
+            feature_mask=seg[None, None],
+            n_samples=n_samples,
+            perturbations_per_eval=batch_size,
+            return_input_shape=True,
+        )
+        out[i] = attr[0].float().mean(dim=0)
     return finish(out)

@@ -8,20 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._utils import track
-from ._base import (
-    Recorder,
-    Targets,
-    check_images,
-    check_targets,
-    eval_mode,
-    finish,
-    gaussian_blur,
-    generator,
-    module_device,
-    require_module,
-    upsample,
-)
+from .._checks import check_images, check_targets
+from .._ops import gaussian_blur
+from .._utils import eval_mode, track
+from ._base import Targets, finish, generator, module_device, require_module, upsample
 
 __all__ = ["meaningful_perturbation"]
 
@@ -34,6 +24,33 @@ def _tv(m: torch.Tensor, beta: float) -> torch.Tensor:
     tv_y = dy.flatten(1).mean(1) if dy.numel() else zero
     tv_x = dx.flatten(1).mean(1) if dx.numel() else zero
     return tv_y + tv_x
+
+
+def _blur_kernel_size(sigma: float) -> int:
+    """The blur's kernel: ``2·max(1, ceil(3σ)) + 1`` taps (radius 3σ); replicate border, weights in float32."""
+    return 2 * max(1, math.ceil(3 * sigma)) + 1
+
+
+def _settings(h: int, w: int, *, iters: int, lr: float, l1: float, tv: float, tv_beta: float,
+              mask_size: tuple[int, int] | None, blur_sigma: float | None, noise: float
+              ) -> tuple[tuple[int, int], float]:
+    """Validate the optimisation settings; return the mask size and the blur's σ (defaults resolved)."""
+    if not isinstance(iters, int) or isinstance(iters, bool) or iters < 1:
+        raise ValueError(f"iters must be a positive int, got {iters!r}")
+    for name, v in (("lr", lr), ("tv_beta", tv_beta)):
+        if not v > 0:
+            raise ValueError(f"{name} must be > 0, got {v!r}")
+    for name, v in (("l1", l1), ("tv", tv), ("noise", noise)):
+        if not v >= 0:
+            raise ValueError(f"{name} must be >= 0, got {v!r}")
+    if mask_size is None:
+        mask_size = (math.ceil(h / 8), math.ceil(w / 8))
+    if len(mask_size) != 2 or any(not isinstance(s, int) or s < 1 for s in mask_size):
+        raise ValueError(f"mask_size must be two positive ints (h, w), got {mask_size!r}")
+    sigma = 10.0 * max(h, w) / 224 if blur_sigma is None else float(blur_sigma)
+    if sigma < 0:
+        raise ValueError(f"blur_sigma must be >= 0, got {blur_sigma!r}")
+    return (int(mask_size[0]), int(mask_size[1])), sigma
 
 
 def meaningful_perturbation(
@@ -51,7 +68,6 @@ def meaningful_perturbation(
     noise: float = 0.0,
     seed: int = 0,
     progress: bool | None = None,
-    stats: dict | None = None,
 ) -> torch.Tensor:
     """Saliency ``1 − m`` of the smallest smooth mask whose deletion destroys the target class.
 
@@ -70,7 +86,8 @@ def meaningful_perturbation(
 
     Defaults (cheap enough for a batch at 64×64 on a CPU): 150 iterations, a mask of
     ``ceil(H/8) × ceil(W/8)`` cells (28×28 at 224 px, as in the paper), blur
-    ``σ = 10·max(H,W)/224`` (σ = 10 at 224 px, as in the paper), ``λ₁ = 0.05``, ``λ_TV = 0.2``,
+    ``σ = 10·max(H,W)/224`` (σ = 10 at 224 px, as in the paper; a Gaussian of radius ``ceil(3σ)``,
+    replicate border, see :func:`lwcam._ops.gaussian_blur`), ``λ₁ = 0.05``, ``λ_TV = 0.2``,
     ``β = 3``. White-box: uses the model's gradients (e.g. the distilled student's);
     0 black-box queries.
 
@@ -88,8 +105,6 @@ def meaningful_perturbation(
         noise: standard deviation of the noise added to the upsampled mask while optimising.
         seed: seed of that noise (no effect when ``noise == 0``).
         progress: show a progress bar over iterations (``None``: only on a TTY).
-        stats: optional dict that receives ``queries`` (0), ``seconds``, their per-image values
-            and ``final_prob``, the target probability of each perturbed image at the end.
 
     Returns:
         ``(B,H,W)`` float32 maps in [0,1].
@@ -102,35 +117,23 @@ def meaningful_perturbation(
         (torch.Size([2, 32, 32]), True)
     """
     model = require_module(model, "meaningful_perturbation")
-    images = check_images(images)
+    images = check_images(images, channels=3)
     b, _, h, w = images.shape
-    if not isinstance(iters, int) or isinstance(iters, bool) or iters < 1:
-        raise ValueError(f"iters must be a positive int, got {iters!r}")
-    for name, v in (("lr", lr), ("tv_beta", tv_beta)):
-        if not v > 0:
-            raise ValueError(f"{name} must be > 0, got {v!r}")
-    for name, v in (("l1", l1), ("tv", tv), ("noise", noise)):
-        if not v >= 0:
-            raise ValueError(f"{name} must be >= 0, got {v!r}")
-    if mask_size is None:
-        mask_size = (math.ceil(h / 8), math.ceil(w / 8))
-    if len(mask_size) != 2 or any(not isinstance(s, int) or s < 1 for s in mask_size):
-        raise ValueError(f"mask_size must be two positive ints (h, w), got {mask_size!r}")
-    sigma = 10.0 * max(h, w) / 224 if blur_sigma is None else float(blur_sigma)
-    if sigma < 0:
-        raise ValueError(f"blur_sigma must be >= 0, got {blur_sigma!r}")
+    mask_size, sigma = _settings(h, w, iters=iters, lr=lr, l1=l1, tv=tv, tv_beta=tv_beta, mask_size=mask_size,
+                                 blur_sigma=blur_sigma, noise=noise)
     g = generator(seed)
     device = module_device(model)
 
     # gradients are needed even when the caller runs under no_grad() or inference_mode()
-    with Recorder(stats, b) as rec, eval_mode(model), torch.inference_mode(False), torch.enable_grad():
+    with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
         x = images.to(device, torch.float32).clone()
         with torch.no_grad():
             logits = model(x)
         if logits.dim() != 2 or logits.shape[0] != b:
             raise ValueError(f"the model must return (B, classes) logits, got shape {tuple(logits.shape)}")
         targets = check_targets(targets, b, logits.shape[1]).to(device)
-        blurred = gaussian_blur(x, sigma)
+        blurred = x.clone() if sigma == 0 else gaussian_blur(x, _blur_kernel_size(sigma), sigma, border="replicate",
+                                                             kernel_dtype=torch.float32)
         m = torch.ones(b, 1, *mask_size, device=device, requires_grad=True)
         opt = torch.optim.Adam([m], lr=lr)
         rows = torch.arange(b, device=device)
@@ -146,9 +149,5 @@ def meaningful_perturbation(
             opt.step()
             with torch.no_grad():
                 m.clamp_(0, 1)
-        with torch.no_grad():
-            up = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
-            final = torch.softmax(model(x * up + blurred * (1 - up)), dim=1)[rows, targets]
         sal = upsample(1 - m.detach()[:, 0].float(), (h, w))
-        rec.note(final_prob=final.cpu().tolist(), mask_size=tuple(mask_size), blur_sigma=sigma)
     return finish(sal)

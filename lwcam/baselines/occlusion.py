@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 
 import torch
+from captum.attr import Occlusion
 
+from .._checks import check_images, check_targets
 from .._utils import progress_enabled
 from ..blackbox import BlackBox, as_prob_fn
-from ._base import Recorder, Targets, check_images, check_targets, finish, require_blackbox
+from ._base import Targets, finish, require_blackbox
 
 __all__ = ["occlusion", "occlusion_queries"]
 
@@ -37,7 +39,6 @@ def occlusion(
     stride: int = 4,
     batch_size: int = 256,
     progress: bool | None = None,
-    stats: dict | None = None,
 ) -> torch.Tensor:
     """Occlusion sensitivity: how much the target probability drops when a square patch is zeroed.
 
@@ -60,7 +61,6 @@ def occlusion(
         batch_size: about how many occluded images go to the black box per call
             (captum's ``perturbations_per_eval`` is ``max(1, batch_size // B)``).
         progress: show captum's progress bar (``None``: only on a TTY).
-        stats: optional dict that receives ``queries``, ``seconds`` and their per-image values.
 
     Returns:
         ``(B,H,W)`` float32 attribution in probability units (positive: occluding hurts the class).
@@ -83,18 +83,14 @@ def occlusion(
         raise ValueError(f"window={window} is larger than the image ({h}x{w})")
     if stride > window:
         raise ValueError(f"stride={stride} must not exceed window={window}")
-    from captum.attr import Occlusion  # imported here: captum is slow to import
-
     prob_fn = as_prob_fn(bb)
-    with Recorder(stats, b, bb) as rec:
-        attr = Occlusion(prob_fn).attribute(
-            images.cpu().float(),
-            sliding_window_shapes=(c, window, window),
-            strides=(c, stride, stride),
-            baselines=0.0,
-            target=targets.tolist(),
-            perturbations_per_eval=max(1, batch_size // b),
-            show_progress=progress_enabled(progress),
-        )
-        rec.note(window=window, stride=stride)
+    attr = Occlusion(prob_fn).attribute(
+        images.cpu().float(),
+        sliding_window_shapes=(c, window, window),
+        strides=(c, stride, stride),
+        baselines=0.0,
+        target=targets.tolist(),
+        perturbations_per_eval=max(1, batch_size // b),
+        show_progress=progress_enabled(progress),
+    )
     return finish(attr.sum(dim=1))

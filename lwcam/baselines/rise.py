@@ -7,10 +7,11 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .._checks import check_images, check_targets
 from .._utils import track
 from ..blackbox import BlackBox
 from ..metrics import _evaluation_prob_fn
-from ._base import Recorder, Targets, check_images, check_targets, finish, generator, require_blackbox
+from ._base import Targets, finish, generator, require_blackbox
 
 __all__ = ["rise", "rise_masks"]
 
@@ -79,7 +80,6 @@ def rise(
     batch_size: int = 256,
     seed: int = 0,
     progress: bool | None = None,
-    stats: dict | None = None,
 ) -> torch.Tensor:
     """RISE saliency from black-box queries on randomly masked copies of each image.
 
@@ -108,7 +108,6 @@ def rise(
         batch_size: how many masked images are sent per black-box call.
         seed: seed of the masks; the same seed gives identical maps.
         progress: show a progress bar (``None``: only on a TTY).
-        stats: optional dict that receives ``queries``, ``seconds`` and their per-image values.
 
     Returns:
         ``(B,H,W)`` float32 saliency, in probability units (about ``P_c`` where the class
@@ -128,17 +127,15 @@ def rise(
     targets = check_targets(targets, b, bb.num_classes)
     _check(n_masks, grid_size, p_keep, batch_size)
     prob_fn = _evaluation_prob_fn(bb)  # inference_mode, channels_last for a CPU convnet
-    with Recorder(stats, b, bb) as rec:
-        bank = _MaskBank(n_masks, (h, w), grid_size, p_keep, seed)
-        images = images.cpu().float()
-        sal = torch.zeros(b, h * w, dtype=torch.float64)
-        starts = range(0, n_masks, batch_size)
-        for s in track(starts, total=len(starts), desc="RISE", enabled=progress):
-            masks = bank.render(s, min(s + batch_size, n_masks))  # (n,H,W)
-            flat = masks.reshape(masks.shape[0], -1).double()
-            for i in range(b):
-                probs = prob_fn(images[i : i + 1] * masks[:, None])  # (n,C)
-                sal[i] += probs[:, targets[i]].double() @ flat
-        sal = sal / (n_masks * p_keep)
-        rec.note(n_masks=n_masks, grid_size=grid_size, p_keep=p_keep)
+    bank = _MaskBank(n_masks, (h, w), grid_size, p_keep, seed)
+    images = images.cpu().float()
+    sal = torch.zeros(b, h * w, dtype=torch.float64)
+    starts = range(0, n_masks, batch_size)
+    for s in track(starts, total=len(starts), desc="RISE", enabled=progress):
+        masks = bank.render(s, min(s + batch_size, n_masks))  # (n,H,W)
+        flat = masks.reshape(masks.shape[0], -1).double()
+        for i in range(b):
+            probs = prob_fn(images[i : i + 1] * masks[:, None])  # (n,C)
+            sal[i] += probs[:, targets[i]].double() @ flat
+    sal = sal / (n_masks * p_keep)
     return finish(sal.reshape(b, h, w))

@@ -8,16 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._base import (
-    Recorder,
-    Targets,
-    check_images,
-    check_targets,
-    eval_mode,
-    finish,
-    require_module,
-    upsample,
-)
+from .._checks import check_images, check_targets
+from .._utils import eval_mode
+from ._base import Targets, finish, require_module, upsample
 from .gradcampp import layer_activations, resolve_layer, to_model
 
 __all__ = ["scorecam"]
@@ -57,7 +50,6 @@ def scorecam(
     *,
     layer: str | nn.Module = "last",
     batch_size: int = 256,
-    stats: dict | None = None,
 ) -> torch.Tensor:
     """Score-CAM of one layer, upsampled to the input size.
 
@@ -86,8 +78,6 @@ def scorecam(
         layer: ``"last"`` (the same default layer as :func:`~lwcam.baselines.gradcam`), or a
             layer name / module.
         batch_size: masked images per forward pass.
-        stats: optional dict that receives ``queries`` (0), ``seconds``, their per-image values,
-            ``layer`` and ``forwards``, the number of masked images scored.
 
     Returns:
         ``(B,H,W)`` float32 non-negative maps.
@@ -95,24 +85,19 @@ def scorecam(
     Example:
         >>> import torchvision
         >>> net = torchvision.models.resnet18(num_classes=10)
-        >>> st = {}
-        >>> scorecam(net, torch.rand(2, 3, 32, 32), [1, 2], layer="layer2", stats=st).shape
+        >>> scorecam(net, torch.rand(2, 3, 32, 32), [1, 2], layer="layer2").shape  # 128 forwards per image
         torch.Size([2, 32, 32])
-        >>> st["layer"], st["forwards"], st["queries"]  # 128 channels in layer2, 2 images
-        ('layer2', 256, 0)
     """
     model = require_module(model, "scorecam")
-    images = check_images(images)
+    images = check_images(images, channels=3)
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     b, _, h, w = images.shape
     targets = check_targets(targets, b, None)  # the class range is checked against the logits
-    with Recorder(stats, b) as rec:
-        name, module = resolve_layer(model, layer, tuple(images.shape[1:]))
-        act, _, _ = layer_activations(model, images, targets, module, grad=False)
-        scores = _masked_scores(model, to_model(model, images), _channel_masks(act), targets, int(batch_size))
-        weights = torch.softmax(scores.float(), dim=1)
-        cam = torch.relu(torch.einsum("bk,bkhw->bhw", weights.to(act), act))
-        out = upsample(cam.cpu(), (h, w))
-        rec.note(layer=name, forwards=int(scores.numel()))
+    name, module = resolve_layer(model, layer, tuple(images.shape[1:]))
+    act, _, _ = layer_activations(model, images, targets, module, grad=False)
+    scores = _masked_scores(model, to_model(model, images), _channel_masks(act), targets, int(batch_size))
+    weights = torch.softmax(scores.float(), dim=1)
+    cam = torch.relu(torch.einsum("bk,bkhw->bhw", weights.to(act), act))
+    out = upsample(cam.cpu(), (h, w))
     return finish(out)

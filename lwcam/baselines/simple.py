@@ -12,12 +12,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._base import Recorder, check_images, finish, generator
+from .._checks import check_images
+from ._base import finish, generator
 
 __all__ = ["random_saliency", "center_saliency", "mask_saliency"]
 
 
-def random_saliency(images: torch.Tensor, seed: int = 0, *, stats: dict | None = None) -> torch.Tensor:
+def random_saliency(images: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """Uniform noise in [0,1), one independent map per image.
 
     Deterministic: the same ``seed`` and batch shape give identical maps, and the global
@@ -26,7 +27,6 @@ def random_saliency(images: torch.Tensor, seed: int = 0, *, stats: dict | None =
     Args:
         images: ``(B,3,H,W)`` images; only their shape is used.
         seed: seed of the noise.
-        stats: optional dict that receives the cost (0 queries).
 
     Returns:
         ``(B,H,W)`` float32 maps.
@@ -36,14 +36,13 @@ def random_saliency(images: torch.Tensor, seed: int = 0, *, stats: dict | None =
         >>> m.shape, torch.equal(m, random_saliency(torch.zeros(2, 3, 8, 8), seed=1))
         (torch.Size([2, 8, 8]), True)
     """
-    images = check_images(images)
+    images = check_images(images, channels=3)
     b, _, h, w = images.shape
-    with Recorder(stats, b):
-        out = torch.rand(b, h, w, generator=generator(seed))
+    out = torch.rand(b, h, w, generator=generator(seed))
     return finish(out)
 
 
-def center_saliency(images: torch.Tensor, sigma: float = 0.25, *, stats: dict | None = None) -> torch.Tensor:
+def center_saliency(images: torch.Tensor, sigma: float = 0.25) -> torch.Tensor:
     """Centre bias: an isotropic Gaussian bump at the image centre, the same for every image.
 
     ``map(y, x) = exp(-((y - cy)² + (x - cx)²) / (2 (σ · min(H, W))²))`` with pixel centres
@@ -52,7 +51,6 @@ def center_saliency(images: torch.Tensor, sigma: float = 0.25, *, stats: dict | 
     Args:
         images: ``(B,3,H,W)`` images; only their shape is used.
         sigma: the standard deviation as a fraction of the shorter side.
-        stats: optional dict that receives the cost (0 queries).
 
     Returns:
         ``(B,H,W)`` float32 maps in (0,1].
@@ -62,25 +60,23 @@ def center_saliency(images: torch.Tensor, sigma: float = 0.25, *, stats: dict | 
         >>> divmod(int(m[0].argmax()), 9)
         (4, 4)
     """
-    images = check_images(images)
+    images = check_images(images, channels=3)
     if not sigma > 0:
         raise ValueError(f"sigma must be > 0, got {sigma!r}")
     b, _, h, w = images.shape
-    with Recorder(stats, b):
-        ys = torch.arange(h, dtype=torch.float32) + 0.5 - h / 2
-        xs = torch.arange(w, dtype=torch.float32) + 0.5 - w / 2
-        s = sigma * min(h, w)
-        bump = torch.exp(-(ys[:, None] ** 2 + xs[None, :] ** 2) / (2 * s**2))
-        out = bump.expand(b, h, w)
+    ys = torch.arange(h, dtype=torch.float32) + 0.5 - h / 2
+    xs = torch.arange(w, dtype=torch.float32) + 0.5 - w / 2
+    s = sigma * min(h, w)
+    bump = torch.exp(-(ys[:, None] ** 2 + xs[None, :] ** 2) / (2 * s**2))
+    out = bump.expand(b, h, w)
     return finish(out)
 
 
-def mask_saliency(masks: Any, *, stats: dict | None = None) -> torch.Tensor:
+def mask_saliency(masks: Any) -> torch.Tensor:
     """The oracle: the ground-truth object mask itself as a float map (1 inside, 0 outside).
 
     Args:
         masks: ``(B,H,W)`` or ``(H,W)`` bool / 0-1 masks (tensor or NumPy array).
-        stats: optional dict that receives the cost (0 queries).
 
     Returns:
         ``(B,H,W)`` float32 maps.
@@ -100,6 +96,5 @@ def mask_saliency(masks: Any, *, stats: dict | None = None) -> torch.Tensor:
     out = masks.detach().float()
     if not torch.isfinite(out).all():
         raise ValueError("masks contain NaN or Inf values")
-    with Recorder(stats, masks.shape[0]):
-        out = out.clone()
+    out = out.clone()
     return finish(out)
