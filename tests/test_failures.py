@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torchvision.models import resnet18
 
-from lwcam.baselines import gradcam, lime, occlusion, rise
+from lwcam.baselines import METHODS, explain, gradcam, lime, occlusion, rise
 from lwcam.blackbox import BlackBox, BlackBoxError, CacheError
 from lwcam.distillation import CHECKPOINT_NAME, distill
 from lwcam.metrics import deletion_game, insertion_game
@@ -151,6 +152,26 @@ def test_2_distill_keeps_a_frozen_batchnorm_frozen(one_thread):
                   progress=False)
     assert seen and not any(seen)  # never put back in training mode
     assert torch.equal(res.student[1].running_mean, before)  # so its statistics never moved
+
+
+_FAST = {"rise": {"n_masks": 8, "grid_size": 4}, "lime": {"n_samples": 8, "n_segments": 4},
+         "occlusion": {"window": 8, "stride": 8}, "meaningful_perturbation": {"iters": 2},
+         "scorecam": {"batch_size": 8}}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_2_every_registered_method_restores_every_flag(name, one_thread):
+    """A torchvision ResNet in train mode with one frozen BatchNorm comes back from every method unchanged."""
+    net = resnet18(weights=None, num_classes=C).train()
+    net.layer2[0].bn1.eval()  # a frozen BatchNorm inside a training model
+    want = _flags(net)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    masks = torch.zeros(2, 32, 32, dtype=torch.bool)
+    masks[:, 8:24, 8:24] = True
+    out = explain(name, x, torch.tensor([0, 1]), student=net, teacher=net, blackbox=BlackBox(net, C), masks=masks,
+                  **_FAST.get(name, {}))
+    assert out.saliency.shape == (2, 32, 32)
+    assert _flags(net) == want
 
 
 # --------------------------------------------------------------------------- 3. distillation numbers and divergence
