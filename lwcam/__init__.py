@@ -9,8 +9,8 @@ The four steps, each one module:
 4. :mod:`lwcam.metrics` and :mod:`lwcam.baselines`: deletion/insertion games on the black box.
 
 :mod:`lwcam.evaluation` runs every method and scores it, :mod:`lwcam.analysis` makes the paper's
-tables (T1, the fusion chosen on ``val``, the claims, F6, F7), and :mod:`lwcam.pipeline` runs the
-notebooks with cached artefacts and timings.
+tables (T1, the fusion chosen on ``val``, the claims, F6, F7), :mod:`lwcam.profiles` declares a
+run's settings, and :mod:`lwcam.pipeline` runs the notebooks with cached artefacts and timings.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ __all__ = [*_EXPORTS, "__version__"]
 def __getattr__(name: str) -> Any:  # lazy: importing lwcam stays cheap
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    if name in ("data", "models", "baselines", "plots", "pipeline", "metrics", "fusion", "layercam", "distillation",
-                "evaluation", "analysis"):
+    if name in ("data", "models", "baselines", "plots", "pipeline", "profiles", "metrics", "fusion", "layercam",
+                "distillation", "evaluation", "analysis", "blackbox"):
         return importlib.import_module(f"lwcam.{name}")
     raise AttributeError(f"module 'lwcam' has no attribute {name!r}")
 

@@ -1,9 +1,10 @@
 """The reproducible pipeline: profiles, run folders, cached artefacts, and the papermill driver.
 
-A *profile* is a YAML file under ``params/`` (``quick``, ``default``, ``imagenet``, ...). Its
-keys are the notebooks' papermill parameters. Artefacts that take time to make (rendered
-data, the black-box teacher, the distilled student, black-box answers) live in the run
-folder ``runs/<profile>/`` and are reused when present, so every notebook can run alone.
+A *profile* is a YAML file under ``params/`` (``quick``, ``default``, ``imagenet``, ...), read into
+a validated :class:`~lwcam.profiles.Profile`; its keys are the notebooks' papermill parameters.
+Artefacts that take time to make (rendered data, the black-box teacher, the distilled student,
+black-box answers) live in the run folder ``runs/<profile>/`` and are reused when present, so
+every notebook can run alone.
 Figures go to ``figures/`` and tables to ``reports/`` for the ``default`` profile, and to
 ``figures/<profile>/`` and ``reports/<profile>/`` for any other.
 
@@ -23,18 +24,28 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sized
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
+import papermill as pm
 import torch
-import yaml
+
+from .blackbox import BlackBox, Output
+from .data import SyntheticTextures, get_dataset, load_tensors
+from .distillation import DistillResult, distill
+from .models import build_model, load_checkpoint, predict_logits, save_checkpoint, train_teacher
+from .plots import save_figure as _save_png
+from .profiles import KEYS as PROFILE_KEYS
+from .profiles import Profile, as_profile, project_root
+from .profiles import load_profile as _load_profile
 
 __all__ = [
     "NOTEBOOKS",
+    "Profile",
     "project_root",
     "load_profile",
     "RunPaths",
@@ -60,24 +71,9 @@ __all__ = [
 NOTEBOOKS = ("01_distill", "02_explain", "03_layer_importance", "04_deletion_game")
 
 
-def project_root(start: str | os.PathLike | None = None) -> Path:
-    """The folder holding ``pyproject.toml`` and ``params/``, searched upwards from ``start`` (or the cwd)."""
-    here = Path(start or Path.cwd()).resolve()
-    for folder in (here, *here.parents):
-        if (folder / "pyproject.toml").exists() and (folder / "params").is_dir():
-            return folder
-    raise FileNotFoundError(f"no lwcam project root (pyproject.toml + params/) above {here}")
-
-
-def load_profile(name: str, root: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Read ``params/<name>.yaml`` as a dict of notebook parameters."""
-    path = project_root(root) / "params" / f"{name}.yaml"
-    if not path.exists():
-        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise ValueError(f"unknown profile {name!r}; expected one of {known}")
-    params = yaml.safe_load(path.read_text()) or {}
-    params.setdefault("profile", name)
-    return params
+def load_profile(name: str, root: str | os.PathLike | None = None) -> Profile:
+    """Read and validate ``params/<name>.yaml`` (see :func:`lwcam.profiles.load_profile`)."""
+    return _load_profile(name, root)
 
 
 @dataclass
@@ -138,30 +134,24 @@ class RunPaths:
             return str(path)
 
 
-def load_split(params: dict[str, Any], split: str, paths: RunPaths | None = None,
+def load_split(params: Mapping[str, Any], split: str, paths: RunPaths | None = None,
                n: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Load a split of the profile's data set as tensors ``(images, labels, masks)``."""
-    from .data import SyntheticTextures, get_dataset, load_tensors
+    """Load a split of the profile's data set as tensors ``(images, labels, masks)``.
 
-    name = params.get("dataset", "synthetic")
-    if name == "synthetic":
-        n = n if n is not None else params.get(f"n_{split}")
-        ds = SyntheticTextures(
-            split=split,
-            n=n,
-            image_size=int(params.get("image_size", 64)),
-            num_classes=int(params.get("num_classes", 10)),
-            seed=int(params.get("data_seed", 0)),
-            cache_dir=paths.data_cache if paths is not None else None,
-        )
+    ``n`` overrides the profile's ``n_<split>``; ``None`` there means the whole split.
+    """
+    p = as_profile(params)
+    limit = n if n is not None else p.split_size(split)
+    if p.dataset == "synthetic":
+        ds = SyntheticTextures(split=split, n=limit, image_size=p.image_size, num_classes=p.num_classes,
+                               seed=p.data_seed, cache_dir=paths.data_cache if paths is not None else None)
         with stage(f"data: {split} split ({len(ds)} images, rendered or read from the cache)", paths):
             return ds.tensors()
     real_split = {"transfer": "train"}.get(split, split)
-    ds = get_dataset(name, root=params.get("data_root"), split=real_split, image_size=params.get("image_size"))
-    limit = n if n is not None else params.get(f"n_{split}")
-    g = torch.Generator().manual_seed(int(params.get("seed", 0)))
-    order = torch.randperm(len(ds), generator=g).tolist()  # type: ignore[arg-type]
-    return load_tensors(ds, order[:limit] if limit else order)
+    real = get_dataset(p.dataset, root=p.data_root, split=real_split, image_size=p.image_size)
+    g = torch.Generator().manual_seed(p.seed)
+    order = torch.randperm(len(cast(Sized, real)), generator=g).tolist()
+    return load_tensors(real, order[:limit] if limit else order)
 
 
 #: Profile keys that determine the teacher, and (with those) the students; a cached artefact is
@@ -172,71 +162,62 @@ STUDENT_KEYS = ("n_transfer", "n_test", "student", "temperature", "distill_epoch
                 "query_budget", "holdout", "topk")
 
 
-def _fingerprint(params: dict[str, Any], keys: tuple[str, ...]) -> str:
-    return json.dumps({k: params.get(k) for k in keys}, sort_keys=True, default=str)
-
-
-def get_teacher(params: dict[str, Any], paths: RunPaths, progress: bool | None = None) -> tuple[torch.nn.Module, dict]:
+def get_teacher(params: Mapping[str, Any], paths: RunPaths,
+                progress: bool | None = None) -> tuple[torch.nn.Module, dict]:
     """Load the profile's black-box teacher, training it first if its checkpoint is missing.
 
     For the paper's data sets set ``teacher_weights`` to a torchvision weights enum name or a
     local file; the synthetic default trains ``teacher`` from scratch on the ``train`` split.
     """
-    from .models import build_model, load_checkpoint
-
-    if params.get("teacher_weights"):
-        model = build_model(params["teacher"], int(params["num_classes"]), weights=params["teacher_weights"])
-        return model.eval(), {"arch": params["teacher"], "weights": params["teacher_weights"], "seconds": 0.0}
-    fingerprint = _fingerprint(params, TEACHER_KEYS)
+    p = as_profile(params)
+    if p.teacher_weights:
+        model = build_model(p.teacher, p.num_classes, weights=p.teacher_weights)
+        return model.eval(), {"arch": p.teacher, "weights": p.teacher_weights, "seconds": 0.0}
+    fingerprint = p.fingerprint(TEACHER_KEYS)
     if paths.teacher.exists():
         model, meta = load_checkpoint(paths.teacher)
         if meta.get("fingerprint") == fingerprint:
             return model, meta
-    x, y, _ = load_split(params, "train", paths)
-    xv, yv, _ = load_split(params, "val", paths)
-    with stage(f"teacher training ({params['teacher']})", paths):
-        result = _train_teacher(params, paths, x, y, xv, yv, fingerprint, progress)
+    x, y, _ = load_split(p, "train", paths)
+    xv, yv, _ = load_split(p, "val", paths)
+    with stage(f"teacher training ({p.teacher})", paths):
+        result = train_teacher(
+            p.teacher, x, y, num_classes=p.num_classes, val_images=xv, val_labels=yv,
+            epochs=p.teacher_epochs, batch_size=p.teacher_batch_size, lr=p.teacher_lr, seed=p.seed,
+            checkpoint_path=paths.teacher, progress=progress, meta={"fingerprint": fingerprint},
+            pixel_dropout=p.teacher_pixel_dropout,
+        )
     _, meta = load_checkpoint(paths.teacher)
     meta["history"] = result.history
     return result.model, meta
 
 
-def _train_teacher(params: dict[str, Any], paths: RunPaths, x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor,
-                   yv: torch.Tensor, fingerprint: str, progress: bool | None) -> Any:
-    from .models import train_teacher
-
-    return train_teacher(
-        params["teacher"], x, y, num_classes=int(params["num_classes"]), val_images=xv, val_labels=yv,
-        epochs=int(params.get("teacher_epochs", 12)), batch_size=int(params.get("teacher_batch_size", 64)),
-        lr=float(params.get("teacher_lr", 4e-3)), seed=int(params.get("seed", 0)),
-        checkpoint_path=paths.teacher, progress=progress, meta={"fingerprint": fingerprint},
-        pixel_dropout=float(params.get("teacher_pixel_dropout", 0.5)),
-    )
-
-
-def make_blackbox(teacher: torch.nn.Module, params: dict[str, Any], paths: RunPaths, output: str | None = None,
-                  cache: bool = True):
+def make_blackbox(teacher: torch.nn.Module, params: Mapping[str, Any], paths: RunPaths, output: str | None = None,
+                  cache: bool = True) -> BlackBox:
     """Wrap the teacher as a :class:`~lwcam.blackbox.BlackBox` with the profile's output mode and cache."""
-    from .blackbox import BlackBox
-
+    p = as_profile(params)
+    mode = output or p.blackbox_output
     return BlackBox(
         teacher,
-        num_classes=int(params["num_classes"]),
-        output=output or params.get("blackbox_output", "probs"),
-        k=int(params.get("topk", 5)),
-        batch_size=int(params.get("blackbox_batch_size", 256)),
+        num_classes=p.num_classes,
+        output=cast(Output, mode),
+        k=p.topk,
+        batch_size=p.blackbox_batch_size,
         cache_dir=paths.answers if cache else None,
-        cache_namespace=f"{params['teacher']}-seed{params.get('seed', 0)}-{output or params.get('blackbox_output', 'probs')}",
+        cache_namespace=f"{p.teacher}-seed{p.seed}-{mode}",
     )
 
 
-def collect_params(namespace: dict[str, Any], profile: str = "quick") -> dict[str, Any]:
-    """Pick the profile keys (those of ``params/<profile>.yaml``) out of a notebook's namespace."""
-    keys = load_profile(profile).keys()
-    return {k: namespace[k] for k in keys if k in namespace}
+def collect_params(namespace: Mapping[str, Any]) -> Profile:
+    """The profile a notebook runs with: every :class:`Profile` key found in its namespace.
+
+    A notebook's ``parameters`` cell sets the keys (papermill overrides them); keys it does not
+    set take their declared defaults.
+    """
+    return Profile.from_dict({k: namespace[k] for k in PROFILE_KEYS if k in namespace}, source="notebook parameters")
 
 
-def get_student(params: dict[str, Any], paths: RunPaths, teacher: torch.nn.Module, output: str | None = None,
+def get_student(params: Mapping[str, Any], paths: RunPaths, teacher: torch.nn.Module, output: str | None = None,
                 progress: bool | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Load the distilled student for a black-box ``output`` mode, distilling it first if needed.
 
@@ -244,22 +225,40 @@ def get_student(params: dict[str, Any], paths: RunPaths, teacher: torch.nn.Modul
     split's answers, for the held-out fidelity that T1 reports). Its checkpoint and a JSON
     summary (history, fidelity, queries, seconds) are kept in the run folder.
     """
-    from .models import load_checkpoint, save_checkpoint
-
-    output = output or params.get("blackbox_output", "probs")
-    ckpt = paths.run / f"student_{output}.pt"
-    summary_path = paths.run / f"student_{output}.json"
-    fingerprint = _fingerprint(params, TEACHER_KEYS + STUDENT_KEYS)
+    p = as_profile(params)
+    mode = output or p.blackbox_output
+    ckpt = paths.run / f"student_{mode}.pt"
+    summary_path = paths.run / f"student_{mode}.json"
+    fingerprint = p.fingerprint(TEACHER_KEYS + STUDENT_KEYS)
     if ckpt.exists() and summary_path.exists():
         summary = json.loads(summary_path.read_text())
         if summary.get("fingerprint") == fingerprint:
             model, _ = load_checkpoint(ckpt)
             return model, summary
-    transfer, _, _ = load_split(params, "transfer", paths)
-    test_x, test_y, _ = load_split(params, "test", paths)
+    result = _distill(p, paths, teacher, mode, fingerprint, progress)
+    save_checkpoint(result.student, ckpt, arch=p.student, num_classes=p.num_classes, output=mode, seed=p.seed)
+    summary = {
+        "fingerprint": fingerprint,
+        "output": mode,
+        "history": result.history,
+        "fidelity": result.fidelity,
+        "queries": result.queries,
+        "seconds": result.seconds,
+        "config": {**{k: v for k, v in result.config.items() if isinstance(v, (int, float, str, bool, type(None)))},
+                   "student_arch": p.student},
+    }
+    summary_path.write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    return result.student, summary
+
+
+def _distill(p: Profile, paths: RunPaths, teacher: torch.nn.Module, output: str, fingerprint: str,
+             progress: bool | None) -> DistillResult:
+    """Distil a student from the teacher's ``output`` answers, keeping the student of every epoch."""
+    transfer, _, _ = load_split(p, "transfer", paths)
+    test_x, test_y, _ = load_split(p, "test", paths)
     # no persistent answer cache here: distillation keeps its answers in its own checkpoint, and
     # T1 must report what a distillation from scratch pays
-    bb = make_blackbox(teacher, params, paths, output=output, cache=False)
+    bb = make_blackbox(teacher, p, paths, output=output, cache=False)
     # one checkpoint folder per configuration, so an interrupted run resumes and a changed one starts afresh
     ckpt_dir = paths.run / f"distill_{output}_{hashlib.sha256(fingerprint.encode()).hexdigest()[:12]}"
     snapshots = paths.snapshots(output)
@@ -269,44 +268,20 @@ def get_student(params: dict[str, Any], paths: RunPaths, teacher: torch.nn.Modul
             old.unlink()
 
     def keep(epoch: int, model: torch.nn.Module) -> None:
-        save_checkpoint(model, snapshots / f"epoch_{epoch:03d}.pt", arch=params["student"],
-                        num_classes=int(params["num_classes"]), output=output, epoch=epoch)
+        save_checkpoint(model, snapshots / f"epoch_{epoch:03d}.pt", arch=p.student, num_classes=p.num_classes,
+                        output=output, epoch=epoch)
 
-    with stage(f"distillation ({output}, {params['student']})", paths):
-        result = _distill(params, ckpt_dir, bb, transfer, test_x, test_y, output, keep, progress)
-    save_checkpoint(result.student, ckpt, arch=params["student"], num_classes=int(params["num_classes"]),
-                    output=output, seed=int(params.get("seed", 0)))
-    summary = {
-        "fingerprint": fingerprint,
-        "output": output,
-        "history": result.history,
-        "fidelity": result.fidelity,
-        "queries": result.queries,
-        "seconds": result.seconds,
-        "config": {**{k: v for k, v in result.config.items() if isinstance(v, (int, float, str, bool, type(None)))},
-                   "student_arch": params["student"]},
-    }
-    summary_path.write_text(json.dumps(summary, indent=2, default=float) + "\n")
-    return result.student, summary
+    with stage(f"distillation ({output}, {p.student})", paths):
+        return distill(
+            bb, transfer, student=p.student, temperature=p.temperature, epochs=p.distill_epochs,
+            batch_size=p.distill_batch_size, query_budget=p.query_budget, holdout=p.holdout,
+            eval_images=test_x, eval_labels=test_y, seed=p.seed,
+            checkpoint_dir=ckpt_dir, progress=progress, on_epoch_end=keep,
+        )
 
 
-def _distill(params: dict[str, Any], ckpt_dir: Path, bb: Any, transfer: torch.Tensor, test_x: torch.Tensor,
-             test_y: torch.Tensor, output: str, keep: Any, progress: bool | None) -> Any:
-    from .distillation import distill
-
-    return distill(
-        bb, transfer, student=params["student"], temperature=float(params.get("temperature", 4.0)),
-        epochs=int(params.get("distill_epochs", 10)), batch_size=int(params.get("distill_batch_size", 64)),
-        query_budget=params.get("query_budget"), holdout=float(params.get("holdout", 0.05)),
-        eval_images=test_x, eval_labels=test_y, seed=int(params.get("seed", 0)),
-        checkpoint_dir=ckpt_dir, progress=progress, on_epoch_end=keep,
-    )
-
-
-def load_snapshots(params: dict[str, Any], paths: RunPaths, output: str = "probs") -> dict[int, torch.nn.Module]:
+def load_snapshots(params: Mapping[str, Any], paths: RunPaths, output: str = "probs") -> dict[int, torch.nn.Module]:
     """The student after each distillation epoch (``epoch -> model``), as saved by :func:`get_student`."""
-    from .models import load_checkpoint
-
     files = sorted(paths.snapshots(output).glob("epoch_*.pt"))
     if not files:
         raise FileNotFoundError(f"no per-epoch students under {paths.rel(paths.snapshots(output))}; "
@@ -334,8 +309,6 @@ def pick_indices(n_total: int, n: int, seed: int) -> torch.Tensor:
 
 def student_agreement(student: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Bool (B,): does the student's argmax equal the black box's label? (Which explanations to distrust.)"""
-    from .models import predict_logits
-
     return predict_logits(student, images).argmax(1) == labels
 
 
@@ -383,7 +356,7 @@ def _git_commit(root: Path) -> str:
     return head + ("-dirty" if dirty else "")
 
 
-def timings_table(paths: RunPaths, notebook_seconds: dict[str, float], params: dict[str, Any]) -> pd.DataFrame:
+def timings_table(paths: RunPaths, notebook_seconds: dict[str, float], params: Mapping[str, Any]) -> pd.DataFrame:
     """Wall time per notebook and per costly stage, with the run's provenance in every row."""
     rows = []
     stages = [json.loads(line) for line in paths.stage_log.read_text().splitlines()] if paths.stage_log.exists() else []
@@ -394,7 +367,7 @@ def timings_table(paths: RunPaths, notebook_seconds: dict[str, float], params: d
     rows.append({"notebook": "(all)", "stage": "(total)", "seconds": round(sum(notebook_seconds.values()), 1)})
     table = pd.DataFrame(rows)
     table["profile"] = paths.profile
-    table["seed"] = params.get("seed")
+    table["seed"] = as_profile(params).seed
     table["commit"] = _git_commit(paths.root)
     table["torch"] = torch.__version__
     table["threads"] = torch.get_num_threads()
@@ -413,16 +386,23 @@ def save_table(df: pd.DataFrame, table_id: str, paths: RunPaths, float_format: s
 
 def save_figure(fig: Any, figure_id: str, paths: RunPaths, dpi: int = 120) -> Path:
     """Save a matplotlib figure as ``<figures>/<figure_id>.png``."""
-    from .plots import save_figure as _save
+    return _save_png(fig, paths.figures / f"{figure_id}.png", dpi=dpi)
 
-    return _save(fig, paths.figures / f"{figure_id}.png", dpi=dpi)
+
+def _notebook_parameters(profile: Profile, notebook: Path) -> dict[str, Any]:
+    """What papermill injects: every key of the notebook's ``parameters`` cell, and any other key off its default.
+
+    A key the ``parameters`` cell does not set takes its declared default in the notebook
+    (:func:`collect_params`), so it is passed only when the profile changes it.
+    """
+    declared = set(pm.inspect_notebook(str(notebook)))
+    changed = profile.non_defaults()
+    return {k: v for k, v in profile.to_dict().items() if k in declared or k in changed}
 
 
 def run(profile: str = "default", only: list[str] | None = None, root: str | os.PathLike | None = None,
         log_output: bool = False) -> list[Path]:
     """Execute the notebooks with papermill for ``profile``; executed copies go to ``runs/<profile>/notebooks``."""
-    import papermill as pm
-
     base = project_root(root)
     params = load_profile(profile, base)
     names = list(NOTEBOOKS) if not only else list(only)
@@ -440,7 +420,7 @@ def run(profile: str = "default", only: list[str] | None = None, root: str | os.
         print(f"[lwcam] {name} (profile {profile}) ...", flush=True)
         os.environ["LWCAM_NOTEBOOK"] = name  # the kernel inherits it: stage() labels its rows with it
         try:
-            pm.execute_notebook(str(src), str(out_dir / f"{name}.ipynb"), parameters=params,
+            pm.execute_notebook(str(src), str(out_dir / f"{name}.ipynb"), parameters=_notebook_parameters(params, src),
                                 cwd=str(base / "notebooks"), log_output=log_output, progress=False,
                                 kernel_name="python3")
         finally:

@@ -1,0 +1,166 @@
+"""Profiles: every file loads, mistakes are named, defaults are declared, fingerprints do not move."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import papermill
+import pytest
+
+from lwcam import pipeline
+from lwcam.profiles import KEYS, Profile, ProfileError, as_profile, load_profile
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILES = sorted(p.stem for p in (ROOT / "params").glob("*.yaml"))
+
+# The keys of committed artefacts (runs/<profile>/teacher.pt, student_*.json, distill_*_<hash>/): they
+# must not change when the code that computes them does.
+TEACHER_FINGERPRINT = {
+    "default": '{"data_seed": 0, "dataset": "synthetic", "image_size": 64, "n_train": 12000, "n_val": 1000, '
+               '"num_classes": 10, "seed": 0, "teacher": "mobilenet_v2_s8", "teacher_batch_size": 64, '
+               '"teacher_epochs": 8, "teacher_lr": 0.004, "teacher_pixel_dropout": 0.5, "teacher_weights": null}',
+    "quick": '{"data_seed": 0, "dataset": "synthetic", "image_size": 64, "n_train": 1600, "n_val": 40, '
+             '"num_classes": 4, "seed": 0, "teacher": "mobilenet_v2_s8", "teacher_batch_size": 64, '
+             '"teacher_epochs": 3, "teacher_lr": 0.004, "teacher_pixel_dropout": 0.5, "teacher_weights": null}',
+}
+STUDENT_FINGERPRINT = {
+    "default": '{"data_seed": 0, "dataset": "synthetic", "distill_batch_size": null, "distill_epochs": 6, '
+               '"holdout": null, "image_size": 64, "n_test": 1000, "n_train": 12000, "n_transfer": 18000, '
+               '"n_val": 1000, "num_classes": 10, "query_budget": 20000, "seed": 0, "student": "regnet_x_s8", '
+               '"teacher": "mobilenet_v2_s8", "teacher_batch_size": 64, "teacher_epochs": 8, "teacher_lr": 0.004, '
+               '"teacher_pixel_dropout": 0.5, "teacher_weights": null, "temperature": 4.0, "topk": 5}',
+    "quick": '{"data_seed": 0, "dataset": "synthetic", "distill_batch_size": null, "distill_epochs": 4, '
+             '"holdout": null, "image_size": 64, "n_test": 40, "n_train": 1600, "n_transfer": 2000, "n_val": 40, '
+             '"num_classes": 4, "query_budget": 2040, "seed": 0, "student": "regnet_x_s8", '
+             '"teacher": "mobilenet_v2_s8", "teacher_batch_size": 64, "teacher_epochs": 3, "teacher_lr": 0.004, '
+             '"teacher_pixel_dropout": 0.5, "teacher_weights": null, "temperature": 4.0, "topk": 2}',
+    "stride32": '{"data_seed": 0, "dataset": "synthetic", "distill_batch_size": null, "distill_epochs": 6, '
+                '"holdout": null, "image_size": 64, "n_test": 1000, "n_train": 12000, "n_transfer": 18000, '
+                '"n_val": 1000, "num_classes": 10, "query_budget": 20000, "seed": 0, '
+                '"student": "shufflenet_v2_x1_0", "teacher": "mobilenet_v2_s8", "teacher_batch_size": 64, '
+                '"teacher_epochs": 8, "teacher_lr": 0.004, "teacher_pixel_dropout": 0.5, "teacher_weights": null, '
+                '"temperature": 4.0, "topk": 5}',
+}
+
+
+def _project(tmp_path: Path, text: str, name: str = "tiny") -> Path:
+    (tmp_path / "pyproject.toml").write_text("[project]\nname='x'\n")
+    (tmp_path / "params").mkdir(exist_ok=True)
+    (tmp_path / "params" / f"{name}.yaml").write_text(text)
+    return tmp_path
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_every_profile_file_loads(name):
+    profile = load_profile(name, ROOT)
+    assert isinstance(profile, Profile) and profile.profile == name
+    assert pipeline.load_profile(name, ROOT) == profile  # the old entry point, same answer
+    assert set(profile.to_dict()) == set(KEYS)
+
+
+def test_unknown_key_is_named_with_its_file(tmp_path):
+    root = _project(tmp_path, "dataset: synthetic\nteacher_epoch: 3\n")
+    with pytest.raises(ProfileError, match=r"tiny\.yaml.*'teacher_epoch'.*did you mean 'teacher_epochs'"):
+        load_profile("tiny", root)
+
+
+@pytest.mark.parametrize(("line", "key"), [
+    ("topk: two", "topk"),
+    ("topk: true", "topk"),
+    ("teacher_lr: 4e-3", "teacher_lr"),  # YAML 1.1 reads this as a string, not a float
+    ("compare_modes: 1", "compare_modes"),
+    ("teacher: null", "teacher"),
+    ("blackbox_output: logit", "blackbox_output"),
+])
+def test_wrong_type_is_named(tmp_path, line, key):
+    root = _project(tmp_path, f"dataset: synthetic\n{line}\n")
+    with pytest.raises(ProfileError, match=rf"tiny\.yaml: profile key '{key}' must be"):
+        load_profile("tiny", root)
+
+
+def test_missing_keys_take_the_declared_defaults(tmp_path):
+    profile = load_profile("tiny", _project(tmp_path, "num_classes: 3\ntemperature: 2\nn_test: null\n"))
+    declared = {f.name: f.default for f in dataclasses.fields(Profile)}
+    assert profile.num_classes == 3 and profile.n_test is None
+    assert profile.temperature == 2.0 and isinstance(profile.temperature, float)  # an int is taken for a float
+    assert profile.profile == "tiny"  # the file's name when the file does not say
+    for key in ("distill_batch_size", "holdout", "blackbox_batch_size", "teacher_lr", "student"):
+        assert getattr(profile, key) == declared[key]
+    assert (profile.distill_batch_size, profile.holdout, profile.blackbox_batch_size) == (64, 0.05, 256)
+
+
+def test_every_key_is_documented():
+    for f in dataclasses.fields(Profile):
+        assert f.metadata["doc"].strip(), f.name
+    table = Profile.describe().splitlines()
+    assert len(table) == 2 + len(KEYS) and all(row.count(" | ") == 3 for row in table[2:])
+
+
+@pytest.mark.parametrize("name", sorted(STUDENT_FINGERPRINT))
+def test_fingerprints_of_committed_profiles_do_not_change(name):
+    profile = load_profile(name, ROOT)
+    keys = pipeline.TEACHER_KEYS + pipeline.STUDENT_KEYS
+    assert profile.fingerprint(keys) == STUDENT_FINGERPRINT[name]
+    assert json.loads(profile.fingerprint(pipeline.TEACHER_KEYS)) == {
+        k: v for k, v in json.loads(STUDENT_FINGERPRINT[name]).items() if k in pipeline.TEACHER_KEYS}
+    if name in TEACHER_FINGERPRINT:
+        assert profile.fingerprint(pipeline.TEACHER_KEYS) == TEACHER_FINGERPRINT[name]
+
+
+def test_keys_set_off_their_default_enter_the_fingerprint():
+    base = load_profile("default", ROOT)
+    changed = base.replace(distill_batch_size=32, holdout=0.1)
+    keys = pipeline.TEACHER_KEYS + pipeline.STUDENT_KEYS
+    assert json.loads(changed.fingerprint(keys))["distill_batch_size"] == 32
+    assert json.loads(changed.fingerprint(keys))["holdout"] == 0.1
+    assert base.replace(teacher_epochs=9).fingerprint(keys) != base.fingerprint(keys)
+
+
+def test_collect_params_round_trip():
+    profile = load_profile("stride32", ROOT)
+    namespace = {**profile.to_dict(), "plt": object(), "paths": None, "__name__": "__main__"}
+    assert pipeline.collect_params(namespace) == profile
+    assert pipeline.collect_params({"seed": 3}) == Profile(seed=3)  # absent keys: declared defaults
+    with pytest.raises(ProfileError, match="notebook parameters: profile key 'n_eval'"):
+        pipeline.collect_params({**namespace, "n_eval": "all"})
+
+
+@pytest.mark.parametrize("name", ["default", "quick", "stride32", "imagenet"])
+def test_papermill_parameters_rebuild_the_profile(name):
+    """What run() injects, over a notebook's own parameters cell, gives back the profile (and its fingerprints)."""
+    notebook = ROOT / "notebooks" / "01_distill.ipynb"
+    profile = load_profile(name, ROOT)
+    injected = pipeline._notebook_parameters(profile, notebook)
+    quick = load_profile("quick", ROOT)  # the parameters cells hold the quick profile
+    cell = {k: quick[k] for k in papermill.inspect_notebook(str(notebook))}
+    rebuilt = pipeline.collect_params({**cell, **injected})
+    assert rebuilt == profile
+    keys = pipeline.TEACHER_KEYS + pipeline.STUDENT_KEYS
+    assert rebuilt.fingerprint(keys) == profile.fingerprint(keys)
+
+
+def test_profile_is_frozen_and_a_read_only_mapping():
+    profile = load_profile("quick", ROOT)
+    assert profile["teacher"] == profile.teacher and dict(profile) == profile.to_dict()
+    assert profile.get("no_such_key") is None and "topk" in profile
+    with pytest.raises(KeyError):
+        profile["no_such_key"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        profile.topk = 3  # type: ignore[misc]
+    assert profile.replace(topk=3).topk == 3 and profile.topk == 2
+    with pytest.raises(ProfileError, match="overrides: unknown profile key 'top_k'"):
+        profile.replace(top_k=3)
+    assert as_profile(profile) is profile and as_profile({"topk": 3}) == Profile(topk=3)
+
+
+def test_split_sizes_and_unknown_profiles(tmp_path):
+    profile = load_profile("quick", ROOT)
+    assert [profile.split_size(s) for s in ("train", "transfer", "val", "test")] == [1600, 2000, 40, 40]
+    with pytest.raises(ValueError, match="split"):
+        profile.split_size("holdout")
+    with pytest.raises(ValueError, match="unknown profile 'nope'"):
+        load_profile("nope", _project(tmp_path, "seed: 0\n"))
+    with pytest.raises(ProfileError, match="mapping"):
+        load_profile("tiny", _project(tmp_path, "- a list\n"))
