@@ -22,9 +22,10 @@ $(STAMP): pyproject.toml
 reproduce: $(STAMP)
 	$(PY) -m lwcam.pipeline run --profile $(PROFILE)
 
-## The whole test suite: ruff, unit tests and the notebooks under nbval (quick profile).
+## The whole test suite: ruff, mypy, unit tests and every >>> example, then the notebooks under nbval (quick profile).
 test: $(STAMP)
 	$(PY) -m ruff check lwcam tests benchmarks
+	$(PY) -m mypy
 	$(PY) -m pytest -q --doctest-modules lwcam tests
 	$(PY) -m pytest -q --nbval-lax --nbval-current-env -p no:cacheprovider notebooks
 
