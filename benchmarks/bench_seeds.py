@@ -46,8 +46,8 @@ def one_seed(profile: Profile, seed: int, root: Path) -> dict[str, float]:
     paths = paths_for(profile, seed, root)
     paths.run.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    teacher, _ = pipeline.get_teacher(p, paths, progress=True)
-    student, summary = pipeline.get_student(p, paths, teacher, output="probs", progress=True)
+    teacher, _ = pipeline.get_teacher(p, paths)
+    student, summary = pipeline.get_student(p, paths, teacher, output="probs")
     test_x, test_y, test_m = pipeline.load_split(p, "test", paths)
     scorer = pipeline.make_blackbox(teacher, p, paths, cache=False, output="probs")
     images, masks = test_x[: p.n_eval], test_m[: p.n_eval]
