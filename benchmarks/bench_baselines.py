@@ -1,7 +1,8 @@
 """Seconds and black-box queries per explained image: lwcam against the baselines.
 
-A teacher (the black box, reachable only through ``lwcam.BlackBox``) and a student are built
-from torchvision with random weights (``weights=None``): the cost of an explanation does not
+A teacher (the black box, reachable only through ``lwcam.BlackBox``) and a student are built by
+``lwcam.models.build_model`` with random weights (by default the default profile's pair,
+``mobilenet_v2_s8`` and ``regnet_x_s8``): the cost of an explanation does not
 depend on what the networks learnt. The images are the embedded synthetic test images. The
 class explained is the black box's label, asked once beforehand and charged to no method.
 
@@ -41,7 +42,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -50,14 +50,15 @@ from benchmarks._report import add_common_args, machine, write_report  # noqa: E
 from lwcam import BlackBox  # noqa: E402
 from lwcam._utils import seed_everything  # noqa: E402
 from lwcam.data import get_dataset, load_tensors  # noqa: E402
+from lwcam.models import build_model  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n-images", type=int, default=4)
     p.add_argument("--size", type=int, default=64)
-    p.add_argument("--teacher", default="regnet_x_400mf", help="torchvision architecture of the black box")
-    p.add_argument("--student", default="shufflenet_v2_x1_0", help="torchvision architecture of the student")
+    p.add_argument("--teacher", default="mobilenet_v2_s8", help="the black box (a lwcam.models.build_model name)")
+    p.add_argument("--student", default="regnet_x_s8", help="the student (a lwcam.models.build_model name)")
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--rise-masks", type=int, default=4000)
     p.add_argument("--batch-size", type=int, default=256, help="RISE's and the raw bound's model batch size")
@@ -131,8 +132,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     torch.set_num_threads(args.threads)
     info = machine()
     seed_everything(args.seed)
-    teacher = getattr(torchvision.models, args.teacher)(weights=None, num_classes=args.num_classes).eval()
-    student = getattr(torchvision.models, args.student)(weights=None, num_classes=args.num_classes).eval()
+    teacher = build_model(args.teacher, args.num_classes).eval()
+    student = build_model(args.student, args.num_classes).eval()
     bb = BlackBox(teacher, num_classes=args.num_classes, batch_size=args.batch_size)
 
     ds = get_dataset("synthetic", split="test", image_size=args.size, n=args.n_images)

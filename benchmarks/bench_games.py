@@ -1,6 +1,7 @@
 """Deletion and insertion games at the forward-pass limit, and against torchcam.
 
-Side by side in one run, on one model (torchvision, ``weights=None``, 10 classes), the same images,
+Side by side in one run, on one model (``lwcam.models.build_model``, ``weights=None``, 10 classes; by
+default the default profile's black box ``mobilenet_v2_s8``), the same images,
 saliency maps and targets (the model's own labels), and the same model batch size:
 
 * ``raw``: the model's own batched inference under ``torch.inference_mode()``, on as many images, in
@@ -21,7 +22,7 @@ touches every side alike. Throughput is model images / seconds, summed over the 
   games, same config (torchcam timed on its subset, lwcam on every image).
 
 Usage:
-    python benchmarks/bench_games.py --model regnet_x_400mf --n-images 48 --threads 2
+    python benchmarks/bench_games.py --model mobilenet_v2_s8 --n-images 48 --threads 2
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-import torchvision
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -45,6 +45,7 @@ from benchmarks.torchcam_adapter import torchcam_games  # noqa: E402
 from lwcam import BlackBox  # noqa: E402
 from lwcam._utils import seed_everything  # noqa: E402
 from lwcam.metrics import deletion_game, gaussian_blur, insertion_game  # noqa: E402
+from lwcam.models import build_model  # noqa: E402
 
 # config -> (deletion substrate, insertion start, torchcam baselines: curve -> baseline)
 CONFIGS = {
@@ -70,7 +71,7 @@ class Counter(nn.Module):
 def build(args: argparse.Namespace) -> tuple[Counter, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The model, random images, smooth random saliency maps and the model's labels."""
     g = seed_everything(args.seed)
-    net = getattr(torchvision.models, args.model)(weights=None, num_classes=10).eval()
+    net = build_model(args.model, 10).eval()
     images = torch.randn(args.n_images, 3, args.size, args.size, generator=g)
     coarse = torch.rand(args.n_images, 1, max(args.size // 8, 1), max(args.size // 8, 1), generator=g)
     saliency = nn.functional.interpolate(coarse, size=(args.size, args.size), mode="bilinear",
@@ -177,7 +178,8 @@ def table(acc: dict, args: argparse.Namespace) -> pd.DataFrame:
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="regnet_x_400mf", help="torchvision architecture (weights=None, 10 classes)")
+    ap.add_argument("--model", default="mobilenet_v2_s8",
+                    help="a lwcam.models.build_model name (weights=None, 10 classes); default: the default black box")
     ap.add_argument("--n-images", type=int, default=48)
     ap.add_argument("--peer-images", type=int, default=12, help="images torchcam is timed on (a subset)")
     ap.add_argument("--size", type=int, default=64)
