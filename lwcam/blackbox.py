@@ -52,6 +52,13 @@ class TopK(NamedTuple):
     indices: torch.Tensor
 
 
+def _rows(images: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    """``images[idx]``; a run of consecutive rows is sliced, which keeps the memory format (``channels_last``)."""
+    if idx and idx[-1] - idx[0] == len(idx) - 1 and idx == list(range(idx[0], idx[-1] + 1)):
+        return images[idx[0] : idx[-1] + 1]
+    return images[idx]
+
+
 class BlackBoxError(RuntimeError):
     """The wrapped callable returned an invalid answer, failed, or kept failing."""
 
@@ -539,7 +546,7 @@ class BlackBox:
         starts = range(0, len(todo), self.batch_size)
         for s in track(starts, total=len(starts), desc="black-box queries", enabled=self.progress):
             idx = todo[s : s + self.batch_size]
-            answer = self._call_fn(images[idx].cpu() if not isinstance(self.fn, nn.Module) else images[idx])
+            answer = self._call_fn(_rows(images, idx) if isinstance(self.fn, nn.Module) else _rows(images, idx).cpu())
             result[idx] = answer
             if self.cache is not None:
                 self.cache.put_many([(keys[i], answer[j].numpy()) for j, i in enumerate(idx)])
