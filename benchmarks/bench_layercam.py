@@ -10,7 +10,7 @@ On the same batch, side by side (round-robin over repeats, median reported):
 Goals (reported, not asserted): a/c ≤ 1.2 and b/a ≥ L/1.5.
 
 Usage:
-    python benchmarks/bench_layercam.py --model shufflenet_v2_x1_0 resnet18 --batch 64 --size 64
+    python benchmarks/bench_layercam.py --model regnet_x_s8 shufflenet_v2_x1_0 --batch 64 --size 64
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._report import add_common_args, machine, write_report  # noqa: E402
 from lwcam._utils import seed_everything  # noqa: E402
 from lwcam.layercam import LayerwiseGradCAM, auto_layers  # noqa: E402
+from lwcam.models import build_model  # noqa: E402
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -41,7 +42,7 @@ def _timed(fn: Callable[[], object]) -> float:
 
 def bench_model(arch: str, batch: int, size: int, repeats: int, warmup: int, seed: int) -> dict[str, object]:
     gen = seed_everything(seed)
-    model = getattr(torchvision.models, arch)(weights=None, num_classes=10).eval()
+    model = build_model(arch, 10).eval()
     images = torch.randn(batch, 3, size, size, generator=gen)
     targets = torch.randint(0, 10, (batch,), generator=gen)
     names = auto_layers(model, size)
@@ -87,8 +88,9 @@ def bench_model(arch: str, batch: int, size: int, repeats: int, warmup: int, see
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", nargs="+", default=["shufflenet_v2_x1_0"],
-                   help="torchvision architecture(s), weights=None, 10 classes")
+    p.add_argument("--model", nargs="+", default=["regnet_x_s8", "shufflenet_v2_x1_0"],
+                   help="lwcam.models.build_model name(s), weights=None, 10 classes (default: the default and "
+                        "stride32 students)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=7)
