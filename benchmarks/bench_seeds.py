@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._report import add_common_args, machine, write_report  # noqa: E402
+from benchmarks._report import machine, write_report  # noqa: E402
 from lwcam import evaluation, pipeline  # noqa: E402
 from lwcam.models import evaluate_accuracy  # noqa: E402
 from lwcam.profiles import Profile  # noqa: E402
@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", default="default")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default=None, help="CSV path (default: reports/bench_seeds.csv)")
-    args = add_common_args(parser).parse_args(argv)
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    args = parser.parse_args(argv)
     if len(set(args.seeds)) < 3:
         raise SystemExit("--seeds: give at least 3 different seeds for a spread")
     torch.set_num_threads(args.threads)

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["check_images", "check_targets", "check_classes", "check_map"]
+__all__ = ["check_images", "check_targets", "check_classes", "check_map", "check_positive_int", "check_real"]
 
 
 def check_images(images: Any, channels: int | None = None, *, name: str = "images",
@@ -125,9 +126,11 @@ def check_classes(idx: torch.Tensor, num_classes: int | None, *, name: str = "ta
                          f"outside [0, {num_classes})")
 
 
-def check_map(values: Any, b: int, h: int, w: int, name: str = "saliency") -> torch.Tensor:
-    """Validate a (B,H,W) or (B,1,H,W) per-pixel map of B images of H×W; return it as (B,H,W), detached.
+def check_map(values: Any, b: int | None = None, h: int | None = None, w: int | None = None,
+              name: str = "saliency") -> torch.Tensor:
+    """Validate a (B,H,W) or (B,1,H,W) per-pixel map; return it as (B,H,W), detached.
 
+    ``b``, ``h``, ``w`` are the expected sizes; with all three ``None`` any (B,H,W) shape is taken.
     The dtype is kept (a bool mask stays bool); floating maps must be finite.
     """
     if isinstance(values, np.ndarray):
@@ -136,8 +139,30 @@ def check_map(values: Any, b: int, h: int, w: int, name: str = "saliency") -> to
         raise TypeError(f"{name} must be a torch.Tensor of shape (B,H,W), got {type(values).__name__}")
     if values.dim() == 4 and values.shape[1] == 1:
         values = values[:, 0]
-    if tuple(values.shape) != (b, h, w):
+    if b is None and h is None and w is None:
+        if values.dim() != 3:
+            raise ValueError(f"{name} must have shape (B,H,W) or (B,1,H,W), got {tuple(values.shape)}")
+    elif tuple(values.shape) != (b, h, w):
         raise ValueError(f"{name} must have shape (B,H,W)=({b},{h},{w}) or (B,1,H,W), got {tuple(values.shape)}")
     if values.is_floating_point() and not torch.isfinite(values).all():
         raise ValueError(f"{name} contains NaN or Inf")
     return values.detach()
+
+
+def check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
+    """``value`` when it is an int (not a bool) ``>= minimum``; ``ValueError`` naming ``name`` if not."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def check_real(value: Any, name: str, low: float, high: float = math.inf, *, low_open: bool = False,
+                high_open: bool = False) -> float:
+    """``value`` as a float when it is a finite real number in the interval; ``ValueError`` naming ``name`` if not."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    number = float(value)
+    if number < low or (low_open and number == low) or number > high or (high_open and number == high):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open or high == math.inf else ']'}"
+        raise ValueError(f"{name} must lie in {interval}, got {value!r}")
+    return number

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._checks import check_images
+from ._checks import check_images, check_positive_int, check_real
 from ._utils import eval_mode, track
 
 __all__ = ["BlackBox", "TopK", "BlackBoxError", "CacheError", "as_prob_fn", "module_fingerprint", "TRANSIENT_ERRORS"]
@@ -341,37 +341,22 @@ class BlackBox:
 
     @staticmethod
     def _check_outputs(num_classes: object, fn_returns: object, output: object, k: object) -> None:
-        def is_int(v: object) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        if not is_int(num_classes) or num_classes < 2:  # type: ignore[operator]
-            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+        n = check_positive_int(num_classes, "num_classes", minimum=2)
         if fn_returns not in ("auto", "probs", "logits"):
             raise ValueError(f"fn_returns must be 'auto', 'probs' or 'logits', got {fn_returns!r}")
         if output not in ("probs", "logits", "topk", "label"):
             raise ValueError(f"output must be 'probs', 'logits', 'topk' or 'label', got {output!r}")
-        if output == "topk" and (not is_int(k) or not 1 <= k <= num_classes):  # type: ignore[operator]
-            raise ValueError(f"k must be an int in [1, num_classes={num_classes}], got {k!r}")
+        if output == "topk" and (not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= n):
+            raise ValueError(f"k must be an int in [1, num_classes={n}], got {k!r}")
 
     @staticmethod
     def _check_limits(batch_size: object, retries: object, backoff: object, atol: object, channels: object,
                       cache_namespace: object, retry_on: object) -> None:
-        def is_int(v: object) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_real(v: object) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
-
-        if not is_int(batch_size) or batch_size < 1:  # type: ignore[operator]
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if not is_int(retries) or retries < 0:  # type: ignore[operator]
-            raise ValueError(f"retries must be a non-negative int, got {retries!r}")
-        if not is_real(backoff) or backoff < 0:  # type: ignore[operator]
-            raise ValueError(f"backoff must be a finite number of seconds >= 0, got {backoff!r}")
-        if not is_real(atol) or not 0 <= atol < 1:  # type: ignore[operator]
-            raise ValueError(f"atol must be a finite number in [0, 1), got {atol!r}")
-        if not is_int(channels) or channels < 1:  # type: ignore[operator]
-            raise ValueError(f"channels must be a positive int, got {channels!r}")
+        check_positive_int(batch_size, "batch_size")
+        check_positive_int(retries, "retries", minimum=0)
+        check_real(backoff, "backoff (seconds)", 0.0)
+        check_real(atol, "atol", 0.0, 1.0, high_open=True)
+        check_positive_int(channels, "channels")
         if cache_namespace is not None and (not isinstance(cache_namespace, str) or not cache_namespace):
             raise ValueError(f"cache_namespace must be a non-empty str or None, got {cache_namespace!r}")
         if not isinstance(retry_on, tuple) or not all(

@@ -90,6 +90,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import check_positive_int, check_real, check_targets
 from ._utils import atomic_save, eval_mode, progress_enabled, resolve_device, seed_everything, track
 from .blackbox import BlackBox, TopK, _row_problems
 from .models import build_model, classification_models
@@ -411,27 +412,7 @@ class _Dist:
             dist.destroy_process_group()
 
 
-
-
 # ----------------------------------------------------------------------------- argument checks
-def _check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
-def _check_real(value: Any, name: str, low: float, high: float = math.inf, *, low_open: bool = False,
-                high_open: bool = False) -> float:
-    """``value`` as a float when it is a finite real number in the interval; ``ValueError`` naming ``name`` if not."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    number = float(value)
-    if number < low or (low_open and number == low) or number > high or (high_open and number == high):
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open or high == math.inf else ']'}"
-        raise ValueError(f"{name} must lie in {interval}, got {value!r}")
-    return number
-
-
 def _check_augment(augment: Any) -> Augment:
     """``True``/``"default"``, ``"query"`` or ``False``/``None``/``"none"`` as one of :data:`Augment`."""
     if augment is True or augment == "default":
@@ -450,7 +431,7 @@ def _check_holdout(holdout: Any) -> None:
         if holdout < 0:
             raise ValueError(f"holdout must be >= 0, got {holdout}")
     else:
-        _check_real(holdout, "holdout as a fraction", 0.0, 1.0, high_open=True)
+        check_real(holdout, "holdout as a fraction", 0.0, 1.0, high_open=True)
 
 
 def _check_student(student: Any) -> None:
@@ -512,18 +493,18 @@ class DistillConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_real(self.temperature, "temperature", 0.0, low_open=True)
-        _check_positive_int(self.epochs, "epochs")
-        _check_positive_int(self.batch_size, "batch_size")
-        _check_positive_int(self.seed, "seed", minimum=0)
+        check_real(self.temperature, "temperature", 0.0, low_open=True)
+        check_positive_int(self.epochs, "epochs")
+        check_positive_int(self.batch_size, "batch_size")
+        check_positive_int(self.seed, "seed", minimum=0)
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
         self._resolved("lr")
         self._resolved("weight_decay")
-        _check_real(self.label_smoothing, "label_smoothing", 0.0, 1.0, high_open=True)
+        check_real(self.label_smoothing, "label_smoothing", 0.0, 1.0, high_open=True)
         _check_augment(self.augment)
         if self.query_budget is not None:
-            _check_positive_int(self.query_budget, "query_budget")
+            check_positive_int(self.query_budget, "query_budget")
         _check_holdout(self.holdout)
 
     def _resolved(self, name: Literal["lr", "weight_decay"]) -> float:
@@ -532,8 +513,8 @@ class DistillConfig:
         if value is None:
             value = _OPTIMISER_DEFAULTS[self.optimizer][name]
         if name == "lr":
-            return _check_real(value, "lr", 0.0, low_open=True)
-        return _check_real(value, "weight_decay", 0.0)
+            return check_real(value, "lr", 0.0, low_open=True)
+        return check_real(value, "weight_decay", 0.0)
 
     @property
     def peak_lr(self) -> float:
@@ -621,15 +602,12 @@ def _eval_labels(evals: _Images | None, eval_labels: Any, num_classes: int) -> t
         raise ValueError("eval_labels were given without eval_images")
     if evals is None:
         return None
-    labels = evals.labels_from_items() if eval_labels is None else torch.as_tensor(eval_labels).long()
+    labels = evals.labels_from_items() if eval_labels is None else eval_labels
     if labels is None:
         return None
-    if labels.shape != (evals.n,):
-        raise ValueError(f"eval_labels must have shape ({evals.n},), got {tuple(labels.shape)}")
-    if labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(f"eval_labels must lie in [0, {num_classes}), got values in "
-                         f"[{int(labels.min())}, {int(labels.max())}]")
-    return labels
+    if isinstance(labels, numbers.Integral) or getattr(labels, "ndim", 1) == 0:
+        raise ValueError(f"eval_labels must be one label per eval image, shape ({evals.n},), got a single value")
+    return check_targets(labels, evals.n, num_classes, name="eval_labels")
 
 
 def _make_plan(blackbox: BlackBox, transfer_images: Any, eval_images: Any, eval_labels: Any,
@@ -646,10 +624,7 @@ def _make_plan(blackbox: BlackBox, transfer_images: Any, eval_images: Any, eval_
 # ----------------------------------------------------------------------------- helpers
 def _build_student(name: str, num_classes: int) -> nn.Module:
     """A torchvision classification architecture with random weights, auxiliary heads removed."""
-    if name not in classification_models():
-        raise ValueError(f"student={name!r} is not a torchvision classification model; pass an nn.Module or "
-                         f"one of torchvision.models.list_models(module=torchvision.models), e.g. 'resnet18'")
-    model = build_model(name, num_classes=num_classes, weights=None)
+    model = build_model(name, num_classes=num_classes, weights=None)  # the name was checked by _check_student
     if getattr(model, "aux_logits", False):  # inception_v3 / googlenet: train on the main head only
         cast(Any, model).aux_logits = False
         for attr in ("AuxLogits", "aux1", "aux2"):
@@ -896,12 +871,6 @@ class DistillCheckpoint:
         _check_content(raw, path, plan=plan, epochs=epochs, atol=atol)
         entries: dict[str, Any] = {f.name: raw.get(f.name) for f in fields(cls)}
         return cls(**entries)
-
-    @classmethod
-    def load(cls, path: Path, *, fingerprint: dict[str, Any], plan: _Plan, epochs: int,
-             atol: float) -> DistillCheckpoint:
-        """:meth:`read` then :meth:`from_dict`."""
-        return cls.from_dict(cls.read(path), path, fingerprint=fingerprint, plan=plan, epochs=epochs, atol=atol)
 
     def restore(self, model: nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
                 order_gen: torch.Generator, aug_gen: torch.Generator, ctx: _Dist) -> None:

@@ -479,16 +479,8 @@ def insertion_game(model: Model, images: torch.Tensor, saliency: torch.Tensor, t
 
 # --------------------------------------------------------------------------- ground truth
 def _check_pair(saliency: object, masks: object) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(saliency, np.ndarray):
-        saliency = torch.from_numpy(saliency)
-    if not isinstance(saliency, torch.Tensor):
-        raise TypeError(f"saliency must be a torch.Tensor of shape (B,H,W), got {type(saliency).__name__}")
-    if saliency.dim() == 4 and saliency.shape[1] == 1:
-        saliency = saliency[:, 0]
-    if saliency.dim() != 3:
-        raise ValueError(f"saliency must have shape (B,H,W) or (B,1,H,W), got {tuple(saliency.shape)}")
-    b, h, w = saliency.shape
-    sal = check_map(saliency, b, h, w)
+    sal = check_map(saliency)
+    b, h, w = sal.shape
     m = check_map(masks, b, h, w, name="masks")
     if m.dtype != torch.bool:
         if not ((m == 0) | (m == 1)).all():

@@ -33,6 +33,7 @@ from torch import nn
 from torchvision.models.regnet import BlockParams, RegNet
 from torchvision.ops.misc import Conv2dNormActivation
 
+from ._checks import check_positive_int, check_real
 from ._utils import atomic_save, eval_mode, resolve_device, seed_everything, track
 
 __all__ = [
@@ -312,15 +313,12 @@ def _check_teacher_arguments(images: torch.Tensor, labels: torch.Tensor, *, epoc
     if images.ndim != 4 or len(images) != len(labels):
         raise ValueError(f"images must be (N,3,H,W) matching labels (N,), got {tuple(images.shape)} and "
                          f"{tuple(labels.shape)}")
-    if epochs < 1 or batch_size < 1:
-        raise ValueError(f"epochs and batch_size must be positive, got {epochs}, {batch_size}")
-    for name, value in (("lr", lr), ("weight_decay", weight_decay), ("label_smoothing", label_smoothing),
-                        ("pixel_dropout", pixel_dropout)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    if not lr > 0 or not label_smoothing < 1 or not pixel_dropout <= 1:
-        raise ValueError(f"need lr > 0, label_smoothing < 1 and pixel_dropout <= 1; got lr={lr}, "
-                         f"label_smoothing={label_smoothing}, pixel_dropout={pixel_dropout}")
+    check_positive_int(epochs, "epochs")
+    check_positive_int(batch_size, "batch_size")
+    check_real(lr, "lr", 0.0, low_open=True)
+    check_real(weight_decay, "weight_decay", 0.0)
+    check_real(label_smoothing, "label_smoothing", 0.0, 1.0, high_open=True)
+    check_real(pixel_dropout, "pixel_dropout", 0.0, 1.0)
 
 
 @dataclass

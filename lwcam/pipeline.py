@@ -421,7 +421,7 @@ def run(profile: str = "default", only: list[str] | None = None, root: str | os.
         os.environ["LWCAM_NOTEBOOK"] = name  # the kernel inherits it: stage() labels its rows with it
         try:
             pm.execute_notebook(str(src), str(out_dir / f"{name}.ipynb"), parameters=_notebook_parameters(params, src),
-                                cwd=str(base / "notebooks"), log_output=log_output, progress=False,
+                                cwd=str(base / "notebooks"), log_output=log_output, progress_bar=False,
                                 kernel_name="python3")
         finally:
             os.environ.pop("LWCAM_NOTEBOOK", None)
