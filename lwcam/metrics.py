@@ -355,11 +355,35 @@ def _checked_probs(prob_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
 def _play(kind: Literal["deletion", "insertion"], model: Model, images: torch.Tensor, saliency: torch.Tensor,
           targets: Targets, *, step: int | None, canvas: Canvas, blur_kernel: int, blur_sigma: float,
           batch_size: int, progress: bool | None) -> GameResult:
+    return _play_targets(kind, model, images, saliency, [targets], step=step, canvas=canvas, blur_kernel=blur_kernel,
+                         blur_sigma=blur_sigma, batch_size=batch_size, progress=progress)[0]
+
+
+def _play_targets(kind: Literal["deletion", "insertion"], model: Model, images: torch.Tensor, saliency: torch.Tensor,
+                  target_sets: Sequence[Targets], *, step: int | None, canvas: Canvas, blur_kernel: int,
+                  blur_sigma: float, batch_size: int, progress: bool | None,
+                  names: Sequence[str] | None = None) -> list[GameResult]:
+    """One game (one ordering, one set of step images) scored for each entry of ``target_sets``.
+
+    Every step image is sent to the model once; the answer is read at each target set's classes,
+    giving one :class:`GameResult` per entry (all with the same ``queries``, counted once per image).
+    With a single target set the result is exactly that of :func:`deletion_game` / :func:`insertion_game`.
+    ``names`` label the target sets in the checks' error messages (default ``"targets"``).
+
+    Example:
+        >>> probs = lambda x: torch.stack([x.mean((1, 2, 3)), 1 - x.mean((1, 2, 3))], 1)
+        >>> a, b = _play_targets("deletion", probs, torch.ones(1, 3, 1, 2), torch.rand(1, 1, 2), [0, 1], step=1,
+        ...                      canvas="zeros", blur_kernel=11, blur_sigma=5.0, batch_size=8, progress=False)
+        >>> a.curves.tolist(), b.curves.tolist()
+        ([[1.0, 0.5, 0.0]], [[0.0, 0.5, 1.0]])
+    """
     images = check_images(images)
     b, c, h, w = images.shape
     sal = check_map(saliency, b, h, w)
     num_classes: int | None = model.num_classes if isinstance(model, BlackBox) else None
-    tgt = check_targets(targets, b, num_classes)
+    labels = list(names) if names is not None else ["targets"] * len(target_sets)
+    tgts = [check_targets(t, b, num_classes, name=n) for t, n in zip(target_sets, labels, strict=True)]
+    tgt_all = torch.cat(tgts)
     step = _check_step(step, w)
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -379,24 +403,25 @@ def _play(kind: Literal["deletion", "insertion"], model: Model, images: torch.Te
     counts_d = counts.to(device)
     start_flat = start.reshape(b, c, hw)
     finish_flat = finish.reshape(b, c, hw)
-    tgt_d = tgt.to(device)
+    tgt_d = torch.stack(tgts, dim=1).to(device)  # (B, K)
 
     total = b * n_points
-    scores = torch.empty(total, dtype=torch.float32)
+    scores = torch.empty(len(tgts), total, dtype=torch.float32)
     before = model.queries if isinstance(model, BlackBox) else None
     chunks = range(0, total, batch_size)
     for lo in track(chunks, total=len(chunks), desc=f"{kind} game", enabled=progress):
         hi = min(lo + batch_size, total)
         x = _step_images(lo, hi, n_points, ranks, counts_d, start_flat, finish_flat).view(hi - lo, c, h, w)
         img = torch.arange(lo, hi, device=device) // n_points
-        probs, num_classes = _checked_probs(prob_fn, x, model, tgt, num_classes)
-        got = probs.gather(1, tgt_d[img].to(probs.device).unsqueeze(1)).squeeze(1)
-        scores[lo:hi] = got.detach().to("cpu", torch.float32)
+        probs, num_classes = _checked_probs(prob_fn, x, model, tgt_all, num_classes)
+        for k in range(len(tgts)):
+            got = probs.gather(1, tgt_d[img, k].to(probs.device).unsqueeze(1)).squeeze(1)
+            scores[k, lo:hi] = got.detach().to("cpu", torch.float32)
 
-    curves = scores.view(b, n_points)
     spent = None if not isinstance(model, BlackBox) or before is None else int(model.queries - before)
-    return GameResult(kind=kind, curves=curves, auc=game_auc(curves), fractions=fractions, queries=total,
-                      step=step, targets=tgt, canvas=desc, blackbox_queries=spent)
+    return [GameResult(kind=kind, curves=scores[k].view(b, n_points), auc=game_auc(scores[k].view(b, n_points)),
+                       fractions=fractions, queries=total, step=step, targets=tgt, canvas=desc,
+                       blackbox_queries=spent) for k, tgt in enumerate(tgts)]
 
 
 # --------------------------------------------------------------------------- games
