@@ -26,7 +26,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -243,8 +243,10 @@ class BlackBox:
       :class:`BlackBoxError` naming the row and what is wrong; it is not retried.
     * Errors from ``fn``: only transient ones (``OSError``, which includes ``ConnectionError`` and
       ``TimeoutError``, plus the classes in ``retry_on``) are retried, ``retries`` times with
-      exponential back-off. Any other error (a ``TypeError``, ``ValueError``, ``RuntimeError``...)
-      is raised at once as a :class:`BlackBoxError` that quotes the original message.
+      exponential back-off, waiting at least an error's ``retry_after`` seconds (a server's
+      ``Retry-After``, see :mod:`lwcam.remote`); ``retried`` counts them. Any other error (a
+      ``TypeError``, ``ValueError``, ``RuntimeError``...) is raised at once as a
+      :class:`BlackBoxError` that quotes the original message.
     * Cache: rows read back are checked exactly like fresh answers. A damaged row is reported with a
       ``RuntimeWarning`` naming the file and key, deleted, and asked again (one query). A file that is
       not a usable SQLite database raises :class:`CacheError` naming it. The cache is safe to share
@@ -272,7 +274,9 @@ class BlackBox:
         cache_namespace: names the model in the cache, so that different models can share one
             ``cache_dir``. The key always includes ``num_classes``, ``fn_returns``, ``output`` and
             ``k``; for an ``nn.Module`` it also includes a fingerprint of its weights (see
-            :func:`module_fingerprint`, taken when the black box is built), so it may be omitted.
+            :func:`module_fingerprint`, taken when the black box is built), so it may be omitted. A
+            module on a faster engine (:func:`lwcam.fast.accelerate`) carries the same fingerprint, so
+            it shares the module's cached answers.
             A plain callable cannot be fingerprinted: with ``cache_dir`` it needs a
             ``cache_namespace`` (``ValueError`` otherwise).
         retry_on: further exception classes that are transient for this ``fn``.
@@ -282,6 +286,7 @@ class BlackBox:
         queries: the number of images sent to ``fn`` and answered. Cache hits are free.
         cache_hits: the number of images answered from the cache.
         calls: the number of successful calls to ``fn``.
+        retried: the number of times a transient failure of ``fn`` was retried.
 
     Example:
         >>> bb = BlackBox(lambda x: torch.full((x.shape[0], 3), 1 / 3), num_classes=3, output="label")
@@ -325,6 +330,7 @@ class BlackBox:
         self.queries = 0
         self.cache_hits = 0
         self.calls = 0
+        self.retried = 0
         self._setup_locks()
         self.cache = _Cache(cache_dir, self._namespace(cache_namespace)) if cache_dir is not None else None
         if self.cache is not None:
@@ -369,8 +375,11 @@ class BlackBox:
         if self.output == "topk":
             parts.append(f"k={self.k}")
         fn = self.fn
+        accelerated = getattr(fn, "weights_fingerprint", None)  # a module on a faster engine (lwcam.fast)
         if isinstance(fn, nn.Module) and len(fn.state_dict()) > 0:
             parts.insert(0, f"weights={module_fingerprint(fn)}")
+        elif isinstance(accelerated, str):
+            parts.insert(0, f"weights={accelerated}")
         elif given is None:
             raise ValueError(
                 "cache_namespace is required with cache_dir when fn is a plain callable (or a module without "
@@ -394,17 +403,36 @@ class BlackBox:
         self._setup_locks()
 
     # ------------------------------------------------------------------ public
+    @classmethod
+    def from_endpoint(cls, url: str, model_name: str, num_classes: int, **options: Any) -> BlackBox:
+        """A black box for a model behind an Open Inference Protocol (KServe v2) server at ``url``.
+
+        The model's metadata are read and checked before any query; ``options`` are those of
+        :func:`lwcam.remote.endpoint_blackbox` (``image_size``, ``max_batch_size``, ``timeout``,
+        ``retries``, ``rate_limit``, ``cache_dir``, ``output``...).
+
+        Example (nothing listens on port 9 of loopback, so the error comes at construction):
+            >>> BlackBox.from_endpoint("http://127.0.0.1:9", "resnet", num_classes=10)
+            Traceback (most recent call last):
+            ...
+            lwcam.remote.EndpointError: cannot reach http://127.0.0.1:9/v2/models/resnet: ...
+        """
+        from .remote import endpoint_blackbox
+
+        return endpoint_blackbox(url, model_name, num_classes, **options)
+
     def __call__(self, images: torch.Tensor) -> torch.Tensor | TopK:
         """Answer a batch of images (B,C,H,W) as the ``output`` mode allows."""
         probs_or_logits = self._answer(images)
         return self._expose(probs_or_logits)
 
     def reset_queries(self) -> None:
-        """Zero the query, cache-hit and call counters."""
+        """Zero the query, cache-hit, call and retry counters."""
         with self._lock:
             self.queries = 0
             self.cache_hits = 0
             self.calls = 0
+            self.retried = 0
 
     @property
     def device(self) -> torch.device:
@@ -460,8 +488,10 @@ class BlackBox:
                 out = self._invoke(batch)
             except retryable as err:  # transient: back off and retry
                 last = err
-                if attempt < self.retries:
-                    time.sleep(self.backoff * (2**attempt))
+                if attempt < self.retries:  # at least the wait the error asks for (an HTTP Retry-After)
+                    with self._lock:
+                        self.retried += 1
+                    time.sleep(max(self.backoff * (2**attempt), float(getattr(err, "retry_after", 0.0))))
                 continue
             except Exception as err:
                 names = ", ".join(e.__name__ for e in retryable)
