@@ -798,7 +798,7 @@ def _answers_problem(answers: Any, output: str, num_classes: int, n: int, atol: 
 
 #: The entries a resumed run takes from a checkpoint file; a file without one of them is damaged.
 _CHECKPOINT_NEEDS = ("epoch", "student", "optimizer", "scheduler", "order_rng", "aug_rng", "torch_rng", "history",
-                     "answers", "eval_answers", "queries", "seconds")
+                     "answers", "eval_answers", "queries", "seconds", "holdout_indices", "train_indices")
 
 
 def _mine(states: list[torch.Tensor], rank: int, world: int) -> torch.Tensor:
@@ -815,12 +815,12 @@ class DistillCheckpoint:
     and scheduler states, every random state (the data-order and augmentation generators, and torch's
     CPU and CUDA generators of every rank), the history, the black box's answers (so a resumed run never
     asks again), the queries paid, the wall time so far, the hold-out split and the ``fingerprint`` of
-    the arguments (:meth:`DistillConfig.fingerprint`), which a resumed run must match.
+    the arguments (:meth:`DistillConfig.fingerprint`, which holds the epoch count). A resumed run must
+    match the fingerprint and draw the same hold-out and training indices (``ValueError`` otherwise).
     """
 
     fingerprint: dict[str, Any]
     epoch: int
-    epochs: int | None
     student: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
@@ -833,8 +833,8 @@ class DistillCheckpoint:
     eval_answers: dict[str, torch.Tensor] | None
     queries: int
     seconds: float
-    holdout_indices: torch.Tensor | None
-    train_indices: torch.Tensor | None
+    holdout_indices: torch.Tensor
+    train_indices: torch.Tensor
 
     def to_dict(self) -> dict[str, Any]:
         """The plain dict that is written to the file (tensors, numbers, strings: ``weights_only``-safe)."""
@@ -859,9 +859,10 @@ class DistillCheckpoint:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], path: Path | None, *, fingerprint: dict[str, Any], plan: _Plan,
-                  epochs: int, atol: float) -> DistillCheckpoint:
-        """Check ``raw`` against the run's ``fingerprint`` (``ValueError`` listing what differs), then
-        validate what a resumed run takes from it (``ValueError`` naming the file and the damage)."""
+                  epochs: int, atol: float, split: tuple[torch.Tensor, torch.Tensor]) -> DistillCheckpoint:
+        """Check ``raw`` against the run's ``fingerprint`` (``ValueError`` listing what differs), validate
+        what a resumed run takes from it (``ValueError`` naming the file and the damage), then check that
+        it was written with the run's ``split`` (hold-out and training indices; ``ValueError`` if not)."""
         old = raw.get("fingerprint", {})
         diff = [f"{k}: {old.get(k)!r} != {v!r}" for k, v in fingerprint.items() if old.get(k) != v]
         if diff:
@@ -869,6 +870,7 @@ class DistillCheckpoint:
                              f"({'; '.join(diff)[:800]}); pass resume=False to start afresh or use another "
                              f"checkpoint_dir")
         _check_content(raw, path, plan=plan, epochs=epochs, atol=atol)
+        _check_split(raw, path, split)
         entries: dict[str, Any] = {f.name: raw.get(f.name) for f in fields(cls)}
         return cls(**entries)
 
@@ -891,6 +893,20 @@ class DistillCheckpoint:
 
 def _damaged(path: Path | None, what: str) -> ValueError:
     return ValueError(f"the checkpoint {path} is damaged: {what}; delete it or pass resume=False to start afresh")
+
+
+def _check_split(ckpt: dict[str, Any], path: Path | None, split: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """``ValueError`` unless the checkpoint's hold-out and training indices are the run's ``split``.
+
+    The split is a seeded draw (:func:`_split`); a run that draws another one (other arguments slipped past
+    the fingerprint, another torch version's random stream) would train on images it measures agreement on.
+    """
+    for name, mine in zip(("holdout_indices", "train_indices"), split, strict=True):
+        theirs = ckpt[name]
+        if not isinstance(theirs, torch.Tensor) or not torch.equal(theirs.to(mine.dtype), mine):
+            raise ValueError(f"the checkpoint {path} was written with other {name} than this run draws (a different "
+                             f"hold-out split of the transfer images); pass resume=False to start afresh or use "
+                             f"another checkpoint_dir")
 
 
 def _check_content(ckpt: dict[str, Any], path: Path | None, *, plan: _Plan, epochs: int, atol: float) -> None:
@@ -1035,12 +1051,13 @@ def _prepare_student(student: str | nn.Module, plan: _Plan, seed: int,
 
 
 def _resume_point(ctx: _Dist, path: Path | None, resume: bool, fingerprint: dict[str, Any], plan: _Plan,
-                  epochs: int, atol: float) -> DistillCheckpoint | None:
+                  epochs: int, atol: float, split: tuple[torch.Tensor, torch.Tensor]) -> DistillCheckpoint | None:
     """The checkpoint to continue from: read on rank 0, checked on every rank; ``None`` to start afresh."""
     raw = ctx.rank0(lambda: DistillCheckpoint.read(path) if path is not None and resume and path.exists() else None)
     if raw is None:
         return None
-    return DistillCheckpoint.from_dict(raw, path, fingerprint=fingerprint, plan=plan, epochs=epochs, atol=atol)
+    return DistillCheckpoint.from_dict(raw, path, fingerprint=fingerprint, plan=plan, epochs=epochs, atol=atol,
+                                       split=split)
 
 
 def _save(tr: _Training, epoch: int) -> None:
@@ -1053,7 +1070,7 @@ def _save(tr: _Training, epoch: int) -> None:
     if ctx.rank != 0:
         return
     DistillCheckpoint(
-        fingerprint=tr.fingerprint, epoch=epoch, epochs=tr.config.epochs,
+        fingerprint=tr.fingerprint, epoch=epoch,
         student={k: v.detach().cpu() for k, v in tr.model.state_dict().items()},
         optimizer=tr.opt.state_dict(), scheduler=tr.sched.state_dict(),
         order_rng=tr.order_gen.get_state(), aug_rng=tr.aug_gen.get_state(), torch_rng=rngs, cuda_rng=cuda_rngs,
@@ -1069,7 +1086,8 @@ def _setup(blackbox: BlackBox, student: str | nn.Module, config: DistillConfig, 
     model, name, init_hash, frozen = _prepare_student(student, plan, config.seed, ctx.device)
     fingerprint = config.fingerprint(plan, name, init_hash)
     ckpt_path = ckpt_dir / CHECKPOINT_NAME if ckpt_dir is not None else None
-    ckpt = _resume_point(ctx, ckpt_path, resume, fingerprint, plan, config.epochs, blackbox.atol)
+    ckpt = _resume_point(ctx, ckpt_path, resume, fingerprint, plan, config.epochs, blackbox.atol,
+                         (holdout_idx, train_idx))
     if ckpt is not None:
         answers, eval_answers, spent = ckpt.answers, ckpt.eval_answers, int(ckpt.queries)
     else:  # asked once, on rank 0, then broadcast

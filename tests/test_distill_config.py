@@ -83,3 +83,19 @@ def test_fingerprint_result_config_and_checkpoint_round_trip(tmp_path: Path) -> 
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="junk.pt cannot be read"):
         DistillCheckpoint.read(tmp_path / "junk.pt")
+
+
+def test_a_resumed_run_whose_split_differs_raises(tmp_path: Path) -> None:
+    """The checkpoint's hold-out and training indices are read back: a run that draws another split cannot resume."""
+    torch.set_num_threads(1)
+    x, _ = make_images(32, seed=1)
+    kw = {"epochs": 1, "batch_size": 16, "optimizer": "sgd", "holdout": 8, "seed": 3, "progress": False}
+    distill(make_blackbox("probs"), x, student=make_student(0), checkpoint_dir=tmp_path, **kw)
+    path = tmp_path / CHECKPOINT_NAME
+    raw = DistillCheckpoint.read(path)
+    assert len(raw["holdout_indices"]) == 8 and len(raw["train_indices"]) == 24 and "epochs" not in raw
+    distill(make_blackbox("probs"), x, student=make_student(0), checkpoint_dir=tmp_path, **kw)  # same split: resumes
+    raw["holdout_indices"], raw["train_indices"] = raw["train_indices"][:8], raw["holdout_indices"]
+    DistillCheckpoint(**raw).save(path)
+    with pytest.raises(ValueError, match="other holdout_indices than this run draws"):
+        distill(make_blackbox("probs"), x, student=make_student(0), checkpoint_dir=tmp_path, **kw)
