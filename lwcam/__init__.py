@@ -6,10 +6,13 @@ The four steps, each one module:
 2. :mod:`lwcam.layercam`: a class activation map (Grad-CAM or LayerCAM weighting) on every layer of
    the student in one forward/backward pass.
 3. :mod:`lwcam.fusion`: fuse the layer maps pixel-wise (sum, max, or per-layer weights).
-4. :mod:`lwcam.metrics` and :mod:`lwcam.baselines`: deletion/insertion games on the black box.
+4. :mod:`lwcam.metrics` and :mod:`lwcam.baselines`: deletion/insertion games on the black box;
+   :mod:`lwcam.measures`: the scorecard's other measures (class-conflict localisation, ROAD,
+   randomisation, robustness, sparseness).
 
 :mod:`lwcam.evaluation` runs every method and scores it, :mod:`lwcam.analysis` makes the paper's
-tables (T1, the fusion chosen on ``val``, the claims, F6, F7), :mod:`lwcam.profiles` declares a
+tables (T1, the fusion chosen on ``val``, the claims, F6, F7), :mod:`lwcam.scorecard` the scorecard
+on class-conflict scenes (T4, F8), :mod:`lwcam.profiles` declares a
 run's settings, and :mod:`lwcam.pipeline` runs the notebooks with cached artefacts and timings.
 """
 
@@ -42,7 +45,7 @@ def __getattr__(name: str) -> Any:  # lazy: importing lwcam stays cheap
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     if name in ("data", "models", "baselines", "plots", "pipeline", "profiles", "metrics", "fusion", "layercam",
-                "distillation", "evaluation", "analysis", "blackbox"):
+                "distillation", "evaluation", "analysis", "blackbox", "measures", "scorecard"):
         return importlib.import_module(f"lwcam.{name}")
     raise AttributeError(f"module 'lwcam' has no attribute {name!r}")
 

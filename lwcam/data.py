@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import functools
 import io
+import multiprocessing
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,7 @@ import torchvision.datasets as tvd
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ._checks import check_positive_int
 from ._utils import atomic_write_bytes, track
 
 __all__ = [
@@ -55,6 +58,11 @@ __all__ = [
     "MEAN",
     "STD",
     "SyntheticTextures",
+    "CONFLICT_OFFSET",
+    "ConflictScenes",
+    "conflict_classes",
+    "render_conflict",
+    "object_area_fractions",
     "ImageFolderWithMasks",
     "CUB200",
     "get_dataset",
@@ -62,6 +70,8 @@ __all__ = [
     "denormalize",
     "load_tensors",
     "render_synthetic",
+    "render_arrays",
+    "RENDER_CHUNK",
 ]
 
 SPLITS = ("train", "transfer", "val", "test")
@@ -229,8 +239,14 @@ def _background(size: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def render_synthetic(seed: int, split: str, index: int, image_size: int = 64, num_classes: int = 10,
-                     n_distractors: tuple[int, int] = (1, 2)) -> tuple[np.ndarray, int, np.ndarray]:
-    """Render one synthetic image: a pure function of ``(seed, split, index)`` and the sizes.
+                     n_distractors: tuple[int, int] = (1, 2), *, label: int | None = None
+                     ) -> tuple[np.ndarray, int, np.ndarray]:
+    """Render one synthetic image: a pure function of ``(seed, split, index)``, the sizes and ``label``.
+
+    ``label`` forces the object's class (``None``: the image's own class). The background, the
+    distractors and the object's silhouette, position and scale are drawn from the same stream
+    either way, so a forced class changes the object's texture (and, for classes whose texture
+    draws random numbers, its colours).
 
     Returns:
         ``(image, label, mask)``: float32 RGB (H,W,3) in [0,1], the class index, bool mask (H,W).
@@ -241,9 +257,13 @@ def render_synthetic(seed: int, split: str, index: int, image_size: int = 64, nu
         raise ValueError(f"num_classes must be in [2, {len(CLASS_NAMES)}], got {num_classes}")
     if image_size < 16:
         raise ValueError(f"image_size must be >= 16, got {image_size}")
+    if label is not None and (isinstance(label, bool) or not isinstance(label, int | np.integer)
+                              or not 0 <= label < num_classes):
+        raise ValueError(f"label must be None or an int in [0, {num_classes}), got {label!r}")
     rng = np.random.default_rng([seed, _SPLIT_IDS[split], index, 7919])
     size = image_size
-    label = int(rng.integers(num_classes))
+    own = int(rng.integers(num_classes))  # drawn either way: a forced label leaves the stream alone
+    label = own if label is None else int(label)
     img = _background(size, rng)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     unit = size / 64.0  # geometry scales with the image
@@ -282,6 +302,62 @@ def render_synthetic(seed: int, split: str, index: int, image_size: int = 64, nu
     img = img + rng.normal(0, 0.02, size=img.shape).astype(np.float32)  # sensor noise
     mask = alpha >= 0.5
     return np.clip(img, 0, 1).astype(np.float32), label, mask
+
+
+#: Images per task of the parallel renderer: a smooth progress bar, and a negligible cost per task.
+RENDER_CHUNK = 200
+
+RenderFn = Callable[[int], tuple[np.ndarray, Any, np.ndarray]]
+
+
+def _render_block(render: RenderFn, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Items ``lo .. hi - 1`` of ``render`` as stacked uint8 images, int64 labels and bool masks."""
+    items = [render(i) for i in range(lo, hi)]
+    images = np.stack([np.round(img * 255).astype(np.uint8) for img, _, _ in items])
+    labels = np.array([label for _, label, _ in items], dtype=np.int64)
+    return images, labels, np.stack([mask for _, _, mask in items]).astype(bool)
+
+
+def _render_workers(n: int, workers: int | None) -> int:
+    """``workers`` if given; else one process per CPU this process may use (one for fewer than two chunks)."""
+    if workers is not None:
+        return check_positive_int(workers, "workers")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cpus, n // RENDER_CHUNK))
+
+
+def render_arrays(render: RenderFn, n: int, *, desc: str = "render", progress: bool | None = None,
+                  workers: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Render items ``0 .. n - 1`` in index order as uint8 images, int64 labels and bool masks.
+
+    ``render(i)`` returns ``(float image in [0, 1], label, mask)`` and must be a pure function of ``i``
+    (picklable, e.g. a ``functools.partial`` of :func:`render_synthetic`). Chunks of
+    :data:`RENDER_CHUNK` items go to ``workers`` processes (default: one per usable CPU), forked
+    where the platform can; the result is byte for byte what one process renders.
+
+    Example:
+        >>> render = functools.partial(render_synthetic, 0, "val", image_size=16, num_classes=4)
+        >>> images, labels, masks = render_arrays(render, 3, workers=1)
+        >>> images.shape, images.dtype, labels.tolist() == [render(i)[1] for i in range(3)], masks.shape
+        ((3, 16, 16, 3), dtype('uint8'), True, (3, 16, 16))
+    """
+    k = _render_workers(n, workers)
+    starts = list(range(0, n, RENDER_CHUNK))
+    stops = [min(lo + RENDER_CHUNK, n) for lo in starts]
+    if k == 1:
+        return _join((_render_block(render, lo, hi) for lo, hi in zip(starts, stops, strict=True)), len(starts),
+                     desc, progress)
+    _backgrounds()  # loaded once, here: forked workers inherit it
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    with ProcessPoolExecutor(max_workers=k, mp_context=ctx) as pool:
+        return _join(pool.map(_render_block, [render] * len(starts), starts, stops), len(starts), desc, progress)
+
+
+def _join(blocks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], total: int, desc: str,
+          progress: bool | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    parts = list(track(blocks, total=total, desc=desc, enabled=progress))
+    images, labels, masks = (np.concatenate([p[j] for p in parts]) for j in range(3))
+    return images, labels, masks
 
 
 class SyntheticTextures(Dataset):
@@ -340,8 +416,12 @@ class SyntheticTextures(Dataset):
             f"synthetic_v3_s{self.seed}_{self.split}_n{self.n}_{self.image_size}px_c{self.num_classes}.npz"
         )
 
-    def arrays(self, progress: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Render (or load) the whole split: uint8 images (N,H,W,3), int64 labels, bool masks."""
+    def arrays(self, progress: bool | None = None, workers: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Render (or load) the whole split: uint8 images (N,H,W,3), int64 labels, bool masks.
+
+        Rendering runs on ``workers`` processes (default: one per usable CPU; see :func:`render_arrays`).
+        """
         if self._arrays is not None:
             return self._arrays
         path = self._cache_file()
@@ -349,14 +429,10 @@ class SyntheticTextures(Dataset):
             with np.load(path) as z:
                 self._arrays = (z["images"], z["labels"], z["masks"])
             return self._arrays
-        s = self.image_size
-        images = np.empty((self.n, s, s, 3), dtype=np.uint8)
-        labels = np.empty(self.n, dtype=np.int64)
-        masks = np.empty((self.n, s, s), dtype=bool)
-        for i in track(range(self.n), total=self.n, desc=f"render {self.split}", enabled=progress):
-            img, lab, m = self._render(i)
-            images[i] = np.round(img * 255).astype(np.uint8)
-            labels[i], masks[i] = lab, m
+        render = functools.partial(render_synthetic, self.seed, self.split, image_size=self.image_size,
+                                   num_classes=self.num_classes)
+        images, labels, masks = render_arrays(render, self.n, desc=f"render {self.split}", progress=progress,
+                                              workers=workers)
         self._arrays = (images, labels, masks)
         if path is not None:
             buf = io.BytesIO()
@@ -392,6 +468,163 @@ class SyntheticTextures(Dataset):
         if self.transform is not None:
             x = torch.stack([self.transform(xi) for xi in x])
         return x, torch.from_numpy(labels), torch.from_numpy(masks)
+
+
+# ------------------------------------------------------------------ class-conflict scenes
+#: The halves of conflict scene ``i`` are rendered at indices ``CONFLICT_OFFSET + 2i`` and ``+ 2i + 1`` of
+#: its split: far beyond every split's single-object images, so no half repeats one of them.
+CONFLICT_OFFSET = 10_000_000
+
+
+def conflict_classes(seed: int, split: str, index: int, first: int, num_classes: int = 10) -> tuple[int, bool]:
+    """The second class of conflict scene ``index`` and whether its halves swap sides.
+
+    The second class is uniform over the classes other than ``first``, so the two always differ.
+
+    Example:
+        >>> second, swap = conflict_classes(0, "test", 3, first=2, num_classes=4)
+        >>> second != 2, second in range(4), isinstance(swap, bool)
+        (True, True, True)
+    """
+    if split not in _SPLIT_IDS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if not 0 <= first < num_classes:
+        raise ValueError(f"first must be in [0, {num_classes}), got {first!r}")
+    rng = np.random.default_rng([seed, _SPLIT_IDS[split], index, 104729])
+    second = (first + 1 + int(rng.integers(num_classes - 1))) % num_classes
+    return second, bool(rng.random() < 0.5)
+
+
+def render_conflict(seed: int, split: str, index: int, image_size: int = 64, num_classes: int = 10
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Render one class-conflict scene: two single-object images of different classes side by side.
+
+    The scene is ``image_size × 2·image_size`` (the grid pointing game's layout, Böhle et al. 2022).
+    Object ``a`` is the class of the first half as rendered; object ``b`` is the second half rendered
+    with a forced class (:func:`conflict_classes`), so the classes differ; the halves swap sides at
+    random. Each half keeps its own distractors. A pure function of ``(seed, split, index)`` and the sizes.
+
+    Returns:
+        ``(image, labels, masks)``: float32 RGB (H,2H,3) in [0,1], int64 ``(2,)`` classes ``(a, b)``,
+        bool ``(2,H,2H)`` masks of object ``a`` and object ``b`` (disjoint).
+
+    Example:
+        >>> image, labels, masks = render_conflict(0, "test", 0, image_size=32, num_classes=4)
+        >>> image.shape, masks.shape, bool(labels[0] != labels[1]), bool((masks[0] & masks[1]).any())
+        ((32, 64, 3), (2, 32, 64), True, False)
+    """
+    img_a, lab_a, m_a = render_synthetic(seed, split, CONFLICT_OFFSET + 2 * index, image_size, num_classes)
+    lab_b, swap = conflict_classes(seed, split, index, lab_a, num_classes)
+    img_b, _, m_b = render_synthetic(seed, split, CONFLICT_OFFSET + 2 * index + 1, image_size, num_classes,
+                                     label=lab_b)
+    empty = np.zeros_like(m_a)
+    if swap:
+        image = np.concatenate([img_b, img_a], axis=1)
+        masks = np.stack([np.concatenate([empty, m_a], axis=1), np.concatenate([m_b, empty], axis=1)])
+    else:
+        image = np.concatenate([img_a, img_b], axis=1)
+        masks = np.stack([np.concatenate([m_a, empty], axis=1), np.concatenate([empty, m_b], axis=1)])
+    return image, np.array([lab_a, lab_b], dtype=np.int64), masks
+
+
+class ConflictScenes(Dataset):
+    """Class-conflict scenes of the embedded data set: two objects of different classes, one per half.
+
+    Items are ``(image (3,H,2H), labels (2,), masks (2,H,2H))``: the normalised scene, the classes
+    of object ``a`` and object ``b``, and their masks. See :func:`render_conflict`.
+
+    Args:
+        split: the split the halves are drawn from (``"val"`` for selection, ``"test"`` for T4).
+        n: number of scenes.
+        image_size: side H of each half (the scene is H × 2H).
+        num_classes: number of texture classes (2..10).
+        seed: data seed; every scene is a pure function of ``(seed, split, index)``.
+        cache_dir: optional folder where the rendered scenes are kept as one ``.npz`` file.
+
+    Example:
+        >>> images, labels, masks = ConflictScenes("val", n=2, image_size=32, num_classes=4).tensors()
+        >>> tuple(images.shape), tuple(labels.shape), tuple(masks.shape)
+        ((2, 3, 32, 64), (2, 2), (2, 2, 32, 64))
+    """
+
+    mean = SYNTHETIC_MEAN
+    std = SYNTHETIC_STD
+
+    def __init__(self, split: str = "test", n: int = 100, image_size: int = 64, num_classes: int = 10, seed: int = 0,
+                 cache_dir: str | os.PathLike | None = None) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        if not 2 <= num_classes <= len(CLASS_NAMES):
+            raise ValueError(f"num_classes must be in [2, {len(CLASS_NAMES)}], got {num_classes}")
+        self.split, self.n, self.image_size, self.num_classes, self.seed = split, n, image_size, num_classes, seed
+        self.classes = list(CLASS_NAMES[:num_classes])
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self._arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _cache_file(self) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        return self.cache_dir / (
+            f"conflict_v1_s{self.seed}_{self.split}_n{self.n}_{self.image_size}px_c{self.num_classes}.npz")
+
+    def arrays(self, progress: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Render (or load) every scene: uint8 images (n,H,2H,3), int64 labels (n,2), bool masks (n,2,H,2H)."""
+        if self._arrays is not None:
+            return self._arrays
+        path = self._cache_file()
+        if path is not None and path.exists():
+            with np.load(path) as z:
+                self._arrays = (z["images"], z["labels"], z["masks"])
+            return self._arrays
+        s = self.image_size
+        images = np.empty((self.n, s, 2 * s, 3), dtype=np.uint8)
+        labels = np.empty((self.n, 2), dtype=np.int64)
+        masks = np.empty((self.n, 2, s, 2 * s), dtype=bool)
+        for i in track(range(self.n), total=self.n, desc=f"render {self.split} conflict scenes", enabled=progress):
+            img, labels[i], masks[i] = render_conflict(self.seed, self.split, i, s, self.num_classes)
+            images[i] = np.round(img * 255).astype(np.uint8)
+        self._arrays = (images, labels, masks)
+        if path is not None:
+            buf = io.BytesIO()
+            np.savez(buf, images=images, labels=labels, masks=masks)
+            atomic_write_bytes(buf.getvalue(), path)
+        return self._arrays
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not -self.n <= index < self.n:
+            raise IndexError(f"index {index} out of range for {self.n} scenes")
+        images, labels, masks = self.arrays()
+        index %= self.n
+        return self._normalise(images[index : index + 1])[0], torch.from_numpy(labels[index]), \
+            torch.from_numpy(masks[index])
+
+    def _normalise(self, images_u8: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(images_u8)).permute(0, 3, 1, 2).float().div_(255.0)
+        return (x - torch.tensor(self.mean).view(3, 1, 1)) / torch.tensor(self.std).view(3, 1, 1)
+
+    def tensors(self, progress: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every scene as ``(images (n,3,H,2H) normalised, labels (n,2), masks (n,2,H,2H))``."""
+        images, labels, masks = self.arrays(progress)
+        return self._normalise(images), torch.from_numpy(labels), torch.from_numpy(masks)
+
+
+def object_area_fractions(masks: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Each object's mask area as a fraction of its image: ``(..., H, W)`` masks -> ``(...)`` floats.
+
+    Example:
+        >>> m = np.zeros((1, 2, 4, 8), dtype=bool); m[0, 0, :2, :2] = True
+        >>> object_area_fractions(m).tolist()
+        [[0.125, 0.0]]
+    """
+    arr = masks.numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks)
+    if arr.ndim < 2:
+        raise ValueError(f"masks must have shape (..., H, W), got {arr.shape}")
+    return arr.reshape(*arr.shape[:-2], -1).astype(np.float64).mean(axis=-1)
 
 
 # ----------------------------------------------------------------------- real data sets

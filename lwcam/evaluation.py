@@ -184,10 +184,15 @@ def score_methods(blackbox: Any, images: torch.Tensor, targets: torch.Tensor, ma
 
 
 def summarize(per_image: pd.DataFrame, runs: Mapping[str, MethodRun], *, n_boot: int = 10000,
-              seed: int = 0) -> pd.DataFrame:
-    """T3-style table: per method the mean of each metric with its 95% bootstrap CI, time and queries."""
+              seed: int = 0, metrics: Sequence[str] | None = None) -> pd.DataFrame:
+    """T3-style table: per method the mean of each metric with its 95% bootstrap CI, time and queries.
+
+    ``metrics`` names the columns of ``per_image`` to summarise (default T3's: deletion and
+    insertion AUC, pointing and mass, those present).
+    """
     rows = []
-    metrics = [m for m in ("deletion_auc", "insertion_auc", "pointing", "mass") if m in per_image]
+    if metrics is None:
+        metrics = [m for m in ("deletion_auc", "insertion_auc", "pointing", "mass") if m in per_image]
     for name, run in runs.items():
         sub = per_image[per_image["method"] == name]
         row: dict[str, Any] = {"method": name, "label": run.label, "access": run.access, "n_images": len(sub)}

@@ -31,12 +31,12 @@ from pathlib import Path
 from typing import Any, cast
 
 import pandas as pd
-import papermill as pm
 import torch
 
 from .blackbox import BlackBox, Output
-from .data import SyntheticTextures, get_dataset, load_tensors
+from .data import ConflictScenes, SyntheticTextures, get_dataset, load_tensors
 from .distillation import DistillResult, distill
+from .fast import FastForward, accelerate
 from .models import build_model, load_checkpoint, predict_logits, save_checkpoint, train_teacher
 from .plots import save_figure as _save_png
 from .profiles import KEYS as PROFILE_KEYS
@@ -52,6 +52,10 @@ __all__ = [
     "load_split",
     "get_teacher",
     "make_blackbox",
+    "make_scene_blackbox",
+    "load_conflict",
+    "fusion_selection",
+    "accelerated",
     "collect_params",
     "get_student",
     "load_snapshots",
@@ -68,7 +72,7 @@ __all__ = [
     "main",
 ]
 
-NOTEBOOKS = ("01_distill", "02_explain", "03_layer_importance", "04_deletion_game")
+NOTEBOOKS = ("01_distill", "02_explain", "03_layer_importance", "04_deletion_game", "05_scorecard")
 
 
 def load_profile(name: str, root: str | os.PathLike | None = None) -> Profile:
@@ -194,18 +198,103 @@ def get_teacher(params: Mapping[str, Any], paths: RunPaths,
 
 def make_blackbox(teacher: torch.nn.Module, params: Mapping[str, Any], paths: RunPaths, output: str | None = None,
                   cache: bool = True) -> BlackBox:
-    """Wrap the teacher as a :class:`~lwcam.blackbox.BlackBox` with the profile's output mode and cache."""
+    """Wrap the teacher as a :class:`~lwcam.blackbox.BlackBox` with the profile's output mode and cache.
+
+    With the profile's ``fast_forward`` the teacher answers through :func:`accelerated` (the same
+    answers within 1e-5 in probability, and the same answer-cache namespace). With the profile's
+    ``black_box_url`` every query goes to that inference server instead (``teacher`` is not asked).
+    """
     p = as_profile(params)
     mode = output or p.blackbox_output
+    if p.black_box_url is not None:
+        from .remote import split_model_url  # here: httpx is imported only when a server is used
+
+        url, name = split_model_url(p.black_box_url)
+        return BlackBox.from_endpoint(url, name, p.num_classes, image_size=p.image_size, output=cast(Output, mode),
+                                      k=p.topk, max_batch_size=p.blackbox_batch_size,
+                                      cache_dir=paths.answers if cache else None)
     return BlackBox(
-        teacher,
+        accelerated(teacher, p, paths) if p.fast_forward else teacher,
         num_classes=p.num_classes,
+        fn_returns="logits",
         output=cast(Output, mode),
         k=p.topk,
         batch_size=p.blackbox_batch_size,
         cache_dir=paths.answers if cache else None,
         cache_namespace=f"{p.teacher}-seed{p.seed}-{mode}",
     )
+
+
+def accelerated(module: torch.nn.Module, params: Mapping[str, Any], paths: RunPaths | None,
+                role: str = "black box", image_shape: tuple[int, int, int] | None = None) -> FastForward:
+    """``module`` on the fastest engine of :func:`lwcam.fast.accelerate` for images of ``image_shape`` (default
+    the profile's ``(3, image_size, image_size)``), set up once per module, weights and shape in a process; the
+    set-up's wall time goes to the run's stage log as ``fast forward set-up: <role> (<engine>)``."""
+    p = as_profile(params)
+    fast = accelerate(module, image_shape or (3, p.image_size, p.image_size), reuse=True)
+    if not fast.reused and paths is not None:
+        record_stage(f"fast forward set-up: {role} ({fast.engine})", fast.setup_seconds, paths)
+    return fast
+
+
+def make_scene_blackbox(teacher: torch.nn.Module, params: Mapping[str, Any], paths: RunPaths | None,
+                        image_shape: tuple[int, int, int], output: str | None = None) -> BlackBox:
+    """:func:`make_blackbox` (no answer cache) for images of ``image_shape``, e.g. the 64×128 conflict scenes.
+
+    With ``fast_forward`` the engine is set up for that shape (its set-up time is logged when ``paths``
+    is given).
+    """
+    p = as_profile(params)
+    if p.black_box_url is not None:
+        return make_blackbox(teacher, p, cast(RunPaths, paths), output=output, cache=False)
+    fn: Any = teacher
+    if p.fast_forward:
+        fn = accelerated(teacher, p, paths, role=f"black box at {image_shape[1]}x{image_shape[2]}",
+                         image_shape=image_shape)
+    mode = cast(Output, output or p.blackbox_output)
+    return BlackBox(fn, num_classes=p.num_classes, fn_returns="logits", output=mode, k=p.topk,
+                    batch_size=p.blackbox_batch_size)
+
+
+def load_conflict(params: Mapping[str, Any], split: str, paths: RunPaths | None, n: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``n`` class-conflict scenes of a split (:class:`~lwcam.data.ConflictScenes`).
+
+    Returns ``(images (n,3,H,2H), labels (n,2), masks (n,2,H,2H))``.
+    """
+    p = as_profile(params)
+    if p.dataset != "synthetic":
+        raise ValueError(f"class-conflict scenes exist for the synthetic data set only, not {p.dataset!r}")
+    ds = ConflictScenes(split=split, n=n, image_size=p.image_size, num_classes=p.num_classes, seed=p.data_seed,
+                        cache_dir=paths.data_cache if paths is not None else None)
+    with stage(f"data: {split} conflict scenes ({n}, rendered or read from the cache)", paths):
+        return ds.tensors()
+
+
+def fusion_selection(params: Mapping[str, Any], paths: RunPaths, student: torch.nn.Module, scorer: Any,
+                     progress: bool | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """:func:`lwcam.analysis.select_fusion` on the profile's first ``n_fusion_val`` ``val`` images, cached.
+
+    The table and the chosen setting are kept in the run folder, keyed by the profile keys that
+    determine them, so notebooks 04 and 05 pay for the selection once.
+    """
+    from .analysis import select_fusion  # here: analysis imports the baselines, which pipeline does not need
+
+    p = as_profile(params)
+    key = p.fingerprint(TEACHER_KEYS + STUDENT_KEYS + ("n_fusion_val",))
+    table_path, meta_path = paths.run / "fusion_selection.csv", paths.run / "fusion_selection.json"
+    if table_path.exists() and meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("fingerprint") == key:
+            return pd.read_csv(table_path, keep_default_na=False), meta["chosen"]
+    val_x, _, _ = load_split(p, "val", paths)
+    val_x = val_x[: p.n_fusion_val]
+    with stage("fusion selection on val (every grid setting)", paths):
+        table, chosen = select_fusion(student, scorer, val_x, blackbox_labels(scorer, val_x), seed=p.seed,
+                                      progress=progress)
+    table.to_csv(table_path, index=False)
+    meta_path.write_text(json.dumps({"fingerprint": key, "chosen": chosen}, indent=2) + "\n")
+    return table, chosen
 
 
 def collect_params(namespace: Mapping[str, Any]) -> Profile:
@@ -218,24 +307,30 @@ def collect_params(namespace: Mapping[str, Any]) -> Profile:
 
 
 def get_student(params: Mapping[str, Any], paths: RunPaths, teacher: torch.nn.Module, output: str | None = None,
-                progress: bool | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+                progress: bool | None = None, seed: int | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Load the distilled student for a black-box ``output`` mode, distilling it first if needed.
 
     The student sees only the black box's answers on the ``transfer`` split (plus the ``test``
     split's answers, for the held-out fidelity that T1 reports). Its checkpoint and a JSON
     summary (history, fidelity, queries, seconds) are kept in the run folder.
+
+    ``seed`` (default the profile's) distils another student from the same black box with that
+    seed; it is cached separately (``student_<output>_seed<seed>``) and keeps no per-epoch students.
     """
     p = as_profile(params)
     mode = output or p.blackbox_output
-    ckpt = paths.run / f"student_{mode}.pt"
-    summary_path = paths.run / f"student_{mode}.json"
+    tag = ""
+    if seed is not None and seed != p.seed:
+        p, tag = p.replace(seed=seed), f"_seed{seed}"
+    ckpt = paths.run / f"student_{mode}{tag}.pt"
+    summary_path = paths.run / f"student_{mode}{tag}.json"
     fingerprint = p.fingerprint(TEACHER_KEYS + STUDENT_KEYS)
     if ckpt.exists() and summary_path.exists():
         summary = json.loads(summary_path.read_text())
         if summary.get("fingerprint") == fingerprint:
             model, _ = load_checkpoint(ckpt)
             return model, summary
-    result = _distill(p, paths, teacher, mode, fingerprint, progress)
+    result = _distill(p, paths, teacher, mode, fingerprint, progress, keep_epochs=not tag)
     save_checkpoint(result.student, ckpt, arch=p.student, num_classes=p.num_classes, output=mode, seed=p.seed)
     summary = {
         "fingerprint": fingerprint,
@@ -252,8 +347,8 @@ def get_student(params: Mapping[str, Any], paths: RunPaths, teacher: torch.nn.Mo
 
 
 def _distill(p: Profile, paths: RunPaths, teacher: torch.nn.Module, output: str, fingerprint: str,
-             progress: bool | None) -> DistillResult:
-    """Distil a student from the teacher's ``output`` answers, keeping the student of every epoch."""
+             progress: bool | None, keep_epochs: bool = True) -> DistillResult:
+    """Distil a student from the teacher's ``output`` answers, keeping the student of every epoch (``keep_epochs``)."""
     transfer, _, _ = load_split(p, "transfer", paths)
     test_x, test_y, _ = load_split(p, "test", paths)
     # no persistent answer cache here: distillation keeps its answers in its own checkpoint, and
@@ -263,7 +358,7 @@ def _distill(p: Profile, paths: RunPaths, teacher: torch.nn.Module, output: str,
     ckpt_dir = paths.run / f"distill_{output}_{hashlib.sha256(fingerprint.encode()).hexdigest()[:12]}"
     snapshots = paths.snapshots(output)
     snapshots.mkdir(parents=True, exist_ok=True)
-    if not ckpt_dir.exists():
+    if keep_epochs and not ckpt_dir.exists():
         for old in snapshots.glob("epoch_*.pt"):
             old.unlink()
 
@@ -271,12 +366,12 @@ def _distill(p: Profile, paths: RunPaths, teacher: torch.nn.Module, output: str,
         save_checkpoint(model, snapshots / f"epoch_{epoch:03d}.pt", arch=p.student, num_classes=p.num_classes,
                         output=output, epoch=epoch)
 
-    with stage(f"distillation ({output}, {p.student})", paths):
+    with stage(f"distillation ({output}, {p.student}, seed {p.seed})", paths):
         return distill(
             bb, transfer, student=p.student, temperature=p.temperature, epochs=p.distill_epochs,
             batch_size=p.distill_batch_size, query_budget=p.query_budget, holdout=p.holdout,
             eval_images=test_x, eval_labels=test_y, seed=p.seed,
-            checkpoint_dir=ckpt_dir, progress=progress, on_epoch_end=keep,
+            checkpoint_dir=ckpt_dir, progress=progress, on_epoch_end=keep if keep_epochs else None,
         )
 
 
@@ -390,19 +485,38 @@ def save_figure(fig: Any, figure_id: str, paths: RunPaths, dpi: int = 120) -> Pa
 
 
 def _notebook_parameters(profile: Profile, notebook: Path) -> dict[str, Any]:
-    """What papermill injects: every key of the notebook's ``parameters`` cell, and any other key off its default.
+    """What papermill injects: every key of the profile (each notebook's ``parameters`` cell declares them all)."""
+    import papermill as pm  # here, not at the top: a notebook kernel importing lwcam.pipeline pays ~2 s less
 
-    A key the ``parameters`` cell does not set takes its declared default in the notebook
-    (:func:`collect_params`), so it is passed only when the profile changes it.
+    missing = [k for k in PROFILE_KEYS if k not in pm.inspect_notebook(str(notebook))]
+    if missing:
+        raise ValueError(f"the parameters cell of {notebook.name} does not declare {missing}")
+    return profile.to_dict()
+
+
+def _merge_timings(table: pd.DataFrame, paths: RunPaths) -> pd.DataFrame:
+    """``table`` plus the rows of notebooks it does not hold from the saved timings (a run of some notebooks).
+
+    Each row keeps the commit it was measured at; the ``(total)`` row is summed anew over the notebooks.
     """
-    declared = set(pm.inspect_notebook(str(notebook)))
-    changed = profile.non_defaults()
-    return {k: v for k, v in profile.to_dict().items() if k in declared or k in changed}
+    saved = paths.reports / "timings.csv"
+    if not saved.exists():
+        return table
+    old = pd.read_csv(saved)
+    keep = old[~old["notebook"].isin(set(table["notebook"]) | {"(all)"})]
+    merged = pd.concat([keep, table[table["notebook"] != "(all)"]], ignore_index=True)
+    order = {nb: i for i, nb in enumerate(NOTEBOOKS)}
+    merged = merged.sort_values("notebook", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
+    total = table[table["notebook"] == "(all)"].copy()
+    total["seconds"] = round(float(merged.loc[merged["stage"] == "(whole notebook)", "seconds"].sum()), 1)
+    return pd.concat([merged, total], ignore_index=True)
 
 
 def run(profile: str = "default", only: list[str] | None = None, root: str | os.PathLike | None = None,
         log_output: bool = False) -> list[Path]:
     """Execute the notebooks with papermill for ``profile``; executed copies go to ``runs/<profile>/notebooks``."""
+    import papermill as pm  # here, not at the top (see _notebook_parameters)
+
     base = project_root(root)
     params = load_profile(profile, base)
     names = list(NOTEBOOKS) if not only else list(only)
@@ -430,7 +544,7 @@ def run(profile: str = "default", only: list[str] | None = None, root: str | os.
               flush=True)
         done.append(out_dir / f"{name}.ipynb")
     table = timings_table(paths, timings, params)
-    save_table(table, "timings", paths)
+    save_table(_merge_timings(table, paths) if only else table, "timings", paths)
     print(f"[lwcam] timings -> {paths.rel(paths.reports / 'timings.csv')}", flush=True)
     return done
 

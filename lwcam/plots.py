@@ -1,4 +1,4 @@
-"""Figures: saliency overlays (F2, F3) and deletion/insertion curves (F5).
+"""Figures: saliency overlays (F2, F3), deletion/insertion curves (F5) and the scorecard's heat map (F8).
 
 Only matplotlib's object API is used (``matplotlib.figure.Figure``, no pyplot state), so every
 function works on a headless machine. Images are passed in the model's normalised input space
@@ -49,6 +49,7 @@ __all__ = [
     "plot_layer_importance",
     "plot_query_tradeoff",
     "plot_quality_vs_fidelity",
+    "plot_scorecard",
     "save_figure",
     "COLORBAR_LABEL",
     "DISAGREE_LABEL",
@@ -500,6 +501,47 @@ def plot_quality_vs_fidelity(table: Any, reference: Mapping[str, float], referen
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, frameon=False)
     fig.suptitle("explanation quality against the student's fidelity (numbers: distillation epoch)", fontsize=9)
+    return fig
+
+
+F8_TITLE = "each method's rank per measure (colour; 1 = best) and its mean (number), T4"
+
+
+def plot_scorecard(ranks: Any, values: Any, higher_is_better: Mapping[str, bool] | None = None,
+                   title: str = F8_TITLE) -> Figure:
+    """F8: which method wins where, as a heat map of ranks (rows methods, columns measures) annotated with the values.
+
+    Args:
+        ranks: DataFrame (methods × measures) of ranks, 1 = best (e.g. :func:`lwcam.scorecard.rank_table`).
+        values: DataFrame of the same shape: the values written in the cells.
+        higher_is_better: column -> direction; the column labels get ↑ (higher is better) or ↓.
+        title: the figure's title.
+
+    Returns:
+        The figure (one heat map, a colour bar of the rank).
+
+    Example:
+        >>> import pandas as pd
+        >>> r = pd.DataFrame({"a": [1.0, 2.0], "b": [2.0, 1.0]}, index=["m1", "m2"])
+        >>> len(plot_scorecard(r, r * 0.1, {"a": True, "b": False}).axes)  # the map and its colour bar
+        2
+    """
+    import seaborn as sns  # here: only F8 needs it
+
+    arrows = {c: f"{c} {'↑' if up else '↓'}" for c, up in (higher_is_better or {}).items()}
+    shown = ranks.rename(columns=arrows)
+    text = values.map(lambda v: f"{float(v):.2f}" if np.isfinite(float(v)) else "–").to_numpy()
+    n_rows, n_cols = shown.shape
+    fig = Figure(figsize=(1.0 + 0.95 * n_cols, 1.2 + 0.42 * n_rows), layout="constrained")
+    ax = fig.subplots()
+    sns.heatmap(shown, ax=ax, annot=text, fmt="", cmap="RdYlGn_r", vmin=1, vmax=max(2, n_rows), linewidths=0.5,
+                linecolor="white", annot_kws={"fontsize": 7.5}, cbar_kws={"label": "rank (1 = best)", "shrink": 0.6})
+    ax.set_xlabel("")
+    ax.set_ylabel("")
+    ax.xaxis.tick_top()
+    ax.set_xticks(ax.get_xticks(), shown.columns, rotation=35, ha="left", fontsize=8)
+    ax.set_yticks(ax.get_yticks(), shown.index, rotation=0, fontsize=8)
+    ax.set_title(title, fontsize=9, pad=8)
     return fig
 
 

@@ -87,6 +87,12 @@ class Profile(Mapping[str, Any]):
                                 choices=("probs", "logits", "topk", "label"))
     topk: int = _key(5, "k of a topk black box")
     blackbox_batch_size: int = _key(256, "images per call to the black box")
+    fast_forward: bool = _key(
+        True, "run the black box's forward passes, and Score-CAM's on the student, on the fastest engine of "
+        "lwcam.fast (ONNX Runtime), checked equal to eager within 1e-5 in probability; set-up time is logged")
+    black_box_url: str | None = _key(
+        None, "the black box behind an inference server, http://HOST:PORT/v2/models/NAME (as `lwcam serve` "
+        "prints it): every black-box query goes there; null: the teacher in process")
     # distillation
     student: str = _key("regnet_x_s8", "white-box student architecture, a lwcam.models name")
     temperature: float = _key(4.0, "distillation temperature (soft-label outputs)")
@@ -106,6 +112,15 @@ class Profile(Mapping[str, Any]):
     n_fusion_val: int = _key(100, "val images on which the fusion is selected")
     n_tradeoff: int = _key(20, "images of the RISE query trade-off (F6)")
     lime_samples: int = _key(500, "perturbed samples per image of LIME")
+    # the scorecard (T4, F8): class-conflict scenes, each explained once per object class
+    n_conflict: int = _key(30, "test class-conflict scenes explained by every cheap method (T4, F8)")
+    n_conflict_blackbox: int = _key(6, "of those, the scenes explained by RISE, LIME, occlusion and Score-CAM")
+    n_road: int = _key(4, "of those, the scenes whose maps ROAD scores (noisy linear imputation, MoRF and LeRF)")
+    n_randomisation: int = _key(2, "of those, the scenes of the cascading parameter randomisation check")
+    randomisation_steps: int = _key(3, "steps of the randomisation cascade: the top layer, then the rest in equal runs")
+    n_robustness: int = _key(2, "of those, the scenes of max-sensitivity and of the two-run rank correlation")
+    robustness_samples: int = _key(3, "noise samples per scene of max-sensitivity")
+    second_seed: int = _key(1, "seed of the second student (same black box) and of seeded methods' second run")
 
     def __post_init__(self) -> None:
         hints = _type_hints()

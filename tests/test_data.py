@@ -198,3 +198,18 @@ def test_fgvc_aircraft_layout(tmp_path):
     assert len(ds) == 2
     x, y, m = ds[1]
     assert x.shape == (3, 24, 24) and y == 1 and not m.any()
+
+
+def test_parallel_rendering_gives_the_same_bytes_as_one_process(monkeypatch):
+    """Rendering on two processes, in chunks, gives byte for byte what one process (and the per-image loop) gives."""
+    monkeypatch.setattr(data, "RENDER_CHUNK", 7)  # several chunks, the last one short
+    one = SyntheticTextures("val", n=23, image_size=32, num_classes=5, seed=3).arrays(workers=1)
+    two = SyntheticTextures("val", n=23, image_size=32, num_classes=5, seed=3).arrays(workers=2)
+    loop = [render_synthetic(3, "val", i, 32, 5) for i in range(23)]
+    expected = (np.stack([np.round(img * 255).astype(np.uint8) for img, _, _ in loop]),
+                np.array([label for _, label, _ in loop], dtype=np.int64), np.stack([m for _, _, m in loop]))
+    for a, b, c in zip(one, two, expected, strict=True):
+        assert a.dtype == b.dtype == c.dtype and a.shape == b.shape == c.shape
+        assert _digest(a) == _digest(b) == _digest(c)
+    with pytest.raises(ValueError, match="workers"):
+        SyntheticTextures("val", n=2, image_size=32).arrays(workers=0)

@@ -18,7 +18,7 @@ PROFILES = sorted(p.stem for p in (ROOT / "params").glob("*.yaml"))
 # The keys of committed artefacts (runs/<profile>/teacher.pt, student_*.json, distill_*_<hash>/): they
 # must not change when the code that computes them does.
 TEACHER_FINGERPRINT = {
-    "default": '{"data_seed": 0, "dataset": "synthetic", "image_size": 64, "n_train": 12000, "n_val": 1000, '
+    "paper": '{"data_seed": 0, "dataset": "synthetic", "image_size": 64, "n_train": 12000, "n_val": 1000, '
                '"num_classes": 10, "seed": 0, "teacher": "mobilenet_v2_s8", "teacher_batch_size": 64, '
                '"teacher_epochs": 8, "teacher_lr": 0.004, "teacher_pixel_dropout": 0.5, "teacher_weights": null}',
     "quick": '{"data_seed": 0, "dataset": "synthetic", "image_size": 64, "n_train": 1600, "n_val": 40, '
@@ -26,7 +26,7 @@ TEACHER_FINGERPRINT = {
              '"teacher_epochs": 3, "teacher_lr": 0.004, "teacher_pixel_dropout": 0.5, "teacher_weights": null}',
 }
 STUDENT_FINGERPRINT = {
-    "default": '{"data_seed": 0, "dataset": "synthetic", "distill_batch_size": null, "distill_epochs": 6, '
+    "paper": '{"data_seed": 0, "dataset": "synthetic", "distill_batch_size": null, "distill_epochs": 6, '
                '"holdout": null, "image_size": 64, "n_test": 1000, "n_train": 12000, "n_transfer": 18000, '
                '"n_val": 1000, "num_classes": 10, "query_budget": 20000, "seed": 0, "student": "regnet_x_s8", '
                '"teacher": "mobilenet_v2_s8", "teacher_batch_size": 64, "teacher_epochs": 8, "teacher_lr": 0.004, '
@@ -164,3 +164,25 @@ def test_split_sizes_and_unknown_profiles(tmp_path):
         load_profile("nope", _project(tmp_path, "seed: 0\n"))
     with pytest.raises(ProfileError, match="mapping"):
         load_profile("tiny", _project(tmp_path, "- a list\n"))
+
+
+@pytest.mark.parametrize("notebook", sorted((ROOT / "notebooks").glob("0*.ipynb")), ids=lambda p: p.stem)
+def test_every_parameters_cell_declares_the_quick_profile(notebook):
+    """Each notebook's parameters cell sets every profile key to its quick value (papermill overrides them all)."""
+    quick = load_profile("quick", ROOT).to_dict()
+    declared = {k: v["default"] for k, v in papermill.inspect_notebook(str(notebook)).items()}
+    assert set(declared) == set(quick)
+    assert {k: eval(v) for k, v in declared.items()} == quick  # noqa: S307 (literals of a committed notebook)
+
+
+def test_a_run_of_some_notebooks_keeps_the_others_timings(tmp_path):
+    (tmp_path / "pyproject.toml").touch()
+    (tmp_path / "params").mkdir()
+    paths = pipeline.RunPaths.for_profile("quick", tmp_path)
+    first = pipeline.timings_table(paths, {"01_distill": 10.0, "02_explain": 2.0}, Profile())
+    pipeline.save_table(first, "timings", paths)
+    again = pipeline.timings_table(paths, {"02_explain": 3.0}, Profile())
+    merged = pipeline._merge_timings(again, paths)
+    whole = merged[merged["stage"] == "(whole notebook)"].set_index("notebook")["seconds"]
+    assert whole.to_dict() == {"01_distill": 10.0, "02_explain": 3.0}
+    assert merged.iloc[-1]["stage"] == "(total)" and merged.iloc[-1]["seconds"] == 13.0

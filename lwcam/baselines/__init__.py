@@ -56,7 +56,7 @@ from .lime import lime, superpixels
 from .meaningful_perturbation import meaningful_perturbation
 from .occlusion import occlusion, occlusion_queries
 from .registry import LWCAM_LABEL, METHODS, Access, Explanation, Method, explain
-from .rise import rise, rise_masks
+from .rise import rise, rise_classes, rise_masks
 from .scorecam import scorecam
 from .simple import center_saliency, mask_saliency, random_saliency
 
@@ -86,4 +86,5 @@ __all__ = [
     "superpixels",
     "occlusion_queries",
     "rise_masks",
+    "rise_classes",
 ]

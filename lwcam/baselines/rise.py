@@ -13,7 +13,9 @@ from ..blackbox import BlackBox
 from ..metrics import _evaluation_prob_fn
 from ._base import Targets, finish, generator, require_blackbox
 
-__all__ = ["rise", "rise_masks"]
+__all__ = ["rise", "rise_classes", "rise_masks"]
+
+Grid = int | tuple[int, int]
 
 
 class _MaskBank:
@@ -23,15 +25,16 @@ class _MaskBank:
     shifts are drawn once, the masks do not depend on the chunk size.
     """
 
-    def __init__(self, n_masks: int, size: tuple[int, int], grid_size: int, p_keep: float, seed: int) -> None:
+    def __init__(self, n_masks: int, size: tuple[int, int], grid_size: Grid, p_keep: float, seed: int) -> None:
         g = generator(seed)
         h, w = size
+        gh, gw = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
         self.size = size
         self.n = n_masks
         self.grid_size = grid_size
-        self.cell = (math.ceil(h / grid_size), math.ceil(w / grid_size))
-        self.up = ((grid_size + 1) * self.cell[0], (grid_size + 1) * self.cell[1])
-        self.grids = (torch.rand(n_masks, 1, grid_size, grid_size, generator=g) < p_keep).float()
+        self.cell = (math.ceil(h / gh), math.ceil(w / gw))
+        self.up = ((gh + 1) * self.cell[0], (gw + 1) * self.cell[1])
+        self.grids = (torch.rand(n_masks, 1, gh, gw, generator=g) < p_keep).float()
         self.dy = torch.randint(0, self.cell[0], (n_masks,), generator=g)
         self.dx = torch.randint(0, self.cell[1], (n_masks,), generator=g)
 
@@ -45,7 +48,7 @@ class _MaskBank:
         return rows.gather(2, xs[:, None, :].expand(-1, h, -1)).clamp_(0, 1)  # clamp float round-off
 
 
-def rise_masks(n_masks: int, size: tuple[int, int], grid_size: int = 8, p_keep: float = 0.5,
+def rise_masks(n_masks: int, size: tuple[int, int], grid_size: Grid = 8, p_keep: float = 0.5,
                seed: int = 0) -> torch.Tensor:
     """The ``(n_masks,H,W)`` random masks :func:`rise` uses for these parameters.
 
@@ -58,11 +61,16 @@ def rise_masks(n_masks: int, size: tuple[int, int], grid_size: int = 8, p_keep: 
     return _MaskBank(n_masks, size, grid_size, p_keep, seed).render(0, n_masks)
 
 
-def _check(n_masks: int, grid_size: int, p_keep: float, batch_size: int) -> None:
-    if not isinstance(n_masks, int) or isinstance(n_masks, bool) or n_masks < 1:
+def _positive_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _check(n_masks: int, grid_size: Grid, p_keep: float, batch_size: int) -> None:
+    if not _positive_int(n_masks):
         raise ValueError(f"n_masks must be a positive int, got {n_masks!r}")
-    if not isinstance(grid_size, int) or isinstance(grid_size, bool) or grid_size < 1:
-        raise ValueError(f"grid_size must be a positive int, got {grid_size!r}")
+    sides = list(grid_size) if isinstance(grid_size, tuple | list) else [grid_size]
+    if len(sides) not in (1, 2) or not all(_positive_int(v) for v in sides):
+        raise ValueError(f"grid_size must be a positive int or two of them (rows, cols), got {grid_size!r}")
     if not 0 < p_keep < 1:
         raise ValueError(f"p_keep must be in (0, 1), got {p_keep!r}")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
@@ -75,7 +83,7 @@ def rise(
     targets: Targets,
     *,
     n_masks: int = 4000,
-    grid_size: int = 8,
+    grid_size: Grid = 8,
     p_keep: float = 0.5,
     batch_size: int = 256,
     seed: int = 0,
@@ -103,7 +111,8 @@ def rise(
         images: ``(B,3,H,W)`` images in the model's normalised space.
         targets: the class to explain per image: an int, a sequence or a ``(B,)`` tensor.
         n_masks: N, the number of random masks (4000 in the paper for ResNet-50).
-        grid_size: s, the number of grid cells per side (8 in the reference code).
+        grid_size: s, the number of grid cells per side (8 in the reference code), or
+            ``(rows, cols)`` to keep the cells square on a non-square image.
         p_keep: p, the probability that a grid cell is kept.
         batch_size: how many masked images are sent per black-box call.
         seed: seed of the masks; the same seed gives identical maps.
@@ -123,13 +132,56 @@ def rise(
     """
     bb = require_blackbox(blackbox, "rise")
     images = check_images(images, channels=bb.channels)
+    targets = check_targets(targets, images.shape[0], bb.num_classes)
+    return rise_classes(bb, images, targets[:, None], n_masks=n_masks, grid_size=grid_size, p_keep=p_keep,
+                        batch_size=batch_size, seed=seed, progress=progress)[:, 0]
+
+
+def rise_classes(
+    blackbox: BlackBox,
+    images: torch.Tensor,
+    classes: torch.Tensor,
+    *,
+    n_masks: int = 4000,
+    grid_size: Grid = 8,
+    p_keep: float = 0.5,
+    batch_size: int = 256,
+    seed: int = 0,
+    progress: bool | None = None,
+) -> torch.Tensor:
+    """:func:`rise` for several classes per image from one set of masked queries.
+
+    Every masked image's answer holds every class's score, so ``S_c`` of the ``K`` classes in
+    ``classes[i]`` all come from the same ``N`` queries: ``K`` maps cost what one costs. Each map
+    equals :func:`rise`'s for that class with the same arguments.
+
+    Args:
+        classes: ``(B,K)`` class indices, the classes to explain for each image.
+        The other arguments are :func:`rise`'s.
+
+    Returns:
+        ``(B,K,H,W)`` float32 saliency.
+
+    Example:
+        >>> from torch import nn
+        >>> bb = BlackBox(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4)), num_classes=4)
+        >>> x = torch.rand(2, 3, 8, 8)
+        >>> both = rise_classes(bb, x, torch.tensor([[0, 1], [2, 3]]), n_masks=20, grid_size=(2, 2))
+        >>> both.shape, bb.queries, torch.allclose(both[:, 1], rise(bb, x, [1, 3], n_masks=20, grid_size=2))
+        (torch.Size([2, 2, 8, 8]), 40, True)
+    """
+    bb = require_blackbox(blackbox, "rise")
+    images = check_images(images, channels=bb.channels)
     b, _, h, w = images.shape
-    targets = check_targets(targets, b, bb.num_classes)
+    if not isinstance(classes, torch.Tensor) or classes.dim() != 2 or classes.shape[0] != b or classes.shape[1] < 1:
+        raise ValueError(f"classes must be a (B,K) tensor with B = {b}, got "
+                         f"{tuple(classes.shape) if isinstance(classes, torch.Tensor) else type(classes).__name__}")
+    classes = torch.stack([check_targets(c, b, bb.num_classes, name="classes") for c in classes.T], dim=1)
     _check(n_masks, grid_size, p_keep, batch_size)
     prob_fn = _evaluation_prob_fn(bb)  # inference_mode, channels_last for a CPU convnet
     bank = _MaskBank(n_masks, (h, w), grid_size, p_keep, seed)
     images = images.cpu().float()
-    sal = torch.zeros(b, h * w, dtype=torch.float64)
+    sal = torch.zeros(b, classes.shape[1], h * w, dtype=torch.float64)
     starts = range(0, n_masks, batch_size)
     for s in track(starts, total=len(starts), desc="RISE", enabled=progress):
         masks = bank.render(s, min(s + batch_size, n_masks))  # (n,H,W)
@@ -138,6 +190,6 @@ def rise(
         batch = torch.empty(masks.shape[0], *images.shape[1:]).contiguous(memory_format=torch.channels_last)
         for i in range(b):
             probs = prob_fn(torch.mul(images[i : i + 1], masks[:, None], out=batch))  # (n,C)
-            sal[i] += probs[:, targets[i]].double() @ flat
+            sal[i] += probs[:, classes[i]].double().T @ flat
     sal = sal / (n_masks * p_keep)
-    return finish(sal.reshape(b, h, w))
+    return finish(sal.reshape(b, classes.shape[1], h, w))
