@@ -360,6 +360,26 @@ def _join(blocks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], total: in
     return images, labels, masks
 
 
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _read_cached(path: Path | None) -> Arrays | None:
+    """``(images, labels, masks)`` from a rendered split's cache file, or ``None`` when there is none."""
+    if path is None or not path.exists():
+        return None
+    with np.load(path) as z:
+        return z["images"], z["labels"], z["masks"]
+
+
+def _write_cached(path: Path | None, arrays: Arrays) -> None:
+    """Write ``(images, labels, masks)`` to a cache file atomically (nothing when ``path`` is ``None``)."""
+    if path is None:
+        return
+    buf = io.BytesIO()
+    np.savez(buf, images=arrays[0], labels=arrays[1], masks=arrays[2])
+    atomic_write_bytes(buf.getvalue(), path)
+
+
 class SyntheticTextures(Dataset):
     """The embedded default: textured objects on photographic clutter, with object masks.
 
@@ -425,19 +445,16 @@ class SyntheticTextures(Dataset):
         if self._arrays is not None:
             return self._arrays
         path = self._cache_file()
-        if path is not None and path.exists():
-            with np.load(path) as z:
-                self._arrays = (z["images"], z["labels"], z["masks"])
-            return self._arrays
+        cached = _read_cached(path)
+        if cached is not None:
+            self._arrays = cached
+            return cached
         render = functools.partial(render_synthetic, self.seed, self.split, image_size=self.image_size,
                                    num_classes=self.num_classes)
         images, labels, masks = render_arrays(render, self.n, desc=f"render {self.split}", progress=progress,
                                               workers=workers)
         self._arrays = (images, labels, masks)
-        if path is not None:
-            buf = io.BytesIO()
-            np.savez(buf, images=images, labels=labels, masks=masks)
-            atomic_write_bytes(buf.getvalue(), path)
+        _write_cached(path, self._arrays)
         return self._arrays
 
     def _to_tensor(self, img_u8: np.ndarray) -> torch.Tensor:
@@ -577,10 +594,10 @@ class ConflictScenes(Dataset):
         if self._arrays is not None:
             return self._arrays
         path = self._cache_file()
-        if path is not None and path.exists():
-            with np.load(path) as z:
-                self._arrays = (z["images"], z["labels"], z["masks"])
-            return self._arrays
+        cached = _read_cached(path)
+        if cached is not None:
+            self._arrays = cached
+            return cached
         s = self.image_size
         images = np.empty((self.n, s, 2 * s, 3), dtype=np.uint8)
         labels = np.empty((self.n, 2), dtype=np.int64)
@@ -589,10 +606,7 @@ class ConflictScenes(Dataset):
             img, labels[i], masks[i] = render_conflict(self.seed, self.split, i, s, self.num_classes)
             images[i] = np.round(img * 255).astype(np.uint8)
         self._arrays = (images, labels, masks)
-        if path is not None:
-            buf = io.BytesIO()
-            np.savez(buf, images=images, labels=labels, masks=masks)
-            atomic_write_bytes(buf.getvalue(), path)
+        _write_cached(path, self._arrays)
         return self._arrays
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
