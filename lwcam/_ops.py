@@ -33,6 +33,10 @@ Border = Literal["reflect", "replicate"]
 BORDERS = ("reflect", "replicate")
 
 
+#: The widest blur accepted, in pixels: far past any image, and σ² stays finite in float64.
+MAX_BLUR_SIGMA = 1e6
+
+
 def gaussian_kernel1d(kernel_size: int, sigma: float, dtype: torch.dtype = torch.float64) -> Tensor:
     """The normalised 1-D Gaussian ``g(x) = exp(−x² / (2σ²)) / Σ g`` on ``x = −r .. r``, ``r = (k−1)/2``.
 
@@ -72,8 +76,8 @@ def gaussian_blur(images: Tensor, kernel_size: int, sigma: float, *, border: Bor
     if isinstance(kernel_size, bool) or not isinstance(kernel_size, numbers.Integral) or kernel_size < 1 \
             or kernel_size % 2 == 0:
         raise ValueError(f"blur kernel_size must be an odd positive int, got {kernel_size!r}")
-    if not isinstance(sigma, numbers.Real) or not math.isfinite(sigma) or sigma <= 0:
-        raise ValueError(f"blur sigma must be a positive finite number, got {sigma!r}")
+    if not isinstance(sigma, numbers.Real) or not math.isfinite(sigma) or sigma <= 0 or sigma > MAX_BLUR_SIGMA:
+        raise ValueError(f"blur sigma must be a number in (0, {MAX_BLUR_SIGMA:g}] pixels, got {sigma!r}")
     if border not in BORDERS:
         raise ValueError(f"blur border must be one of {BORDERS}, got {border!r}")
     if images.dim() != 4 or not images.is_floating_point():

@@ -238,6 +238,12 @@ def _background(size: int, rng: np.random.Generator) -> np.ndarray:
     return np.clip(bg * tint, 0, 1).astype(np.float32)
 
 
+def _check_image_size(image_size: object) -> None:
+    """The synthetic renderer's sizes: 16 px (room for an object and clutter) to 1024 px."""
+    if isinstance(image_size, bool) or not isinstance(image_size, int | np.integer) or not 16 <= image_size <= 1024:
+        raise ValueError(f"image_size must be an int in [16, 1024], got {image_size!r}")
+
+
 def render_synthetic(seed: int, split: str, index: int, image_size: int = 64, num_classes: int = 10,
                      n_distractors: tuple[int, int] = (1, 2), *, label: int | None = None
                      ) -> tuple[np.ndarray, int, np.ndarray]:
@@ -255,8 +261,7 @@ def render_synthetic(seed: int, split: str, index: int, image_size: int = 64, nu
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if not 2 <= num_classes <= len(CLASS_NAMES):
         raise ValueError(f"num_classes must be in [2, {len(CLASS_NAMES)}], got {num_classes}")
-    if image_size < 16:
-        raise ValueError(f"image_size must be >= 16, got {image_size}")
+    _check_image_size(image_size)
     if label is not None and (isinstance(label, bool) or not isinstance(label, int | np.integer)
                               or not 0 <= label < num_classes):
         raise ValueError(f"label must be None or an int in [0, {num_classes}), got {label!r}")
@@ -413,6 +418,7 @@ class SyntheticTextures(Dataset):
             raise ValueError(f"n must be a positive int, got {n!r}")
         if not 2 <= num_classes <= len(CLASS_NAMES):
             raise ValueError(f"num_classes must be in [2, {len(CLASS_NAMES)}], got {num_classes}")
+        _check_image_size(image_size)
         self.split, self.n, self.image_size = split, n, image_size
         self.num_classes, self.seed, self.transform = num_classes, seed, transform
         self.classes = list(CLASS_NAMES[:num_classes])

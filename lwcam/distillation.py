@@ -112,6 +112,9 @@ _CHECKPOINT_VERSION = 1
 _MATERIALIZE_BYTES = 2 * 2**30  # a Dataset up to this size is loaded into memory once
 _QUERY_CHUNK = 1024  # images handed to the black box per call while answering the transfer set
 
+#: The temperatures accepted: z/T and the T² loss scale stay well inside float32 for any logits a network makes.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1e3
+
 Augment = Literal["default", "query", "none"]
 #: ``lr`` and ``weight_decay`` when :func:`distill` is given ``None`` (AdamW's weight decay is decoupled).
 _OPTIMISER_DEFAULTS = {"adamw": {"lr": 2e-3, "weight_decay": 0.05}, "sgd": {"lr": 0.05, "weight_decay": 5e-4}}
@@ -187,8 +190,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_log_probs: torch.Tensor, tempe
         >>> abs(float(kd_loss(z, z.log_softmax(1), temperature=3.0))) < 1e-6
         True
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    check_real(temperature, "temperature", MIN_TEMPERATURE, MAX_TEMPERATURE)
     if student_logits.shape != teacher_log_probs.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher answers "
                          f"{tuple(teacher_log_probs.shape)} differ in shape")
@@ -477,7 +479,7 @@ class DistillConfig:
         >>> DistillConfig(temperature=0)
         Traceback (most recent call last):
             ...
-        ValueError: temperature must lie in (0, inf), got 0
+        ValueError: temperature must lie in [0.001, 1000], got 0
     """
 
     temperature: float = 4.0
@@ -493,7 +495,7 @@ class DistillConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_real(self.temperature, "temperature", 0.0, low_open=True)
+        check_real(self.temperature, "temperature", MIN_TEMPERATURE, MAX_TEMPERATURE)
         check_positive_int(self.epochs, "epochs")
         check_positive_int(self.batch_size, "batch_size")
         check_positive_int(self.seed, "seed", minimum=0)

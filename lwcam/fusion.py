@@ -174,6 +174,8 @@ def fuse(maps: NamedMaps | Mapping[str, Tensor] | Sequence[Tensor] | Tensor, mod
     if mode != "weighted" and weights is not None:
         raise ValueError(f"weights are only used by mode='weighted', not mode={mode!r}")
     stack, names = _as_stack(maps)
+    if stack.numel() == 0:
+        raise ValueError(f"maps must hold at least one image of at least one pixel, got (B,L,H,W) {tuple(stack.shape)}")
     if normalize == "minmax":
         stack = minmax_normalize(stack)
     if mode == "sum":

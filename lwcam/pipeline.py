@@ -440,19 +440,29 @@ def record_stage(name: str, seconds: float, paths: RunPaths) -> None:
         f.write(json.dumps(row) + "\n")
 
 
+#: What a run writes in the tracked tree: it does not make the code the run ran on "dirty".
+OUTPUT_FOLDERS = ("reports", "figures")
+
+
 def _git_commit(root: Path) -> str:
+    """The commit the code is at, with ``-dirty`` when tracked files other than a run's outputs have changed."""
+    outputs = [f":(exclude){folder}" for folder in OUTPUT_FOLDERS]
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
                               text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *outputs],
+                               cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return head + ("-dirty" if dirty else "")
 
 
-def timings_table(paths: RunPaths, notebook_seconds: dict[str, float], params: Mapping[str, Any]) -> pd.DataFrame:
-    """Wall time per notebook and per costly stage, with the run's provenance in every row."""
+def timings_table(paths: RunPaths, notebook_seconds: dict[str, float], params: Mapping[str, Any],
+                  commit: str | None = None) -> pd.DataFrame:
+    """Wall time per notebook and per costly stage, with the run's provenance in every row.
+
+    ``commit`` is the code's commit as read when the run began (default: read now).
+    """
     rows = []
     stages = [json.loads(line) for line in paths.stage_log.read_text().splitlines()] if paths.stage_log.exists() else []
     for nb, seconds in notebook_seconds.items():
@@ -463,7 +473,7 @@ def timings_table(paths: RunPaths, notebook_seconds: dict[str, float], params: M
     table = pd.DataFrame(rows)
     table["profile"] = paths.profile
     table["seed"] = as_profile(params).seed
-    table["commit"] = _git_commit(paths.root)
+    table["commit"] = commit or _git_commit(paths.root)
     table["torch"] = torch.__version__
     table["threads"] = torch.get_num_threads()
     table["machine"] = f"{platform.machine()} {os.cpu_count()} CPUs"
@@ -527,6 +537,7 @@ def run(profile: str = "default", only: list[str] | None = None, root: str | os.
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = RunPaths.for_profile(profile, base)
     paths.stage_log.unlink(missing_ok=True)
+    commit = _git_commit(base)  # before the run writes anything
     done, timings, start = [], {}, time.perf_counter()
     for name in names:
         src = base / "notebooks" / f"{name}.ipynb"
@@ -543,7 +554,7 @@ def run(profile: str = "default", only: list[str] | None = None, root: str | os.
         print(f"[lwcam] {name} done in {timings[name]:.0f} s; run so far {time.perf_counter() - start:.0f} s",
               flush=True)
         done.append(out_dir / f"{name}.ipynb")
-    table = timings_table(paths, timings, params)
+    table = timings_table(paths, timings, params, commit)
     save_table(_merge_timings(table, paths) if only else table, "timings", paths)
     print(f"[lwcam] timings -> {paths.rel(paths.reports / 'timings.csv')}", flush=True)
     return done

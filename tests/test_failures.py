@@ -22,9 +22,13 @@ import torch
 from torch import nn
 from torchvision.models import resnet18
 
+import lwcam
+from lwcam._ops import gaussian_blur
 from lwcam.baselines import METHODS, explain, gradcam, lime, occlusion, rise
+from lwcam.baselines.rise import rise_masks
 from lwcam.blackbox import BlackBox, BlackBoxError, CacheError
-from lwcam.distillation import CHECKPOINT_NAME, distill
+from lwcam.data import SyntheticTextures
+from lwcam.distillation import CHECKPOINT_NAME, DistillConfig, distill
 from lwcam.metrics import deletion_game, insertion_game
 
 C = 4
@@ -321,3 +325,17 @@ def test_8_two_models_in_one_cache_folder_keep_their_own_answers(tmp_path, one_t
     assert torch.equal(again(x), out_a) and again.queries == 0
     with pytest.raises(ValueError, match="cache_namespace"):
         BlackBox(_probs_fn(_net()), C, cache_dir=tmp_path)
+
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: gaussian_blur(torch.rand(1, 3, 8, 8), 3, 1e300), "blur sigma"),
+    (lambda: rise_masks(4, (8, 8), grid_size=10**9), "grid_size"),
+    (lambda: DistillConfig(temperature=1e300), "temperature"),
+    (lambda: DistillConfig(temperature=1e-300), "temperature"),
+    (lambda: SyntheticTextures("test", n=1, image_size=10**6), "image_size"),
+    (lambda: lwcam.fuse({"a": torch.rand(0, 8, 8)}), "at least one image"),
+], ids=["blur-sigma", "rise-grid", "huge-temperature", "tiny-temperature", "image-size", "empty-fuse"])
+def test_extreme_but_finite_and_empty_inputs_are_refused_by_name(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
 from pathlib import Path
 
 import papermill
@@ -186,3 +187,19 @@ def test_a_run_of_some_notebooks_keeps_the_others_timings(tmp_path):
     whole = merged[merged["stage"] == "(whole notebook)"].set_index("notebook")["seconds"]
     assert whole.to_dict() == {"01_distill": 10.0, "02_explain": 3.0}
     assert merged.iloc[-1]["stage"] == "(total)" and merged.iloc[-1]["seconds"] == 13.0
+
+
+def test_a_runs_own_outputs_do_not_make_its_commit_dirty(tmp_path):
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "T1.csv").write_text("a\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    (tmp_path / "reports" / "T1.csv").write_text("b\n")  # what a run writes
+    assert not pipeline._git_commit(tmp_path).endswith("-dirty")
+    (tmp_path / "code.py").write_text("x = 2\n")  # a change to the code
+    assert pipeline._git_commit(tmp_path).endswith("-dirty")

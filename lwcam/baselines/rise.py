@@ -61,6 +61,10 @@ def rise_masks(n_masks: int, size: tuple[int, int], grid_size: Grid = 8, p_keep:
     return _MaskBank(n_masks, size, grid_size, p_keep, seed).render(0, n_masks)
 
 
+#: The most grid cells a side: RISE's cells are upsampled, so a grid finer than the image is meaningless.
+MAX_GRID = 4096
+
+
 def _positive_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
@@ -71,6 +75,9 @@ def _check(n_masks: int, grid_size: Grid, p_keep: float, batch_size: int) -> Non
     sides = list(grid_size) if isinstance(grid_size, tuple | list) else [grid_size]
     if len(sides) not in (1, 2) or not all(_positive_int(v) for v in sides):
         raise ValueError(f"grid_size must be a positive int or two of them (rows, cols), got {grid_size!r}")
+    if max(sides) > MAX_GRID:
+        raise ValueError(f"grid_size must be at most {MAX_GRID} cells a side (a cell of at least one pixel), "
+                         f"got {grid_size!r}")
     if not 0 < p_keep < 1:
         raise ValueError(f"p_keep must be in (0, 1), got {p_keep!r}")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
