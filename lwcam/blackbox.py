@@ -101,15 +101,31 @@ class _Cache:
             local.key = (os.getpid(), self._generation)
         return local.conn
 
+    def _connect(self) -> tuple[sqlite3.Connection, list[str]]:
+        """Open the database, set WAL mode and the table; retried while another process holds the lock.
+
+        Switching to WAL can answer "database is locked" at once, without waiting for the busy timeout,
+        when two processes open a new cache together.
+        """
+        for attempt in range(100):
+            try:
+                # check_same_thread=False only so that close() may close it; one thread uses each connection
+                conn = sqlite3.connect(self.path, timeout=60.0, check_same_thread=False)
+                conn.execute("PRAGMA busy_timeout=60000")
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("CREATE TABLE IF NOT EXISTS answers "
+                             "(ns TEXT, key TEXT, value BLOB, PRIMARY KEY (ns, key))")
+                conn.commit()
+                return conn, [row[1] for row in conn.execute("PRAGMA table_info(answers)")]
+            except sqlite3.OperationalError as err:
+                if "locked" not in str(err) or attempt == 99:
+                    raise
+                time.sleep(0.01 * (1 + attempt % 10))
+        raise AssertionError("unreachable")
+
     def _open(self) -> sqlite3.Connection:
         try:
-            # check_same_thread=False only so that close() may close it; one thread uses each connection
-            conn = sqlite3.connect(self.path, timeout=60.0, check_same_thread=False)
-            conn.execute("PRAGMA busy_timeout=60000")
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("CREATE TABLE IF NOT EXISTS answers (ns TEXT, key TEXT, value BLOB, PRIMARY KEY (ns, key))")
-            conn.commit()
-            cols = [row[1] for row in conn.execute("PRAGMA table_info(answers)")]
+            conn, cols = self._connect()
         except sqlite3.Error as err:
             raise CacheError(f"the answer cache {self.path} cannot be opened as an SQLite database ({err}); "
                              f"move or delete the file, or use another cache_dir") from err

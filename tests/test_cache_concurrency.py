@@ -96,7 +96,10 @@ def test_two_processes_share_one_cache(tmp_path):
     try:
         deadline = time.monotonic() + 90
         while not all(Path(f"{go}.ready{i}").exists() for i in range(2)) and time.monotonic() < deadline:
-            assert all(p.poll() is None for p in procs), [p.communicate()[1][-2000:] for p in procs]
+            if not all(p.poll() is None for p in procs):
+                for p in procs:
+                    p.kill()
+                raise AssertionError([p.communicate(timeout=30)[1][-2000:] for p in procs])
             time.sleep(0.01)
         go.write_text("")  # both start writing at once
         outs = [p.communicate(timeout=90) for p in procs]
