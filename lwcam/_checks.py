@@ -156,6 +156,13 @@ def check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
     return value
 
 
+def check_bool(value: Any, name: str) -> bool:
+    """``value`` when it is a bool; ``ValueError`` naming ``name`` if not (``1`` or ``"yes"`` are refused)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def check_real(value: Any, name: str, low: float, high: float = math.inf, *, low_open: bool = False,
                 high_open: bool = False) -> float:
     """``value`` as a float when it is a finite real number in the interval; ``ValueError`` naming ``name`` if not."""

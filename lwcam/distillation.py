@@ -90,8 +90,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_positive_int, check_real, check_targets
-from ._utils import atomic_save, eval_mode, progress_enabled, resolve_device, seed_everything, track
+from ._checks import check_bool, check_positive_int, check_real, check_targets
+from ._utils import atomic_save, eval_mode, progress_enabled, resolve_device, seed_everything, track, training_layout
 from .blackbox import BlackBox, TopK, _row_problems
 from .models import build_model, classification_models
 
@@ -493,6 +493,7 @@ class DistillConfig:
     holdout: float | int = 0.1
     label_smoothing: float = 0.0
     seed: int = 0
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         check_real(self.temperature, "temperature", MIN_TEMPERATURE, MAX_TEMPERATURE)
@@ -508,6 +509,7 @@ class DistillConfig:
         if self.query_budget is not None:
             check_positive_int(self.query_budget, "query_budget")
         _check_holdout(self.holdout)
+        check_bool(self.channels_last, "channels_last")
 
     def _resolved(self, name: Literal["lr", "weight_decay"]) -> float:
         """``lr`` or ``weight_decay`` as given, or the optimiser's default when ``None``; checked."""
@@ -561,7 +563,8 @@ class DistillConfig:
         return {"temperature": float(self.temperature), "epochs": self.epochs, "batch_size": self.batch_size,
                 "lr": self.peak_lr, "weight_decay": self.decay, "optimizer": self.optimizer,
                 "augment": self.aug_mode, "query_budget": self.query_budget,
-                "label_smoothing": float(self.label_smoothing), "seed": self.seed}
+                "label_smoothing": float(self.label_smoothing), "seed": self.seed,
+                "channels_last": self.channels_last}
 
     def fingerprint(self, plan: _Plan, student: str, student_init: str) -> dict[str, Any]:
         """What a checkpoint must match to be resumed: these settings, the student (its name and a
@@ -993,6 +996,7 @@ class _Training:
     seconds_before: float = 0.0
     targets: torch.Tensor = field(init=False)  # log-probabilities (N,C), or labels (N,) for a label black box
     top1: torch.Tensor = field(init=False)  # the black box's top-1 class (N,)
+    layout: torch.memory_format = torch.contiguous_format  # of the training batches (set by _run)
 
     def __post_init__(self) -> None:
         self.order_gen.manual_seed(self.config.seed + 1)
@@ -1132,7 +1136,7 @@ def _batch(tr: _Training, gidx: torch.Tensor, mine: torch.Tensor) -> tuple[torch
     """This rank's share of the global batch ``gidx``: images (augmented) on the device, and their targets."""
     mode, device = tr.config.aug_mode, tr.ctx.device
     if mode == "none":
-        return tr.plan.source.get(gidx[mine]).to(device), tr.targets[gidx[mine]]
+        return tr.plan.source.get(gidx[mine]).to(device).contiguous(memory_format=tr.layout), tr.targets[gidx[mine]]
     flips, shifts = _augment_params(len(gidx), tr.pad, tr.aug_gen)
     if mode == "query":
         batch_targets, paid = tr.ctx.rank0(lambda: _ask_views(tr, gidx, flips, shifts))
@@ -1141,7 +1145,7 @@ def _batch(tr: _Training, gidx: torch.Tensor, mine: torch.Tensor) -> tuple[torch
     else:
         tgt = tr.targets[gidx[mine]]
     x = _apply_augment(tr.plan.source.get(gidx[mine]).to(device), flips[mine], shifts[mine], tr.pad)
-    return x, tgt
+    return x.contiguous(memory_format=tr.layout), tgt
 
 
 def _train_step(tr: _Training, gidx: torch.Tensor, mine: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
@@ -1260,6 +1264,7 @@ def distill(
     progress: bool | None = None,
     device: str | torch.device | None = None,
     on_epoch_end: Callable[[int, nn.Module], None] | None = None,
+    channels_last: bool = False,
 ) -> DistillResult:
     """Distil ``blackbox`` into a white-box ``student`` from its answers on ``transfer_images``.
 
@@ -1304,6 +1309,11 @@ def distill(
         on_epoch_end: called on rank 0 as ``on_epoch_end(epoch, student)`` after every epoch
             (``epoch`` counts from 1), with the student in eval mode; use it to keep a snapshot per
             epoch. Epochs restored from a checkpoint are not replayed.
+        channels_last: train in the ``channels_last`` layout on the CPU (:func:`~lwcam._utils.training_layout`):
+            1.2-1.3x faster steps on 2 cores, but the rounding differences grow over the epochs into
+            a different student, as a change of seed would (``benchmarks/bench_train_layout.py``), so
+            it is off by default. Your own module's ``forward`` must accept that layout (a ``.view``
+            of an activation does not). Ignored under ``torchrun``. The student comes back contiguous.
 
     Returns:
         a :class:`DistillResult`.
@@ -1334,7 +1344,8 @@ def distill(
         raise TypeError(f"blackbox must be an lwcam.BlackBox, got {type(blackbox).__name__}")
     config = DistillConfig(temperature=temperature, epochs=epochs, batch_size=batch_size, lr=lr,
                            weight_decay=weight_decay, optimizer=optimizer, augment=augment,
-                           query_budget=query_budget, holdout=holdout, label_smoothing=label_smoothing, seed=seed)
+                           query_budget=query_budget, holdout=holdout, label_smoothing=label_smoothing, seed=seed,
+                           channels_last=channels_last)
     _check_run_options(checkpoint_dir, on_epoch_end)
     _check_student(student)
     plan = _make_plan(blackbox, transfer_images, eval_images, eval_labels, config)
@@ -1357,9 +1368,10 @@ def _run(blackbox: BlackBox, student: str | nn.Module, config: DistillConfig, pl
     if ckpt is None:
         _save(tr, 0)  # the answers are safe before the first epoch
     show = progress_enabled(progress) and ctx.rank == 0
-    for epoch in range(tr.start_epoch, config.epochs):
-        loss = _train_epoch(tr, epoch, show)
-        _end_epoch(tr, epoch, loss, on_epoch_end)
+    with training_layout(tr.model, config.channels_last and not ctx.active) as tr.layout:
+        for epoch in range(tr.start_epoch, config.epochs):
+            loss = _train_epoch(tr, epoch, show)
+            _end_epoch(tr, epoch, loss, on_epoch_end)
     fidelity = _fidelity(tr)
     seconds = tr.elapsed()
     return DistillResult(student=tr.model.cpu().eval(), history=tr.history, fidelity=fidelity, queries=tr.spent,

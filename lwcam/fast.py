@@ -63,7 +63,7 @@ import torch
 from torch import nn
 
 from ._checks import check_positive_int, check_real
-from ._utils import eval_mode
+from ._utils import eval_mode, is_cpu_convnet
 from .blackbox import module_fingerprint
 
 __all__ = ["ENGINES", "AUTO_ORDER", "AccelerationError", "FastForward", "accelerate", "onnxruntime_available"]
@@ -165,7 +165,7 @@ class _EagerRunner:
         self.module = module
         first = next(module.parameters(), None)
         self.device = first.device if first is not None else torch.device("cpu")
-        self.channels_last = self.device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in module.modules())
+        self.channels_last = is_cpu_convnet(module)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():

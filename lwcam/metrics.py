@@ -53,7 +53,7 @@ from torch import nn
 
 from ._checks import check_classes, check_images, check_map, check_targets
 from ._ops import gaussian_blur
-from ._utils import track
+from ._utils import is_cpu_convnet, track
 from .blackbox import BlackBox, as_prob_fn
 
 __all__ = [
@@ -251,13 +251,8 @@ def _make_canvas(spec: Canvas, images: torch.Tensor, role: str, blur_kernel: int
 
 
 def _is_cpu_convnet(model: Model) -> bool:
-    """Whether ``model`` (or the module a BlackBox wraps) is an ``nn.Module`` on CPU with a ``Conv2d``."""
-    net = model.fn if isinstance(model, BlackBox) else model
-    if not isinstance(net, nn.Module):
-        return False
-    first = next(net.parameters(), None)
-    on_cpu = first is None or first.device.type == "cpu"
-    return on_cpu and any(isinstance(m, nn.Conv2d) for m in net.modules())
+    """:func:`~lwcam._utils.is_cpu_convnet` of ``model``, or of the module a BlackBox wraps."""
+    return is_cpu_convnet(model.fn if isinstance(model, BlackBox) else model)
 
 
 def _evaluation_prob_fn(model: Model) -> Callable[[torch.Tensor], torch.Tensor]:

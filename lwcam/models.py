@@ -33,8 +33,8 @@ from torch import nn
 from torchvision.models.regnet import BlockParams, RegNet
 from torchvision.ops.misc import Conv2dNormActivation
 
-from ._checks import check_positive_int, check_real
-from ._utils import atomic_save, eval_mode, resolve_device, seed_everything, track
+from ._checks import check_bool, check_positive_int, check_real
+from ._utils import atomic_save, eval_mode, resolve_device, seed_everything, track, training_layout
 
 __all__ = [
     "SMALL_INPUT_ARCHITECTURES",
@@ -253,6 +253,7 @@ def train_teacher(
     device: str | torch.device | None = None,
     meta: dict[str, Any] | None = None,
     pixel_dropout: float = 0.5,
+    channels_last: bool = False,
 ) -> TeacherResult:
     """Train the default black box from scratch (AdamW, one-cycle schedule, flip/shift and pixel-dropout augmentation).
 
@@ -273,6 +274,10 @@ def train_teacher(
         meta: extra entries stored in the checkpoint's meta data.
         pixel_dropout: the largest share of pixels :func:`random_pixel_dropout` removes from half
             of the training images (0 disables it).
+        channels_last: train a CPU convnet in the ``channels_last`` layout (:func:`~lwcam._utils.training_layout`):
+            1.5x faster on 2 cores, but the rounding differences grow over training into a different
+            model, as a change of seed would (``benchmarks/bench_train_layout.py``); the model comes back
+            contiguous. Off by default so that a seed gives one model.
 
     Returns:
         a :class:`TeacherResult` with the model in eval mode on the CPU.
@@ -282,7 +287,8 @@ def train_teacher(
         FloatingPointError: the loss became NaN or Inf; the message names the epoch and step.
     """
     _check_teacher_arguments(images, labels, epochs=epochs, batch_size=batch_size, lr=lr,
-                             weight_decay=weight_decay, label_smoothing=label_smoothing, pixel_dropout=pixel_dropout)
+                             weight_decay=weight_decay, label_smoothing=label_smoothing, pixel_dropout=pixel_dropout,
+                             channels_last=channels_last)
     t0 = time.perf_counter()
     run = _TeacherTraining.start(arch, num_classes, seed=seed, device=device, batch_size=batch_size, lr=lr,
                                  weight_decay=weight_decay, label_smoothing=label_smoothing,
@@ -290,12 +296,13 @@ def train_teacher(
     model = run.model
     history: list[dict[str, float]] = []
     bar = track(range(run.total_steps), total=run.total_steps, desc=f"train {arch}", enabled=progress)
-    for epoch in range(epochs):
-        loss, accuracy = _train_teacher_epoch(run, images, labels, epoch, bar)
-        row = {"epoch": epoch + 1, "loss": loss, "train_accuracy": accuracy, "seconds": time.perf_counter() - t0}
-        if val_images is not None and val_labels is not None:
-            row["val_accuracy"] = evaluate_accuracy(model, val_images, val_labels)
-        history.append(row)
+    with training_layout(model, channels_last) as run.layout:
+        for epoch in range(epochs):
+            loss, accuracy = _train_teacher_epoch(run, images, labels, epoch, bar)
+            row = {"epoch": epoch + 1, "loss": loss, "train_accuracy": accuracy, "seconds": time.perf_counter() - t0}
+            if val_images is not None and val_labels is not None:
+                row["val_accuracy"] = evaluate_accuracy(model, val_images, val_labels)
+            history.append(row)
     model = model.cpu().eval()
     val_acc = history[-1].get("val_accuracy", float("nan"))
     seconds = time.perf_counter() - t0
@@ -308,7 +315,8 @@ def train_teacher(
 
 
 def _check_teacher_arguments(images: torch.Tensor, labels: torch.Tensor, *, epochs: int, batch_size: int, lr: float,
-                             weight_decay: float, label_smoothing: float, pixel_dropout: float) -> None:
+                             weight_decay: float, label_smoothing: float, pixel_dropout: float,
+                             channels_last: bool) -> None:
     """``ValueError`` naming the argument when one of :func:`train_teacher`'s is out of range."""
     if images.ndim != 4 or len(images) != len(labels):
         raise ValueError(f"images must be (N,3,H,W) matching labels (N,), got {tuple(images.shape)} and "
@@ -319,6 +327,7 @@ def _check_teacher_arguments(images: torch.Tensor, labels: torch.Tensor, *, epoc
     check_real(weight_decay, "weight_decay", 0.0)
     check_real(label_smoothing, "label_smoothing", 0.0, 1.0, high_open=True)
     check_real(pixel_dropout, "pixel_dropout", 0.0, 1.0)
+    check_bool(channels_last, "channels_last")
 
 
 @dataclass
@@ -335,6 +344,7 @@ class _TeacherTraining:
     label_smoothing: float
     pixel_dropout: float
     total_steps: int
+    layout: torch.memory_format = torch.contiguous_format  # of the input batches (set by train_teacher)
 
     @classmethod
     def start(cls, arch: str, num_classes: int, *, seed: int, device: str | torch.device | None, batch_size: int,
@@ -360,7 +370,8 @@ def _train_teacher_epoch(run: _TeacherTraining, images: torch.Tensor, labels: to
     for s in range(math.ceil(len(images) / run.batch_size)):
         idx = order[s * run.batch_size : (s + 1) * run.batch_size]
         x = random_pixel_dropout(random_flip_shift(images[idx], run.gen), run.gen, max_rate=run.pixel_dropout)
-        loss_value, hits = _train_teacher_step(run, x.to(run.device), labels[idx].to(run.device), epoch, s)
+        x = x.to(run.device).contiguous(memory_format=run.layout)
+        loss_value, hits = _train_teacher_step(run, x, labels[idx].to(run.device), epoch, s)
         total += loss_value * len(idx)
         correct += hits
         seen += len(idx)
