@@ -162,7 +162,7 @@ def load_split(params: Mapping[str, Any], split: str, paths: RunPaths | None = N
 #: reused only when these match.
 TEACHER_KEYS = ("dataset", "image_size", "num_classes", "seed", "data_seed", "n_train", "n_val", "teacher",
                 "teacher_weights", "teacher_epochs", "teacher_batch_size", "teacher_lr", "teacher_pixel_dropout")
-STUDENT_KEYS = ("n_transfer", "n_test", "student", "temperature", "distill_epochs", "distill_batch_size",
+STUDENT_KEYS = ("n_transfer", "n_test", "student", "temperature", "distill_epochs", "distill_batch_size", "distill_lr",
                 "query_budget", "holdout", "topk")
 
 
@@ -369,7 +369,7 @@ def _distill(p: Profile, paths: RunPaths, teacher: torch.nn.Module, output: str,
     with stage(f"distillation ({output}, {p.student}, seed {p.seed})", paths):
         return distill(
             bb, transfer, student=p.student, temperature=p.temperature, epochs=p.distill_epochs,
-            batch_size=p.distill_batch_size, query_budget=p.query_budget, holdout=p.holdout,
+            batch_size=p.distill_batch_size, lr=p.distill_lr, query_budget=p.query_budget, holdout=p.holdout,
             eval_images=test_x, eval_labels=test_y, seed=p.seed,
             checkpoint_dir=ckpt_dir, progress=progress, on_epoch_end=keep if keep_epochs else None,
         )

@@ -98,6 +98,8 @@ class Profile(Mapping[str, Any]):
     temperature: float = _key(4.0, "distillation temperature (soft-label outputs)")
     distill_epochs: int = _key(10, "epochs of distillation")
     distill_batch_size: int = _key(64, "batch size of distillation", null_at_default=True)
+    distill_lr: float | None = _key(None, "peak learning rate of distillation; null: the optimiser's default "
+                                          "(2e-3 for AdamW)", null_at_default=True)
     query_budget: int | None = _key(None, "most black-box queries distillation may spend; null: no limit")
     holdout: float = _key(0.05, "share of the transfer images held out of training to measure agreement",
                           null_at_default=True)

@@ -28,16 +28,19 @@ TEACHER_FINGERPRINT = {
 }
 STUDENT_FINGERPRINT = {
     "paper": '{"data_seed": 0, "dataset": "synthetic", "distill_batch_size": null, "distill_epochs": 6, '
+               '"distill_lr": null, '
                '"holdout": null, "image_size": 64, "n_test": 1000, "n_train": 12000, "n_transfer": 18000, '
                '"n_val": 1000, "num_classes": 10, "query_budget": 20000, "seed": 0, "student": "regnet_x_s8", '
                '"teacher": "mobilenet_v2_s8", "teacher_batch_size": 64, "teacher_epochs": 8, "teacher_lr": 0.004, '
                '"teacher_pixel_dropout": 0.5, "teacher_weights": null, "temperature": 4.0, "topk": 5}',
     "quick": '{"data_seed": 0, "dataset": "synthetic", "distill_batch_size": null, "distill_epochs": 4, '
+             '"distill_lr": null, '
              '"holdout": null, "image_size": 64, "n_test": 40, "n_train": 1600, "n_transfer": 2000, "n_val": 40, '
              '"num_classes": 4, "query_budget": 2040, "seed": 0, "student": "regnet_x_s8", '
              '"teacher": "mobilenet_v2_s8", "teacher_batch_size": 64, "teacher_epochs": 3, "teacher_lr": 0.004, '
              '"teacher_pixel_dropout": 0.5, "teacher_weights": null, "temperature": 4.0, "topk": 2}',
     "stride32": '{"data_seed": 0, "dataset": "synthetic", "distill_batch_size": null, "distill_epochs": 6, '
+                '"distill_lr": null, '
                 '"holdout": null, "image_size": 64, "n_test": 1000, "n_train": 12000, "n_transfer": 18000, '
                 '"n_val": 1000, "num_classes": 10, "query_budget": 20000, "seed": 0, '
                 '"student": "shufflenet_v2_x1_0", "teacher": "mobilenet_v2_s8", "teacher_batch_size": 64, '
