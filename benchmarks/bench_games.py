@@ -5,10 +5,12 @@ default the default profile's black box ``mobilenet_v2_s8``), the same images,
 saliency maps and targets (the model's own labels), and the same model batch size:
 
 * ``raw``: the model's own batched inference under ``torch.inference_mode()``, on as many images, in
-  batches of the same sizes as one game, with inputs contiguous (``nchw``) and ``channels_last``. The
-  faster of the two is the forward-pass bound.
+  batches of the same sizes as one game, with inputs contiguous (``nchw``) and ``channels_last`` (the
+  faster of the two is eager PyTorch's forward-pass bound), and the model on ONNX Runtime
+  (:func:`lwcam.fast.accelerate`, the profiles' ``fast_forward``), the accelerated bound.
 * ``lwcam``: :func:`lwcam.deletion_game` and :func:`lwcam.insertion_game`, scored through a
-  :class:`lwcam.BlackBox` (no cache), as the pipeline scores them.
+  :class:`lwcam.BlackBox` (no cache) of the eager module; ``lwcam (onnxruntime)`` the same games through
+  a BlackBox of the accelerated model, as the pipeline scores them (``protocol`` config).
 * ``torchcam``: torchcam's ``DeletionInsertionMetric`` on the first ``--peer-images`` images (fed our
   saliency by ``benchmarks/torchcam_adapter.py``). It computes both curves per ``update`` with one
   canvas shared by both games, so the ``protocol`` config (deletion onto zeros, insertion from a blur
@@ -17,7 +19,8 @@ saliency maps and targets (the model's own labels), and the same model batch siz
 Every measurement is cut into ``--rounds`` rounds run in turn, so load drift on a shared machine
 touches every side alike. Throughput is model images / seconds, summed over the rounds.
 
-* ``ratio_to_raw_bound`` = throughput / the raw bound (goal: at least 0.8 for the games);
+* ``ratio_to_raw_bound`` = throughput / the raw bound of the same engine (goal: at least 0.8 for the games);
+* ``x_eager`` = eager lwcam's seconds per explained image / the accelerated lwcam's (same games);
 * ``x_torchcam`` = torchcam seconds per explained image / lwcam seconds per explained image, both
   games, same config (torchcam timed on its subset, lwcam on every image).
 
@@ -44,6 +47,7 @@ from benchmarks._report import add_common_args, machine, write_report  # noqa: E
 from benchmarks.torchcam_adapter import torchcam_games  # noqa: E402
 from lwcam import BlackBox  # noqa: E402
 from lwcam._utils import seed_everything  # noqa: E402
+from lwcam.fast import FastForward, accelerate  # noqa: E402
 from lwcam.metrics import deletion_game, gaussian_blur, insertion_game  # noqa: E402
 from lwcam.models import build_model  # noqa: E402
 
@@ -115,10 +119,11 @@ def time_torchcam(model: Counter, images, saliency, targets, baselines: dict, st
     return time.perf_counter() - t0, model.images - before, out
 
 
-def run_rounds(args, model: Counter, images, saliency, targets) -> dict:
+def run_rounds(args, model: Counter, fast: FastForward, images, saliency, targets) -> dict:
     """Accumulate seconds, model images, explained images and AUC gaps per (config, side, what)."""
     acc: dict = defaultdict(lambda: {"seconds": 0.0, "model_images": 0, "images": 0, "auc_gap": 0.0})
     bb = BlackBox(model, num_classes=10, batch_size=args.batch_size)
+    bb_fast = BlackBox(fast, num_classes=10, fn_returns="logits", batch_size=args.batch_size)
     n_points = args.size + 1  # default step = W on square images: H steps
     pool = images[torch.arange(args.batch_size) % images.shape[0]].contiguous()
     pools = {"nchw": pool, "channels_last": pool.contiguous(memory_format=torch.channels_last)}
@@ -131,6 +136,12 @@ def run_rounds(args, model: Counter, images, saliency, targets) -> dict:
         for fmt, p in pools.items():
             sec, n = time_raw(model, p, x.shape[0] * n_points, args.batch_size)
             _add(acc[("all", "raw", f"forward, {fmt}")], sec, n, 0)
+        sec, n = time_raw(fast, pool, x.shape[0] * n_points, args.batch_size)
+        _add(acc[("all", "raw", f"forward, {fast.engine}")], sec, n, 0)
+        substrate, start, _ = CONFIGS["protocol"]
+        for game, canvas, key in ((deletion_game, substrate, "deletion"), (insertion_game, start, "insertion")):
+            sec, n, _ = time_game(game, bb_fast, x, s, t, canvas, args.batch_size)
+            _add(acc[("protocol", f"lwcam ({fast.engine})", f"{key} ({canvas})")], sec, n, x.shape[0])
         for cfg, (substrate, start, baselines) in CONFIGS.items():
             aucs = {}
             for game, canvas, key in ((deletion_game, substrate, "deletion_auc"),
@@ -154,25 +165,35 @@ def _add(row: dict, seconds: float, model_images: int, images: int) -> None:
 
 
 def table(acc: dict, args: argparse.Namespace) -> pd.DataFrame:
+    lwcam_sides = {side for (_, side, _) in acc if side.startswith("lwcam")}
     for cfg in CONFIGS:  # lwcam's two games together, the unit torchcam is compared on
-        both = acc[(cfg, "lwcam", "deletion + insertion")]
-        for (c, side, _), row in list(acc.items()):
-            if c == cfg and side == "lwcam" and row is not both:
-                _add(both, row["seconds"], row["model_images"], 0)
-                both["images"] = row["images"]
+        for lw in sorted(lwcam_sides):
+            if not any(c == cfg and side == lw for (c, side, _) in acc):
+                continue
+            both = acc[(cfg, lw, "deletion + insertion")]
+            for (c, side, _), row in list(acc.items()):
+                if c == cfg and side == lw and row is not both:
+                    _add(both, row["seconds"], row["model_images"], 0)
+                    both["images"] = row["images"]
     df = pd.DataFrame([{"config": c, "side": side, "what": what, **row} for (c, side, what), row in acc.items()])
     df["model_images_per_s"] = df.model_images / df.seconds
-    bound = df.loc[df.side == "raw", "model_images_per_s"].max()
-    df["ratio_to_raw_bound"] = df.model_images_per_s / bound
+    df.insert(3, "engine", ["onnxruntime" if "onnxruntime" in f"{side} {what}" else "eager"
+                            for side, what in zip(df.side, df.what, strict=True)])
+    bounds = df[df.side == "raw"].groupby("engine").model_images_per_s.max()
+    df["ratio_to_raw_bound"] = df.model_images_per_s / df.engine.map(bounds)
     df["seconds_per_image"] = (df.seconds / df.images).where(df.images > 0)
+    eager = df[df.side == "lwcam"].set_index(["config", "what"]).seconds_per_image
+    df["x_eager"] = [eager.get((c, w)) / v if side.startswith("lwcam (") else float("nan")
+                     for c, side, w, v in zip(df.config, df.side, df.what, df.seconds_per_image, strict=True)]
     per_image = df.set_index(["config", "side", "what"]).seconds_per_image
     df["x_torchcam"] = [per_image.get((c, "torchcam", "deletion + insertion")) / v
                         if side == "lwcam" and w == "deletion + insertion" else float("nan")
                         for c, side, w, v in zip(df.config, df.side, df.what, df.seconds_per_image, strict=True)]
     df["auc_gap"] = df.auc_gap.where(df.side == "torchcam")
     df.insert(0, "model", args.model)
-    order = {"raw": 0, "lwcam": 1, "torchcam": 2}
-    return df.sort_values(["config", "side"], key=lambda col: col.map(order) if col.name == "side" else col,
+    order = {"raw": 0, "lwcam": 1, "torchcam": 3}
+    return df.sort_values(["config", "side"], key=lambda col: col.map(lambda v: order.get(v, 2))
+                          if col.name == "side" else col,
                           kind="stable").reset_index(drop=True)
 
 
@@ -191,23 +212,27 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args.peer_images = min(max(args.peer_images, 1), args.n_images)
     info = machine()
     model, images, saliency, targets = build(args)
-    run_rounds(args, model, images[:2], saliency[:2], targets[:2])  # warm-up, not reported
+    fast = accelerate(model.model, (3, args.size, args.size))
+    run_rounds(args, model, fast, images[:2], saliency[:2], targets[:2])  # warm-up, not reported
     t0 = time.perf_counter()
-    df = table(run_rounds(args, model, images, saliency, targets), args)
+    df = table(run_rounds(args, model, fast, images, saliency, targets), args)
     notes = (
         f"{args.model} (weights=None, 10 classes), {args.n_images} images of {args.size}x{args.size}, "
         f"{args.size} steps of {args.size} pixels, model batch size {args.batch_size}, {args.rounds} interleaved "
         f"rounds, seed {args.seed}; {time.perf_counter() - t0:.0f} s measured. torchcam: the first "
-        f"{args.peer_images} images. `ratio_to_raw_bound`: model images per second / the faster raw forward "
-        "(goal for the games: at least 0.8). `x_torchcam`: torchcam seconds per explained image / lwcam's, "
+        f"{args.peer_images} images. Accelerated model: {fast.engine}, set up once in {fast.setup_seconds:.2f} s "
+        "(not in the table). `ratio_to_raw_bound`: model images per second / the fastest raw forward of the same "
+        "engine (goal for the games: at least 0.8). `x_eager`: eager lwcam's seconds per explained image / the "
+        "accelerated lwcam's, same games. `x_torchcam`: torchcam seconds per explained image / lwcam's, "
         "both games. `auc_gap`: largest |mean AUC difference| between torchcam and lwcam on the same images. "
         f"Load average at the start {info['load_1min']}, at the end {machine()['load_1min']}: a shared machine "
         "adds noise, which the rounds spread over every side alike."
     )
     write_report(df, args.out, title="Deletion and insertion games: throughput against the forward-pass bound "
                  "and against torchcam", notes=notes, info=info,
-                 columns=["config", "side", "what", "images", "model_images", "seconds", "model_images_per_s",
-                          "ratio_to_raw_bound", "seconds_per_image", "x_torchcam", "auc_gap"])
+                 columns=["config", "side", "what", "engine", "images", "model_images", "seconds",
+                          "model_images_per_s", "ratio_to_raw_bound", "seconds_per_image", "x_eager", "x_torchcam",
+                          "auc_gap"])
     return df
 
 

@@ -88,7 +88,8 @@ def compare(rows: list[dict]) -> pd.DataFrame:
     for i in range(1, len(df), 2):
         df.loc[i, "speedup"] = df.loc[i - 1, "seconds"] / df.loc[i, "seconds"]
         df.loc[i, "value_change"] = df.loc[i, "value"] - df.loc[i - 1, "value"]
-    df["same_result"] = [("" if pd.isna(c) else "yes" if abs(c) <= TOLERANCE else "no") for c in df["value_change"]]
+    df["same_result"] = [("" if pd.isna(c) else "yes" if abs(c) <= TOLERANCE + 1e-9 else "no")  # 1e-9: float noise
+                         for c in df["value_change"]]
     return df
 
 

@@ -118,7 +118,8 @@ def _fused(stacks: Mapping[str, torch.Tensor], spec: Mapping[str, Any]) -> torch
 
 
 def select_fusion(student: nn.Module, scorer: Any, val_images: torch.Tensor, val_targets: torch.Tensor, *,
-                  seed: int = 0, progress: bool | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
+                  seed: int = 0, step: int | None = None,
+                  progress: bool | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Score every setting of :func:`fusion_grid` by deletion AUC on validation images; pick the lowest.
 
     Args:
@@ -126,6 +127,7 @@ def select_fusion(student: nn.Module, scorer: Any, val_images: torch.Tensor, val
         scorer: the black box the games query (probabilities).
         val_images, val_targets: ``val`` images and the black box's labels for them. Nothing else is read.
         seed: seed of the random map behind the learned weights.
+        step: pixels per step of the deletion game (``None``: the image width).
 
     Returns:
         ``(table, chosen)``: one row per setting with its validation deletion AUC and a
@@ -135,7 +137,7 @@ def select_fusion(student: nn.Module, scorer: Any, val_images: torch.Tensor, val
                                                            tuple(WEIGHTING_LABELS), progress=progress)
 
     def auc(sal: torch.Tensor) -> float:
-        return float(deletion_game(scorer, val_images, sal, val_targets).auc.mean())
+        return float(deletion_game(scorer, val_images, sal, val_targets, step=step).auc.mean())
 
     random_auc = auc(random_saliency(val_images, seed=seed))
     n = len(names)
@@ -192,11 +194,12 @@ def claim_table(per_image: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
 def queries_tradeoff(params: Mapping[str, Any], blackbox: Any, scorer: Any, images: torch.Tensor,
                      targets: torch.Tensor, runs: Mapping[str, Any], distill_queries: int, *, seed: int = 0,
                      lwcam_method: str = "lwcam_selected", n_images: int | None = None,
-                     n_masks: tuple[int, ...] = (100, 300, 1000)) -> tuple[pd.DataFrame, str]:
+                     n_masks: tuple[int, ...] = (100, 300, 1000), step: int | None = None) -> tuple[pd.DataFrame, str]:
     """F6 data: RISE's deletion AUC at several mask counts against lwcam's amortised queries.
 
     Returns the table (one row per RISE setting plus lwcam) and a sentence with the break-even
-    image count: lwcam's distillation queries divided by RISE's queries per image.
+    image count: lwcam's distillation queries divided by RISE's queries per image. ``step``: pixels per
+    step of the games (``None``: the image width).
     """
     n_default = int(params["rise_masks"])
     n = n_images or min(int(params["n_tradeoff"]), len(runs["rise"].indices))
@@ -205,8 +208,8 @@ def queries_tradeoff(params: Mapping[str, Any], blackbox: Any, scorer: Any, imag
 
     def row(method: str, setting: str, q: float, sal: torch.Tensor) -> dict[str, Any]:
         return {"method": method, "setting": setting, "queries_per_image": q, "n_images": n,
-                "deletion_auc": float(deletion_game(scorer, x, sal, t).auc.mean()),
-                "insertion_auc": float(insertion_game(scorer, x, sal, t).auc.mean())}
+                "deletion_auc": float(deletion_game(scorer, x, sal, t, step=step).auc.mean()),
+                "insertion_auc": float(insertion_game(scorer, x, sal, t, step=step).auc.mean())}
 
     rows = []
     for n_m in sorted({*n_masks, n_default}):
@@ -222,7 +225,7 @@ def queries_tradeoff(params: Mapping[str, Any], blackbox: Any, scorer: Any, imag
 
 def quality_vs_fidelity(snapshots: Mapping[int, nn.Module], scorer: Any, images: torch.Tensor,
                         targets: torch.Tensor, fidelity_images: torch.Tensor, fidelity_labels: torch.Tensor,
-                        specs: Mapping[str, Mapping[str, Any]], *,
+                        specs: Mapping[str, Mapping[str, Any]], *, step: int | None = None,
                         progress: bool | None = None) -> pd.DataFrame:
     """F7 data: explanation quality of each distillation epoch's student against its fidelity.
 
@@ -232,6 +235,7 @@ def quality_vs_fidelity(snapshots: Mapping[int, nn.Module], scorer: Any, images:
         images, targets: the images explained (and the black box's labels for them).
         fidelity_images, fidelity_labels: images and black-box labels on which agreement is measured.
         specs: display name -> :func:`explain_lwcam` settings (e.g. the paper's and the selected fusion).
+        step: pixels per step of the games (``None``: the image width).
         progress: show a progress bar over epochs (``None``: only on a TTY).
 
     Returns:
@@ -244,7 +248,7 @@ def quality_vs_fidelity(snapshots: Mapping[int, nn.Module], scorer: Any, images:
         for name, spec in specs.items():
             sal = explain_lwcam(student, images, targets, **spec)
             rows.append({"epoch": epoch, "setting": name, "agreement": agree,
-                         "deletion_auc": float(deletion_game(scorer, images, sal, targets).auc.mean()),
-                         "insertion_auc": float(insertion_game(scorer, images, sal, targets).auc.mean()),
+                         "deletion_auc": float(deletion_game(scorer, images, sal, targets, step=step).auc.mean()),
+                         "insertion_auc": float(insertion_game(scorer, images, sal, targets, step=step).auc.mean()),
                          "n_images": len(images), "n_fidelity": len(fidelity_images)})
     return pd.DataFrame(rows)

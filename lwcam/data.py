@@ -385,6 +385,19 @@ def _write_cached(path: Path | None, arrays: Arrays) -> None:
     atomic_write_bytes(buf.getvalue(), path)
 
 
+def _memoised(owner: Any, render: Callable[[], Arrays]) -> Arrays:
+    """``owner._arrays`` once set; else the arrays in ``owner._cache_file()``; else ``render()``, written
+    there. Whichever it is is kept on ``owner`` (one render or read per data set object)."""
+    if owner._arrays is None:
+        path = owner._cache_file()
+        cached = _read_cached(path)
+        if cached is None:
+            cached = render()
+            _write_cached(path, cached)
+        owner._arrays = cached
+    return owner._arrays
+
+
 class SyntheticTextures(Dataset):
     """The embedded default: textured objects on photographic clutter, with object masks.
 
@@ -448,20 +461,10 @@ class SyntheticTextures(Dataset):
 
         Rendering runs on ``workers`` processes (default: one per usable CPU; see :func:`render_arrays`).
         """
-        if self._arrays is not None:
-            return self._arrays
-        path = self._cache_file()
-        cached = _read_cached(path)
-        if cached is not None:
-            self._arrays = cached
-            return cached
         render = functools.partial(render_synthetic, self.seed, self.split, image_size=self.image_size,
                                    num_classes=self.num_classes)
-        images, labels, masks = render_arrays(render, self.n, desc=f"render {self.split}", progress=progress,
-                                              workers=workers)
-        self._arrays = (images, labels, masks)
-        _write_cached(path, self._arrays)
-        return self._arrays
+        return _memoised(self, lambda: render_arrays(render, self.n, desc=f"render {self.split}",
+                                                     progress=progress, workers=workers))
 
     def _to_tensor(self, img_u8: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(img_u8)).permute(2, 0, 1).float() / 255.0
@@ -597,13 +600,9 @@ class ConflictScenes(Dataset):
 
     def arrays(self, progress: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Render (or load) every scene: uint8 images (n,H,2H,3), int64 labels (n,2), bool masks (n,2,H,2H)."""
-        if self._arrays is not None:
-            return self._arrays
-        path = self._cache_file()
-        cached = _read_cached(path)
-        if cached is not None:
-            self._arrays = cached
-            return cached
+        return _memoised(self, lambda: self._render(progress))
+
+    def _render(self, progress: bool | None) -> Arrays:
         s = self.image_size
         images = np.empty((self.n, s, 2 * s, 3), dtype=np.uint8)
         labels = np.empty((self.n, 2), dtype=np.int64)
@@ -611,9 +610,7 @@ class ConflictScenes(Dataset):
         for i in track(range(self.n), total=self.n, desc=f"render {self.split} conflict scenes", enabled=progress):
             img, labels[i], masks[i] = render_conflict(self.seed, self.split, i, s, self.num_classes)
             images[i] = np.round(img * 255).astype(np.uint8)
-        self._arrays = (images, labels, masks)
-        _write_cached(path, self._arrays)
-        return self._arrays
+        return images, labels, masks
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not -self.n <= index < self.n:

@@ -55,6 +55,8 @@ __all__ = [
     "make_scene_blackbox",
     "load_conflict",
     "fusion_selection",
+    "T3_METHODS",
+    "explain_t3",
     "accelerated",
     "collect_params",
     "get_student",
@@ -281,7 +283,7 @@ def fusion_selection(params: Mapping[str, Any], paths: RunPaths, student: torch.
     from .analysis import select_fusion  # here: analysis imports the baselines, which pipeline does not need
 
     p = as_profile(params)
-    key = p.fingerprint(TEACHER_KEYS + STUDENT_KEYS + ("n_fusion_val",))
+    key = p.fingerprint(TEACHER_KEYS + STUDENT_KEYS + ("n_fusion_val", "game_steps"))
     table_path, meta_path = paths.run / "fusion_selection.csv", paths.run / "fusion_selection.json"
     if table_path.exists() and meta_path.exists():
         meta = json.loads(meta_path.read_text())
@@ -291,10 +293,39 @@ def fusion_selection(params: Mapping[str, Any], paths: RunPaths, student: torch.
     val_x = val_x[: p.n_fusion_val]
     with stage("fusion selection on val (every grid setting)", paths):
         table, chosen = select_fusion(student, scorer, val_x, blackbox_labels(scorer, val_x), seed=p.seed,
-                                      progress=progress)
+                                      step=p.game_step(), progress=progress)
     table.to_csv(table_path, index=False)
     meta_path.write_text(json.dumps({"fingerprint": key, "chosen": chosen}, indent=2) + "\n")
     return table, chosen
+
+
+#: T3's methods in table order, and those (black-box or query-priced) explained on ``n_eval_blackbox`` images only.
+T3_METHODS = ("lwcam", "lwcam_selected", "gradcam", "layercam", "gradcampp", "scorecam", "gradcam_teacher", "cam",
+              "meaningful_perturbation", "rise", "lime", "occlusion", "random", "center", "mask")
+T3_EXPENSIVE = ("scorecam", "rise", "lime", "occlusion")
+
+
+def explain_t3(params: Mapping[str, Any], images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor, *,
+               blackbox: Any, student: torch.nn.Module, teacher: torch.nn.Module,
+               chosen: Mapping[str, Any]) -> dict[str, Any]:
+    """T3's explanations, ``method -> MethodRun`` in :data:`T3_METHODS` order: every method on ``images``,
+    :data:`T3_EXPENSIVE` on the first ``n_eval_blackbox``, meaningful perturbation on the first ``n_eval_mp``;
+    ``chosen`` is the fusion selected on ``val`` (:func:`fusion_selection`)."""
+    from .evaluation import run_methods  # here: evaluation imports the baselines, which pipeline does not need
+
+    p = as_profile(params)
+    cheap_and_priced = [m for m in T3_METHODS if m != "meaningful_perturbation"]
+    runs = run_methods(
+        images, targets, masks, methods=cheap_and_priced, blackbox=blackbox, student=student, teacher=teacher,
+        subset=range(min(p.n_eval_blackbox, len(images))), subset_methods=list(T3_EXPENSIVE),
+        method_params={"lwcam_selected": dict(chosen), "rise": {"n_masks": p.rise_masks, "seed": p.seed},
+                       "lime": {"seed": p.seed, "n_samples": p.lime_samples}, "random": {"seed": p.seed},
+                       "scorecam": {"fast": p.fast_forward}})
+    runs.update(run_methods(
+        images, targets, masks, methods=["meaningful_perturbation"], student=student,
+        subset=range(min(p.n_eval_mp, len(images))), subset_methods=["meaningful_perturbation"],
+        method_params={"meaningful_perturbation": {"seed": p.seed}}))
+    return {m: runs[m] for m in T3_METHODS}
 
 
 def collect_params(namespace: Mapping[str, Any]) -> Profile:

@@ -114,6 +114,11 @@ class Profile(Mapping[str, Any]):
     n_fusion_val: int = _key(100, "val images on which the fusion is selected")
     n_tradeoff: int = _key(20, "images of the RISE query trade-off (F6)")
     lime_samples: int = _key(500, "perturbed samples per image of LIME")
+    game_steps: int | None = _key(
+        None, "steps of the deletion and insertion games on the test and val images (T2, T3, F5-F7, the fusion "
+              "selection); null: the protocol's image height (one row of pixels per step). Coarser only where "
+              "benchmarks/bench_game_steps.py shows no mean AUC moving by more than 0.005 and no verdict changing",
+        null_at_default=True)
     # the scorecard (T4, F8): class-conflict scenes, each explained once per object class
     n_conflict: int = _key(30, "test class-conflict scenes explained by every cheap method (T4, F8)")
     n_conflict_blackbox: int = _key(6, "of those, the scenes explained by RISE, LIME, occlusion and Score-CAM")
@@ -132,6 +137,9 @@ class Profile(Mapping[str, Any]):
             if choices and value not in choices:
                 raise ProfileError(f"profile key {f.name!r} must be one of {list(choices)}, got {value!r}")
             object.__setattr__(self, f.name, value)
+        if self.game_steps is not None and not 1 <= self.game_steps <= self.image_size ** 2:
+            raise ProfileError(f"profile key 'game_steps' must lie in [1, image_size² = {self.image_size ** 2}] "
+                               f"or be null, got {self.game_steps}")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -176,6 +184,16 @@ class Profile(Mapping[str, Any]):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         return typing.cast("int | None", getattr(self, f"n_{split}"))
+
+    def game_step(self) -> int | None:
+        """Pixels moved per step of the games on the profile's square images, for ``game_steps`` steps
+        (``None``: the games' default, one row per step).
+
+        Example:
+            >>> Profile(image_size=64).game_step() is None, Profile(image_size=64, game_steps=32).game_step()
+            (True, 128)
+        """
+        return None if self.game_steps is None else -(-self.image_size ** 2 // self.game_steps)
 
     def fingerprint(self, keys: tuple[str, ...]) -> str:
         """The values of ``keys`` as one JSON string: cached artefacts are reused only when it matches."""

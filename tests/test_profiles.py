@@ -206,3 +206,16 @@ def test_a_runs_own_outputs_do_not_make_its_commit_dirty(tmp_path):
     assert not pipeline._git_commit(tmp_path).endswith("-dirty")
     (tmp_path / "code.py").write_text("x = 2\n")  # a change to the code
     assert pipeline._git_commit(tmp_path).endswith("-dirty")
+
+
+@pytest.mark.parametrize("steps", [0, -3, 64 * 64 + 1])
+def test_game_steps_out_of_range_is_refused_by_name(steps):
+    with pytest.raises(ProfileError, match="game_steps"):
+        Profile(image_size=64, game_steps=steps)
+
+
+def test_game_steps_give_the_pixels_per_step_of_the_games():
+    assert Profile(image_size=64).game_step() is None  # the protocol's H steps of one row
+    assert Profile(image_size=64, game_steps=32).game_step() == 128
+    assert Profile(image_size=64, game_steps=4096).game_step() == 1
+    assert Profile(image_size=64, game_steps=3).game_step() == 1366  # the last step is the shorter one
