@@ -57,14 +57,14 @@ def test_layout_is_a_no_op_when_off_or_not_a_convnet():
 
 
 def test_teacher_trained_either_way_is_the_same_up_to_rounding_and_comes_back_contiguous():
-    x, y = _toy_task(128, 0)
-    kwargs = dict(num_classes=2, epochs=2, batch_size=32, lr=1e-2, seed=0, progress=False)
+    x, y = _toy_task(64, 0)
+    kwargs = dict(num_classes=2, epochs=1, batch_size=32, lr=1e-2, seed=0, progress=False)
     fast = train_teacher("regnet_x_s8", x, y, channels_last=True, **kwargs).model
     plain = train_teacher("regnet_x_s8", x, y, channels_last=False, **kwargs).model
     assert all(w.is_contiguous() for w in _conv_weights(fast))
     with torch.no_grad():
         pf, pp = torch.softmax(fast(x), 1), torch.softmax(plain(x), 1)
-    assert (pf - pp).abs().max() < 1e-3
+    assert (pf - pp).abs().max() < 1e-4  # two steps: rounding only (it grows with training: bench_train_layout)
     assert not all(torch.equal(a, b) for a, b in zip(fast.parameters(), plain.parameters(), strict=True))
 
 
