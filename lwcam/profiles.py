@@ -98,8 +98,8 @@ class Profile(Mapping[str, Any]):
     temperature: float = _key(4.0, "distillation temperature (soft-label outputs)")
     distill_epochs: int = _key(10, "epochs of distillation")
     distill_batch_size: int = _key(64, "batch size of distillation", null_at_default=True)
-    distill_lr: float | None = _key(None, "peak learning rate of distillation; null: the optimiser's default "
-                                          "(2e-3 for AdamW)", null_at_default=True)
+    distill_lr: float | None = _key(None, "peak learning rate of distillation, in (0, 10]; null: the optimiser's "
+                                          "default (2e-3 for AdamW)", null_at_default=True)
     query_budget: int | None = _key(None, "most black-box queries distillation may spend; null: no limit")
     holdout: float = _key(0.05, "share of the transfer images held out of training to measure agreement",
                           null_at_default=True)
@@ -137,6 +137,8 @@ class Profile(Mapping[str, Any]):
             if choices and value not in choices:
                 raise ProfileError(f"profile key {f.name!r} must be one of {list(choices)}, got {value!r}")
             object.__setattr__(self, f.name, value)
+        if self.distill_lr is not None and not 0.0 < self.distill_lr <= 10.0:
+            raise ProfileError(f"profile key 'distill_lr' must lie in (0, 10] or be null, got {self.distill_lr}")
         if self.game_steps is not None and not 1 <= self.game_steps <= self.image_size ** 2:
             raise ProfileError(f"profile key 'game_steps' must lie in [1, image_size² = {self.image_size ** 2}] "
                                f"or be null, got {self.game_steps}")

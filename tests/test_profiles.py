@@ -219,3 +219,9 @@ def test_game_steps_give_the_pixels_per_step_of_the_games():
     assert Profile(image_size=64, game_steps=32).game_step() == 128
     assert Profile(image_size=64, game_steps=4096).game_step() == 1
     assert Profile(image_size=64, game_steps=3).game_step() == 1366  # the last step is the shorter one
+
+
+@pytest.mark.parametrize("lr", [0, -1e-3, 1e300, float("nan")])
+def test_a_distillation_learning_rate_out_of_range_is_refused_before_any_training(lr):
+    with pytest.raises(ProfileError, match="distill_lr"):
+        Profile(distill_lr=lr)
