@@ -164,7 +164,7 @@ def _add(row: dict, seconds: float, model_images: int, images: int) -> None:
     row["images"] += images
 
 
-def table(acc: dict, args: argparse.Namespace) -> pd.DataFrame:
+def table(acc: dict, args: argparse.Namespace, fast_engine: str) -> pd.DataFrame:
     lwcam_sides = {side for (_, side, _) in acc if side.startswith("lwcam")}
     for cfg in CONFIGS:  # lwcam's two games together, the unit torchcam is compared on
         for lw in sorted(lwcam_sides):
@@ -177,7 +177,7 @@ def table(acc: dict, args: argparse.Namespace) -> pd.DataFrame:
                     both["images"] = row["images"]
     df = pd.DataFrame([{"config": c, "side": side, "what": what, **row} for (c, side, what), row in acc.items()])
     df["model_images_per_s"] = df.model_images / df.seconds
-    df.insert(3, "engine", ["onnxruntime" if "onnxruntime" in f"{side} {what}" else "eager"
+    df.insert(3, "engine", [fast_engine if fast_engine in f"{side} {what}" else "eager"
                             for side, what in zip(df.side, df.what, strict=True)])
     bounds = df[df.side == "raw"].groupby("engine").model_images_per_s.max()
     df["ratio_to_raw_bound"] = df.model_images_per_s / df.engine.map(bounds)
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     fast = accelerate(model.model, (3, args.size, args.size))
     run_rounds(args, model, fast, images[:2], saliency[:2], targets[:2])  # warm-up, not reported
     t0 = time.perf_counter()
-    df = table(run_rounds(args, model, fast, images, saliency, targets), args)
+    df = table(run_rounds(args, model, fast, images, saliency, targets), args, fast.engine)
     notes = (
         f"{args.model} (weights=None, 10 classes), {args.n_images} images of {args.size}x{args.size}, "
         f"{args.size} steps of {args.size} pixels, model batch size {args.batch_size}, {args.rounds} interleaved "

@@ -159,7 +159,7 @@ def check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
 def check_bool(value: Any, name: str) -> bool:
     """``value`` when it is a bool; ``ValueError`` naming ``name`` if not (``1`` or ``"yes"`` are refused)."""
     if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
+        raise ValueError(f"{name} must be a bool (True or False), got {value!r}")
     return value
 
 

@@ -1136,7 +1136,7 @@ def _batch(tr: _Training, gidx: torch.Tensor, mine: torch.Tensor) -> tuple[torch
     """This rank's share of the global batch ``gidx``: images (augmented) on the device, and their targets."""
     mode, device = tr.config.aug_mode, tr.ctx.device
     if mode == "none":
-        return tr.plan.source.get(gidx[mine]).to(device).contiguous(memory_format=tr.layout), tr.targets[gidx[mine]]
+        return tr.plan.source.get(gidx[mine]).to(device), tr.targets[gidx[mine]]
     flips, shifts = _augment_params(len(gidx), tr.pad, tr.aug_gen)
     if mode == "query":
         batch_targets, paid = tr.ctx.rank0(lambda: _ask_views(tr, gidx, flips, shifts))
@@ -1145,7 +1145,7 @@ def _batch(tr: _Training, gidx: torch.Tensor, mine: torch.Tensor) -> tuple[torch
     else:
         tgt = tr.targets[gidx[mine]]
     x = _apply_augment(tr.plan.source.get(gidx[mine]).to(device), flips[mine], shifts[mine], tr.pad)
-    return x.contiguous(memory_format=tr.layout), tgt
+    return x, tgt
 
 
 def _train_step(tr: _Training, gidx: torch.Tensor, mine: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
@@ -1157,7 +1157,7 @@ def _train_step(tr: _Training, gidx: torch.Tensor, mine: torch.Tensor, epoch: in
     """
     config, ctx = tr.config, tr.ctx
     x, tgt = _batch(tr, gidx, mine)
-    out = _logits(tr.net(x))
+    out = _logits(tr.net(x.contiguous(memory_format=tr.layout)))
     tgt = tgt.to(ctx.device)
     if tr.soft:
         per = kd_loss(out, tgt, float(config.temperature), reduction="none")

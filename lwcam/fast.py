@@ -62,7 +62,7 @@ from typing import Any, Literal, cast
 import torch
 from torch import nn
 
-from ._checks import check_positive_int, check_real
+from ._checks import check_bool, check_positive_int, check_real
 from ._utils import eval_mode, is_cpu_convnet
 from .blackbox import module_fingerprint
 
@@ -382,8 +382,7 @@ def accelerate(module: nn.Module, image_shape: Sequence[int], *, engine: str = "
     t0 = time.perf_counter()
     shape = _check_arguments(module, image_shape, engine, atol, probe)
     check_positive_int(probe_batch, "probe_batch")
-    if not isinstance(reuse, bool):
-        raise ValueError(f"reuse must be a bool, got {reuse!r}")
+    check_bool(reuse, "reuse")
     with eval_mode(module):
         fingerprint = module_fingerprint(module)
         key = (fingerprint, shape, engine, float(atol), probe_batch, seed) if reuse and probe is None else None

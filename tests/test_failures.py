@@ -339,3 +339,15 @@ def test_8_two_models_in_one_cache_folder_keep_their_own_answers(tmp_path, one_t
 def test_extreme_but_finite_and_empty_inputs_are_refused_by_name(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize("bad", [1, "yes", None])
+def test_a_switch_that_is_not_a_bool_is_refused_by_name(bad):
+    from lwcam.baselines import scorecam
+    from lwcam.fast import accelerate
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="fast must be a bool"):
+        scorecam(net, torch.rand(1, 3, 8, 8), [0], fast=bad)
+    with pytest.raises(ValueError, match="reuse must be a bool"):
+        accelerate(net, (3, 8, 8), reuse=bad)

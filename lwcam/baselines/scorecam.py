@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import check_images, check_targets
+from .._checks import check_bool, check_images, check_targets
 from .._utils import eval_mode
 from ..fast import accelerate
 from ._base import Targets, finish, require_module, upsample
@@ -98,8 +98,7 @@ def scorecam(
     images = check_images(images, channels=3)
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if not isinstance(fast, bool):
-        raise ValueError(f"fast must be a bool, got {fast!r}")
+    check_bool(fast, "fast")
     b, _, h, w = images.shape
     targets = check_targets(targets, b, None)  # the class range is checked against the logits
     name, module = resolve_layer(model, layer, tuple(images.shape[1:]))
