@@ -26,18 +26,23 @@ reproduce: $(STAMP)
 	$(PY) -m lwcam.pipeline run --profile $(PROFILE)
 
 ## The whole test suite: ruff, mypy, unit tests and every >>> example, then the notebooks under nbval (quick profile).
+## The browser tests find a headless Chromium or install one (tests/conftest.py, fixture `chromium`: Debian's
+## chromium as root, else Playwright's); where none can be had they skip, and -rs prints why (on CI=true they fail).
 test: $(STAMP)
 	$(PY) -m ruff check lwcam tests benchmarks
 	$(PY) -m mypy
-	$(PY) -m pytest -q --doctest-modules lwcam tests
+	$(PY) -m pytest -q -rs --doctest-modules lwcam tests
 	$(PY) -m pytest -q --nbval-lax --nbval-current-env -p no:cacheprovider notebooks
 
 ## The results as a static site: site/index.html (site/<profile>/ for other profiles), from runs/<profile>/notebooks;
-## then, where Debian's chromium is installed, every page checked in it and the landing page's screenshot saved.
+## then, where a Chromium is installed (Debian's or Playwright's), every page checked in it and the landing page's
+## screenshot saved. A notebook that raised is marked on the site and fails the target.
 report: $(STAMP)
 	$(PY) -m lwcam.report build --profile $(PROFILE)
-	@if [ -x /usr/bin/chromium ]; then $(PY) -m lwcam.report check --profile $(PROFILE); \
-	else echo "report: /usr/bin/chromium not found; the site is built but not checked in a browser"; fi
+	@if $(PY) -c "import sys; from lwcam.report import find_browser; sys.exit(find_browser() is None)"; then \
+	$(PY) -m lwcam.report check --profile $(PROFILE); \
+	else echo "report: no Chromium found (apt-get install chromium, or $(PY) -m playwright install chromium);" \
+	"the site is built but not checked in a browser"; fi
 
 ## Serve the profile's black box on http://127.0.0.1:$(PORT)/v2/models/blackbox (Open Inference Protocol, MLServer).
 PORT ?= 8080

@@ -7,7 +7,11 @@ Each exists once; callers pass their own documented settings:
 * Meaningful Perturbation's blurred copy: kernel ``2·ceil(3σ)+1``, replicate border, weights in
   float32;
 * the fusion's per-image min-max (a constant map gives zeros), Score-CAM's and LayerCAM's
-  torchcam-style min-max with ``ε = 1e-8`` in the denominator.
+  torchcam-style min-max with ``ε = 1e-8`` in the denominator;
+* :func:`pow2_scale`, the power of two that sums, norms and ranges of extreme but finite values
+  are divided by so that they cannot overflow;
+* :func:`area_resize`, the class-preserving fusions' resize of a coarse map (nearest up, block
+  mean down), which never spills a cell into its neighbours.
 
 Example:
     >>> minmax_normalize(torch.tensor([[1., 3.], [2., 5.]]))
@@ -27,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["gaussian_kernel1d", "gaussian_blur", "minmax_normalize", "BORDERS"]
+__all__ = ["gaussian_kernel1d", "gaussian_blur", "minmax_normalize", "pow2_scale", "area_resize", "BORDERS"]
 
 Border = Literal["reflect", "replicate"]
 BORDERS = ("reflect", "replicate")
@@ -94,12 +98,33 @@ def gaussian_blur(images: Tensor, kernel_size: int, sigma: float, *, border: Bor
     return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, kernel_size, 1), groups=c)  # along H
 
 
+def pow2_scale(x: Tensor, dim: int | tuple[int, ...] = -1) -> Tensor:
+    """Powers of two near the largest magnitude of ``x`` over ``dim`` (kept as size-1 dims; 1 where all zero).
+
+    Dividing by a power of two is exact in floating point, so it guards sums, norms and ranges of
+    extreme but finite values against overflow without changing any ratio's rounding. The power is
+    ``2^e`` with ``max|x| < 2^e``, capped at the dtype's largest finite power of two.
+
+    Example:
+        >>> pow2_scale(torch.tensor([[3.0, -5.0], [0.0, 0.0]], dtype=torch.float64)).tolist()
+        [[8.0], [1.0]]
+        >>> bool(torch.isfinite(pow2_scale(torch.tensor([1e308], dtype=torch.float64))).all())
+        True
+    """
+    top = x.abs().amax(dim=dim, keepdim=True)
+    _, exponent = torch.frexp(top)
+    exponent = exponent.clamp(max=math.frexp(torch.finfo(top.dtype).max)[1] - 1)
+    return torch.where(top > 0, torch.ldexp(torch.ones_like(top), exponent), torch.ones_like(top))
+
+
 def minmax_normalize(x: Tensor, eps: float = 0.0) -> Tensor:
     """Min-max normalise each map to [0, 1] over its last two dimensions (H, W).
 
     With ``eps = 0`` (default): :math:`N(X) = (X - \\min X) / (\\max X - \\min X)`, and a constant
     map becomes all zeros (never NaN). With ``eps > 0`` (torchcam's convention):
     :math:`N(X) = (X - \\min X) / (\\max X - \\min X + ε)`. Works for (H,W), (B,H,W), (B,L,H,W), ...
+    A map whose range overflows its dtype (``−3e38 .. 3e38`` in float32) is divided by
+    :func:`pow2_scale` first, so extreme but finite maps normalise too; other maps are untouched.
 
     Args:
         x: a real tensor with at least 2 dimensions, all values finite (an integer tensor becomes float32).
@@ -114,6 +139,8 @@ def minmax_normalize(x: Tensor, eps: float = 0.0) -> Tensor:
                 [0., 0.]])
         >>> minmax_normalize(torch.tensor([[0., 1.]]), eps=1.0)
         tensor([[0.0000, 0.5000]])
+        >>> minmax_normalize(torch.tensor([[-3e38, 0., 3e38]]))
+        tensor([[0.0000, 0.5000, 1.0000]])
     """
     x = torch.as_tensor(x)
     if x.ndim < 2:
@@ -127,8 +154,49 @@ def minmax_normalize(x: Tensor, eps: float = 0.0) -> Tensor:
     lo = x.amin(dim=(-2, -1), keepdim=True)
     hi = x.amax(dim=(-2, -1), keepdim=True)
     rng = hi - lo
+    if not bool(torch.isfinite(rng).all()):  # a range past the dtype's (e.g. −3e38 .. 3e38 in float32)
+        scale = torch.where(torch.isfinite(rng), torch.ones_like(rng), pow2_scale(x, dim=(-2, -1)))
+        x, lo, hi = x / scale, lo / scale, hi / scale
+        rng = hi - lo
+        if eps > 0:
+            return ((x - lo) / (rng + eps / scale)).clamp_(0.0, 1.0)
     if eps > 0:
         return ((x - lo) / (rng + eps)).clamp_(0.0, 1.0)
     safe = torch.where(rng > 0, rng, torch.ones_like(rng))
     out = torch.where(rng > 0, (x - lo) / safe, torch.zeros_like(x))
     return out.clamp_(0.0, 1.0)
+
+
+def _resize_dim(x: Tensor, n_out: int, dim: int) -> Tensor:
+    """:func:`area_resize` along one dimension (``-2`` or ``-1``)."""
+    n_in = x.shape[dim]
+    if n_out >= n_in:  # nearest: output pixel j copies input cell ⌊j·n_in/n_out⌋ (integer arithmetic)
+        return x.index_select(dim, torch.arange(n_out, device=x.device) * n_in // n_out)
+    cell = torch.arange(n_in, device=x.device) * n_out // n_in  # the output cell of each input pixel
+    m = torch.zeros(n_out, n_in, dtype=x.dtype, device=x.device)
+    m[cell, torch.arange(n_in, device=x.device)] = 1.0
+    m = m / m.sum(dim=1, keepdim=True)
+    return m @ x if dim == -2 else x @ m.T
+
+
+def area_resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Resize ``(..., h, w)`` maps to ``size = (H, W)`` without spilling a cell into its neighbours.
+
+    Each dimension on its own: growing, output pixel ``j`` copies input cell ``⌊j·n_in/n_out⌋``
+    (nearest, in integer arithmetic, so a pixel never mixes two cells); shrinking, output cell
+    ``c`` is the mean of the input pixels ``i`` with ``⌊i·n_out/n_in⌋ = c``, the block that
+    growing back would fill from ``c``. Hence ``area_resize(area_resize(x, (H, W)), (h, w)) == x``
+    for ``H ≥ h, W ≥ w``: a block mean of the nearest-upsampled map is the map itself, for any
+    ratio (an even ratio gives ``avg_pool2d``'s blocks). Works for any floating dtype; the
+    fusion calls it in float64.
+
+    Example:
+        >>> area_resize(torch.tensor([[1., 2.], [3., 4.]]), (4, 4))[0]
+        tensor([1., 1., 2., 2.])
+        >>> area_resize(torch.arange(16.).reshape(4, 4), (2, 2))
+        tensor([[ 2.5000,  4.5000],
+                [10.5000, 12.5000]])
+    """
+    if x.ndim < 2 or not x.is_floating_point():
+        raise ValueError(f"area_resize needs a floating tensor (..., h, w), got shape {tuple(x.shape)}")
+    return _resize_dim(_resize_dim(x, int(size[0]), -2), int(size[1]), -1)

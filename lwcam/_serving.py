@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Literal
@@ -40,7 +41,9 @@ class ServedModel:
     ``returns`` is what it answers: ``"probs"`` (softmax of the module's logits) or ``"logits"``;
     the output tensor carries that name. ``version`` defaults to the module's weight fingerprint.
     With ``any_size`` the input is declared ``[-1, 3, -1, -1]`` and images of any size are taken
-    (``image_size`` is then only the size the module is probed at).
+    (``image_size`` is then only the size the module is probed at). With ``count_file``, every
+    answered request appends its number of images to that file (a line each, flushed and synced
+    to disk before the answer is sent), so that a killed server's answers can still be counted.
     """
 
     module: nn.Module
@@ -50,6 +53,7 @@ class ServedModel:
     max_batch_size: int = 1024
     any_size: bool = False
     version: str = ""
+    count_file: str | os.PathLike | None = None
     num_classes: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -84,6 +88,17 @@ class ServedModel:
                 out = torch.softmax(out, dim=1)
         return out.to(torch.float32).numpy()
 
+    def count(self, images: int) -> None:
+        """Append ``images`` to :attr:`count_file`, synced to disk (nothing without a count file)."""
+        if self.count_file is None:
+            return
+        fd = os.open(self.count_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, f"{images}\n".encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
 
 class TorchRuntime(MLModel):
     """MLServer runtime of a :class:`ServedModel` of this process: decodes the images, runs them, encodes scores."""
@@ -95,6 +110,7 @@ class TorchRuntime(MLModel):
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
         images = self._images(payload)
         scores = self.served.answer(images)
+        self.served.count(len(images))
         out = ResponseOutput(name=self.served.returns, shape=list(scores.shape), datatype="FP32",
                              data=scores.reshape(-1).tolist())
         return InferenceResponse(model_name=self.name, model_version=self.served.version, outputs=[out])

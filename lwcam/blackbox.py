@@ -26,14 +26,18 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
 from ._checks import check_images, check_positive_int, check_real
+from ._errors import BlackBoxError
 from ._utils import eval_mode, track
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["BlackBox", "TopK", "BlackBoxError", "CacheError", "as_prob_fn", "module_fingerprint", "TRANSIENT_ERRORS"]
 
@@ -57,10 +61,6 @@ def _rows(images: torch.Tensor, idx: list[int]) -> torch.Tensor:
     if idx and idx[-1] - idx[0] == len(idx) - 1 and idx == list(range(idx[0], idx[-1] + 1)):
         return images[idx[0] : idx[-1] + 1]
     return images[idx]
-
-
-class BlackBoxError(RuntimeError):
-    """The wrapped callable returned an invalid answer, failed, or kept failing."""
 
 
 class CacheError(BlackBoxError):
@@ -420,12 +420,27 @@ class BlackBox:
 
     # ------------------------------------------------------------------ public
     @classmethod
-    def from_endpoint(cls, url: str, model_name: str, num_classes: int, **options: Any) -> BlackBox:
+    def from_endpoint(cls, url: str, model_name: str, num_classes: int, *, image_size: int | None = None,
+                      model_version: str | None = None, fn_returns: FnReturns = "auto", output: Output = "probs",
+                      k: int = 5, max_batch_size: int = 64, timeout: float = 30.0, retries: int = 6,
+                      backoff: float = 0.25, rate_limit: float | None = None,
+                      cache_dir: str | os.PathLike | None = None, cache_namespace: str | None = None,
+                      atol: float = 1e-3, channels: int = 3, progress: bool | None = False,
+                      transport: httpx.BaseTransport | None = None) -> BlackBox:
         """A black box for a model behind an Open Inference Protocol (KServe v2) server at ``url``.
 
-        The model's metadata are read and checked before any query; ``options`` are those of
-        :func:`lwcam.remote.endpoint_blackbox` (``image_size``, ``max_batch_size``, ``timeout``,
-        ``retries``, ``rate_limit``, ``cache_dir``, ``output``...).
+        The metadata are read and checked first (:class:`lwcam.remote.RemoteModel`); nothing is queried
+        if they do not fit. ``fn_returns="auto"`` takes logits when the model's output is named
+        ``logits`` and probabilities otherwise. Requests carry at most ``max_batch_size`` images and
+        each takes at most ``timeout`` seconds in all; ``retries``, ``backoff`` (seconds, doubled each
+        try, at least the server's ``Retry-After``) apply to connection errors, 429 and 503 only. The
+        cache namespace is ``URL|name|version`` (then ``cache_namespace``, if given, in front), and
+        every answer cached under it came from that version: an answer naming another
+        ``model_version`` raises :class:`lwcam.remote.EndpointError`. With ``cache_dir``, a server
+        that reports no model version needs ``model_version`` or ``cache_namespace``, so that a new
+        model is never answered from an old one's cache. The other arguments are :class:`BlackBox`'s
+        and :class:`~lwcam.remote.RemoteModel`'s. The returned black box's ``fn`` is the
+        :class:`~lwcam.remote.RemoteModel`. Also :func:`lwcam.remote.endpoint_blackbox`.
 
         Example (nothing listens on port 9 of loopback, so the error comes at construction):
             >>> BlackBox.from_endpoint("http://127.0.0.1:9", "resnet", num_classes=10)
@@ -433,9 +448,25 @@ class BlackBox:
             ...
             lwcam.remote.EndpointError: cannot reach http://127.0.0.1:9/v2/models/resnet: ...
         """
-        from .remote import endpoint_blackbox
+        from ._endpoint import MAX_WAIT, RemoteModel  # here: httpx is imported only when a server is used
 
-        return endpoint_blackbox(url, model_name, num_classes, **options)
+        check_positive_int(max_batch_size, "max_batch_size")
+        BlackBox._check_outputs(num_classes, fn_returns, output, k)
+        BlackBox._check_limits(max_batch_size, retries, backoff, atol, channels, cache_namespace, ())
+        if retries > 0 and backoff * 2 ** (retries - 1) > MAX_WAIT:
+            raise ValueError(f"retries={retries} with backoff={backoff} s would wait "
+                             f"{backoff * 2 ** (retries - 1):.3g} s before the last retry; at most {MAX_WAIT:g} s "
+                             f"(a day)")
+        remote = RemoteModel(url, model_name, num_classes=num_classes, image_size=image_size, channels=channels,
+                             model_version=model_version, timeout=timeout, rate_limit=rate_limit, transport=transport)
+        if cache_dir is not None and remote.metadata.version is None and cache_namespace is None:
+            remote.close()
+            raise ValueError(f"{remote.model_url} reports no model version, so the answer cache cannot tell this "
+                             f"model from a later one under the same name: pass model_version= or cache_namespace=")
+        namespace = remote.cache_namespace if cache_namespace is None else f"{cache_namespace}|{remote.cache_namespace}"
+        return cls(remote, num_classes, fn_returns=remote.metadata.returns if fn_returns == "auto" else fn_returns,
+                   output=output, k=k, batch_size=max_batch_size, cache_dir=cache_dir, retries=retries,
+                   backoff=backoff, atol=atol, channels=channels, cache_namespace=namespace, progress=progress)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor | TopK:
         """Answer a batch of images (B,C,H,W) as the ``output`` mode allows."""

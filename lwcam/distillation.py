@@ -176,7 +176,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_log_probs: torch.Tensor, tempe
 
         L_i = τ² · Σ_c p_T^τ(c) · (log p_T^τ(c) − log p_S^τ(c))
 
-    Classes with teacher probability 0 (``t = -inf``) contribute 0. At ``τ = 1`` this is the plain
+    Classes with teacher probability 0 (``t = -inf``, or a logit far below the others) contribute 0;
+    finite logits that overflow float32 once divided by ``τ`` are taken in float64. At ``τ = 1`` this is the plain
     ``KL(teacher ‖ student)``.
 
     Args:
@@ -194,9 +195,12 @@ def kd_loss(student_logits: torch.Tensor, teacher_log_probs: torch.Tensor, tempe
     if student_logits.shape != teacher_log_probs.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher answers "
                          f"{tuple(teacher_log_probs.shape)} differ in shape")
-    p_t = torch.softmax(teacher_log_probs.float() / temperature, dim=1)
-    log_p_s = torch.log_softmax(student_logits.float() / temperature, dim=1)
-    per = (torch.xlogy(p_t, p_t) - p_t * log_p_s).sum(dim=1) * temperature**2
+    t, s = teacher_log_probs.float() / temperature, student_logits.float() / temperature
+    if bool((t.isinf() & torch.isfinite(teacher_log_probs)).any() | (s.isinf() & torch.isfinite(student_logits)).any()):
+        t, s = teacher_log_probs.double() / temperature, student_logits.double() / temperature  # past float32
+    p_t, log_p_s = torch.softmax(t, dim=1), torch.log_softmax(s, dim=1)
+    cross = torch.where(p_t > 0, p_t * log_p_s, torch.zeros_like(p_t))  # 0·log 0 = 0, not NaN
+    per = ((torch.xlogy(p_t, p_t) - cross).sum(dim=1) * temperature**2).float()
     if reduction == "none":
         return per
     if reduction == "sum":

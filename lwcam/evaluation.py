@@ -34,6 +34,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ._checks import check_positive_int
 from ._utils import track
 from .baselines import LWCAM_LABEL, METHODS, Explanation
 from .fusion import fuse
@@ -128,8 +129,12 @@ def run_methods(images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor
     if unknown:
         raise ValueError(f"unknown method {unknown[0]!r}; expected one of {sorted(METHODS)}")
     method_params = dict(method_params or {})
+    check_positive_int(chunk, "chunk")
     all_idx = torch.arange(len(images))
     sub_idx = all_idx if subset is None else torch.as_tensor(subset, dtype=torch.long)
+    if all_idx.numel() == 0 or (sub_idx.numel() == 0 and set(methods) & set(subset_methods)):
+        empty = "images" if all_idx.numel() == 0 else "subset"  # a cost per image of no image would be 0/0
+        raise ValueError(f"{empty} is empty: every method needs at least one image to explain")
     runs: dict[str, MethodRun] = {}
     for name in track(methods, total=len(methods), desc="methods", enabled=progress):
         method = METHODS[name]
@@ -183,6 +188,14 @@ def score_methods(blackbox: Any, images: torch.Tensor, targets: torch.Tensor, ma
     return pd.concat(frames, ignore_index=True), games
 
 
+def _check_columns(per_image: pd.DataFrame, wanted: Sequence[str], name: str) -> None:
+    """``ValueError`` naming ``name`` when one of ``wanted`` is not a column of ``per_image`` (not a bare KeyError)."""
+    missing = [c for c in wanted if c not in per_image.columns]
+    if missing:
+        raise ValueError(f"{name}: {missing[0]!r} is not a column of the per-image table; the columns are "
+                         f"{list(per_image.columns)}")
+
+
 def summarize(per_image: pd.DataFrame, runs: Mapping[str, MethodRun], *, n_boot: int = 10000,
               seed: int = 0, metrics: Sequence[str] | None = None) -> pd.DataFrame:
     """T3-style table: per method the mean of each metric with its 95% bootstrap CI, time and queries.
@@ -193,6 +206,7 @@ def summarize(per_image: pd.DataFrame, runs: Mapping[str, MethodRun], *, n_boot:
     rows = []
     if metrics is None:
         metrics = [m for m in ("deletion_auc", "insertion_auc", "pointing", "mass") if m in per_image]
+    _check_columns(per_image, metrics, "metrics")
     for name, run in runs.items():
         sub = per_image[per_image["method"] == name]
         row: dict[str, Any] = {"method": name, "label": run.label, "access": run.access, "n_images": len(sub)}
@@ -214,6 +228,7 @@ def summarize(per_image: pd.DataFrame, runs: Mapping[str, MethodRun], *, n_boot:
 def compare(per_image: pd.DataFrame, a: str, b: str, metric: str = "deletion_auc",
             alternative: str = "less", seed: int = 0) -> dict[str, Any]:
     """Paired comparison of methods ``a`` and ``b`` on the images both explained (Wilcoxon + bootstrap CI)."""
+    _check_columns(per_image, [metric], "metric")
     pa = per_image[per_image["method"] == a].set_index("image")[metric]
     pb = per_image[per_image["method"] == b].set_index("image")[metric]
     common = pa.index.intersection(pb.index)

@@ -45,6 +45,7 @@ from scipy.sparse.linalg import splu
 from torch import nn
 
 from ._checks import check_images, check_map, check_positive_int, check_real, check_targets
+from ._ops import pow2_scale
 from ._utils import track
 from .blackbox import BlackBox
 from .metrics import (
@@ -116,21 +117,6 @@ def _conflict_inputs(saliency: object, mask_asked: object, mask_other: object
     sal = _saliency(saliency, "saliency").cpu()
     shape = (sal.shape[0], sal.shape[1], sal.shape[2])
     return sal, _mask(mask_asked, "mask_asked", shape), _mask(mask_other, "mask_other", shape)
-
-
-def _pow2_scale(flat: torch.Tensor) -> torch.Tensor:
-    """(B, 1) powers of two near each row's largest magnitude (1 for an all-zero row).
-
-    Dividing by a power of two is exact in floating point, so it guards sums and norms against
-    overflow without changing any ratio's rounding.
-
-    Example:
-        >>> _pow2_scale(torch.tensor([[3.0, -5.0], [0.0, 0.0]], dtype=torch.float64)).tolist()
-        [[8.0], [1.0]]
-    """
-    top = flat.abs().amax(dim=1, keepdim=True)
-    _, exponent = torch.frexp(top)
-    return torch.where(top > 0, torch.ldexp(torch.ones_like(top), exponent), torch.ones_like(top))
 
 
 # --------------------------------------------------------------------------- rank correlation
@@ -261,7 +247,7 @@ def targeted_mass(saliency: torch.Tensor, mask_asked: torch.Tensor, mask_other: 
     """
     sal, asked, other = _conflict_inputs(saliency, mask_asked, mask_other)
     flat = sal.flatten(1)
-    pos = (flat / _pow2_scale(flat)).clamp_min(0)
+    pos = (flat / pow2_scale(flat)).clamp_min(0)
     a, both = asked.flatten(1), (asked | other).flatten(1)
     inside, total = (pos * a).sum(dim=1), (pos * both).sum(dim=1)
     share = a.sum(dim=1).double() / both.sum(dim=1).double()
@@ -397,6 +383,8 @@ def _impute(image: torch.Tensor, removed: torch.Tensor, noise: float, generator:
     filled = torch.tensor(sol, dtype=image.dtype).t()
     if noise > 0:
         filled = filled + noise * torch.randn(filled.shape, generator=generator, dtype=image.dtype)
+        if not bool(torch.isfinite(filled).all()):
+            raise ValueError(f"noise={noise:g} makes imputed pixels overflow {image.dtype}; use a smaller noise")
     out = image.detach().cpu().reshape(c, h * w).clone()
     out[:, torch.from_numpy(np.flatnonzero(rm.reshape(-1)))] = filled
     return out.reshape(c, h, w).to(image.device)
@@ -450,7 +438,8 @@ def road(model: Model, images: torch.Tensor, saliency: torch.Tensor, targets: Ta
         targets: the class scored on each image (an int or B ints).
         percentages: shares of pixels removed, each in [0, 100).
         order: ``"morf"`` or ``"lerf"``.
-        noise: standard deviation of the Gaussian noise added to imputed values (0 disables it).
+        noise: standard deviation of the Gaussian noise added to imputed values (0 disables it); a
+            noise that makes an imputed pixel overflow the images' dtype is refused.
         seed: seed of the noise generator.
         batch_size: images sent to the model at once.
         progress: show a progress bar (``None``: only on a TTY).
@@ -470,7 +459,7 @@ def road(model: Model, images: torch.Tensor, saliency: torch.Tensor, targets: Ta
     qs = _check_percentages(percentages)
     if order not in ("morf", "lerf"):
         raise ValueError(f"order must be 'morf' or 'lerf', got {order!r}")
-    noise = check_real(noise, "noise", 0.0)
+    noise = check_real(noise, "noise", 0.0, float(torch.finfo(images.dtype).max))
     check_positive_int(batch_size, "batch_size")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
@@ -499,7 +488,7 @@ def road_score(scores: torch.Tensor) -> torch.Tensor:
     cancels in the difference.
 
     Args:
-        scores: (B, P) output of :func:`road`, finite.
+        scores: (B, P) output of :func:`road`: probabilities in [0, 1].
 
     Returns:
         (B,) float64.
@@ -513,6 +502,9 @@ def road_score(scores: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"scores must be a non-empty (B, P) tensor from road(), got {shape}")
     if not bool(torch.isfinite(scores).all()):
         raise ValueError("scores contains NaN or Inf")
+    if bool(((scores < 0) | (scores > 1)).any()):
+        raise ValueError(f"scores must be probabilities in [0, 1], got values in [{float(scores.min()):.4g}, "
+                         f"{float(scores.max()):.4g}]")
     return scores.to(torch.float64).mean(dim=1)
 
 
@@ -641,7 +633,8 @@ def max_sensitivity(explain_fn: ExplainFn, images: torch.Tensor, targets: Target
             targets as a (B,) int64 tensor.
         images: (B,C,H,W) images.
         targets: the class explained on each image.
-        radius: half-width ``r`` of the uniform noise, > 0.
+        radius: half-width ``r`` of the uniform noise, > 0, small enough that ``x + δ`` stays finite
+            in the images' dtype.
         n_samples: number of perturbations per image.
         seed: seed of the noise generator (the noise is drawn on the CPU in float64).
         norm: ``"fro"`` (default), ``"l1"`` or ``"inf"``.
@@ -661,7 +654,8 @@ def max_sensitivity(explain_fn: ExplainFn, images: torch.Tensor, targets: Target
     images = check_images(images)
     b, _, h, w = images.shape
     tgt = check_targets(targets, b)
-    radius = check_real(radius, "radius", 0.0, low_open=True)
+    room = float(torch.finfo(images.dtype).max) - float(images.abs().max())  # images + noise stay finite
+    radius = check_real(radius, "radius", 0.0, room, low_open=True)
     check_positive_int(n_samples, "n_samples")
     if norm not in ("fro", "l1", "inf"):
         raise ValueError(f"norm must be 'fro', 'l1' or 'inf', got {norm!r}")
@@ -671,7 +665,7 @@ def max_sensitivity(explain_fn: ExplainFn, images: torch.Tensor, targets: Target
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     base = _saliency(explain_fn(images, tgt) if saliency is None else saliency,
                      "explain_fn's output" if saliency is None else "saliency", (b, h, w)).cpu()
-    scale = _pow2_scale(base.flatten(1)).view(b, 1, 1)
+    scale = pow2_scale(base.flatten(1)).view(b, 1, 1)
     gen = torch.Generator().manual_seed(int(seed))
     worst = torch.zeros(b, dtype=torch.float64)
     for _ in track(range(n_samples), total=n_samples, desc="max-sensitivity", enabled=progress):
@@ -709,7 +703,7 @@ def sparseness(saliency: torch.Tensor) -> torch.Tensor:
         [0.75]
     """
     flat = _saliency(saliency, "saliency").cpu().flatten(1).abs()
-    a = torch.sort(flat / _pow2_scale(flat), dim=1).values
+    a = torch.sort(flat / pow2_scale(flat), dim=1).values
     n = a.shape[1]
     k = torch.arange(1, n + 1, dtype=torch.float64)
     total = a.sum(dim=1)

@@ -52,7 +52,7 @@ from scipy import stats
 from torch import nn
 
 from ._checks import check_classes, check_images, check_map, check_targets
-from ._ops import gaussian_blur
+from ._ops import gaussian_blur, pow2_scale
 from ._utils import is_cpu_convnet, track
 from .blackbox import BlackBox, as_prob_fn
 
@@ -155,7 +155,7 @@ def game_auc(curves: torch.Tensor) -> torch.Tensor:
     ``AUC = (sum(s) - s_0 / 2 - s_{n-1} / 2) / (n - 1)``. A constant curve ``c`` has AUC ``c``.
 
     Args:
-        curves: (n,) or (B, n) tensor.
+        curves: (n,) or (B, n) tensor, finite (NaN or Inf raises).
 
     Returns:
         A 0-d or (B,) tensor of the input's floating dtype (float32 for integer input).
@@ -173,7 +173,13 @@ def game_auc(curves: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"a curve needs at least 2 points to have an area, got {n}")
     out_dtype = curves.dtype if curves.is_floating_point() else torch.float32
     c = curves.to(torch.float64)
+    if not bool(torch.isfinite(c).all()):
+        raise ValueError("curves contains NaN or Inf")
     auc = (c.sum(dim=-1) - c[..., 0] / 2 - c[..., -1] / 2) / (n - 1)
+    if not bool(torch.isfinite(auc).all()):  # float64 points near 1e308: their sum overflows, their mean does not
+        scale = pow2_scale(c)
+        c = c / scale
+        auc = (c.sum(dim=-1) - c[..., 0] / 2 - c[..., -1] / 2) / (n - 1) * scale.squeeze(-1)
     return auc.to(out_dtype)
 
 
@@ -560,6 +566,9 @@ def relevance_mass(saliency: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     sal, m = _check_pair(saliency, masks)
     pos = sal.to(torch.float64).clamp_min(0).flatten(1)
     total = pos.sum(dim=1)
+    if not bool(torch.isfinite(total).all()):  # float64 maps near 1e308: their sum overflows, a share does not
+        pos = pos / pow2_scale(pos)
+        total = pos.sum(dim=1)
     inside = (pos * m.flatten(1)).sum(dim=1)
     return torch.where(total > 0, inside / torch.where(total > 0, total, torch.ones_like(total)),
                        torch.zeros_like(total))
@@ -574,6 +583,10 @@ def _as_1d_float(values: object, name: str) -> np.ndarray:
         raise ValueError(f"{name} must be one-dimensional, got shape {arr.shape}")
     if np.isinf(arr).any():
         raise ValueError(f"{name} contains Inf")
+    finite = arr[~np.isnan(arr)]
+    if finite.size and float(np.abs(finite).max()) > np.finfo(np.float64).max / finite.size:
+        raise ValueError(f"{name}: values too large to average in float64 (max |value| "
+                         f"{np.abs(finite).max():.4g} over {finite.size} values overflows a sum); rescale them")
     return arr
 
 
@@ -678,7 +691,8 @@ def paired_test(a: object, b: object, *, n_boot: int = 10000, ci: float = 0.95, 
     if xa.shape != xb.shape:
         raise ValueError(f"a and b must have the same shape (paired per image), got {xa.shape} and {xb.shape}")
     keep = ~(np.isnan(xa) | np.isnan(xb))
-    d = xa[keep] - xb[keep]
+    with np.errstate(over="ignore"):
+        d = _as_1d_float(xa[keep] - xb[keep], "a - b")  # Inf where a and b near ±1.8e308 differ past float64
     if d.size == 0:
         raise ValueError("paired_test needs at least one pair without NaN")
     mean, low, high = bootstrap_ci(d, n_boot=n_boot, ci=ci, seed=seed)

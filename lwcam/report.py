@@ -14,10 +14,26 @@ Layout (``site/`` for the ``default`` profile, ``site/<profile>/`` for any other
     notebooks/<name>.html    each executed notebook with its outputs
     tables/<id>.html, .csv   each table of the profile's reports folder
     figures/<id>.png         each figure of the profile's figures folder
+    .lwcam-site.json         the manifest: every file the build wrote, and the notebooks that failed
 
-:func:`check_site` opens every page in headless Chromium (Debian's ``/usr/bin/chromium``,
-driven by Playwright) and reports console errors, images that did not load, links that do not
-resolve and any request that would leave the machine; it saves a screenshot of the landing page.
+Failure behaviour:
+
+* A build never deletes or overwrites a file it did not write. It renders into a hidden sibling
+  folder and moves its files in only once every page is made; a rebuild then removes the files
+  its previous manifest lists and no others. An ``out`` that is a file, or that already holds
+  files and no manifest, is refused (``ValueError`` naming it) and left as it is.
+* A notebook that cannot be read (invalid JSON) stops the build before anything is written, with
+  an error naming the file: the previous site stays as it was.
+* A notebook whose cell raised (an ``error`` output or papermill's error marker) is built, and
+  marked: a banner on the landing page and on that notebook's page names the notebook and the
+  exception, and every table and figure that notebook makes is flagged as possibly stale or
+  incomplete. ``python -m lwcam.report build`` then exits with status 1, and ``check`` reports
+  the banner as a problem.
+
+:func:`check_site` opens every page in headless Chromium (Debian's ``/usr/bin/chromium``, or
+Playwright's own Chromium where that is missing; see :func:`find_browser`), driven by Playwright,
+and reports console errors, images that did not load, links that do not resolve and any request
+that would leave the machine; it saves a screenshot of the landing page.
 
 :func:`publish` copies a run's outputs into the committed ``notebooks/*.ipynb``: each keeps its
 own ``parameters`` cell (the ``quick`` defaults that nbval runs on) and loses papermill's
@@ -35,12 +51,14 @@ from __future__ import annotations
 import argparse
 import copy
 import html
+import json
 import math
 import numbers
 import os
 import re
 import shutil
 import sys
+import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +73,13 @@ from .profiles import project_root
 __all__ = [
     "CHROMIUM",
     "CHROMIUM_ARGS",
+    "MANIFEST",
     "SiteCheck",
+    "NotebookFailure",
+    "notebook_failures",
+    "read_manifest",
+    "site_failures",
+    "find_browser",
     "site_dir",
     "claim_verdict",
     "with_verdicts",
@@ -68,8 +92,12 @@ __all__ = [
     "main",
 ]
 
-#: Debian's Chromium, which :func:`check_site` drives (Playwright's own browser download is not used).
+#: Debian's Chromium, which :func:`check_site` drives where it is installed (else Playwright's own).
 CHROMIUM = "/usr/bin/chromium"
+#: The manifest a built site keeps at its top: the files the build wrote (a rebuild removes only those).
+MANIFEST = ".lwcam-site.json"
+#: The tag papermill gives the cells it inserts into a notebook whose execution raised.
+PAPERMILL_ERROR_TAG = "papermill-error-cell-tag"
 #: Flags for a headless Chromium that stays off the network and needs no sandbox or GPU.
 CHROMIUM_ARGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync")
@@ -92,11 +120,14 @@ _TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
 nav.lwcam-nav { font-family: system-ui, sans-serif; padding: 0.6em 1em; background: #f3f5f7;
   border-bottom: 1px solid #d0d7de; position: sticky; top: 0; z-index: 10; }
 nav.lwcam-nav a { margin-right: 1em; }
+.lwcam-failed { font-family: system-ui, sans-serif; margin: 0.8em 1em; padding: 0.6em 1em; background: #ffebe9;
+  border: 2px solid #cf222e; color: #1f2328; }
 </style>
 {%- endblock extra_css -%}
 {%- block body_header -%}
 {{ super() }}
 <nav class="lwcam-nav">{{ resources.lwcam_nav }}</nav>
+{{ resources.lwcam_banner }}
 {%- endblock body_header -%}
 """
 
@@ -118,6 +149,8 @@ td.fails { background: #ffebe9; }
 .gallery figure { margin: 0; width: 380px; border: 1px solid #d0d7de; padding: 0.5em; }
 .gallery img { width: 100%; height: auto; }
 .gallery figcaption { font-size: 0.9em; }
+.lwcam-failed { margin: 0.8em 0; padding: 0.6em 1em; background: #ffebe9; border: 2px solid #cf222e; }
+.stale { color: #cf222e; font-weight: 600; }
 """
 
 
@@ -138,6 +171,64 @@ class SiteCheck:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+
+@dataclass(frozen=True)
+class NotebookFailure:
+    """A notebook whose execution raised: its name, the exception, and the cell where it did (1 is the first).
+
+    >>> str(NotebookFailure("02_explain", "ValueError", "bad layer", 7))
+    '02_explain raised ValueError: bad layer (cell 7)'
+    """
+
+    notebook: str
+    ename: str
+    evalue: str = ""
+    cell: int | None = None
+
+    def __str__(self) -> str:
+        where = f" (cell {self.cell})" if self.cell is not None else ""
+        return f"{self.notebook} raised {self.ename}{': ' + self.evalue if self.evalue else ''}{where}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"notebook": self.notebook, "ename": self.ename, "evalue": self.evalue, "cell": self.cell}
+
+
+def _cell_failure(cell: Mapping[str, Any], index: int, name: str) -> NotebookFailure | None:
+    """The exception a cell's outputs record (a clean ``SystemExit`` is not one), or papermill's flag on it."""
+    for out in cell.get("outputs", []) or []:
+        if out.get("output_type") != "error":
+            continue
+        ename, evalue = str(out.get("ename", "")) or "Exception", str(out.get("evalue", ""))
+        if ename == "SystemExit" and evalue in ("", "0"):
+            continue
+        return NotebookFailure(name, ename, evalue, index + 1)
+    if cell.get("metadata", {}).get("papermill", {}).get("exception") is True:
+        return NotebookFailure(name, "CellExecutionError", "", index + 1)
+    return None
+
+
+def notebook_failures(nb: Any, name: str = "notebook") -> list[NotebookFailure]:
+    """The failure an executed notebook records, as a list of at most one: the first cell that raised.
+
+    A cell raised when it has an output of type ``error`` or papermill flagged it; a notebook
+    carrying papermill's error marker and neither counts as failed at an unknown cell.
+
+    >>> from nbformat.v4 import new_code_cell, new_notebook, new_output
+    >>> cell = new_code_cell("1/0", outputs=[new_output("error", ename="ZeroDivisionError", evalue="division by zero",
+    ...                                                 traceback=[])])
+    >>> [str(f) for f in notebook_failures(new_notebook(cells=[new_code_cell("x = 1"), cell]), "03_x")]
+    ['03_x raised ZeroDivisionError: division by zero (cell 2)']
+    """
+    cells = list(nb.get("cells", []))
+    marked = any(PAPERMILL_ERROR_TAG in c.get("metadata", {}).get("tags", []) for c in cells)
+    for index, cell in enumerate(cells):
+        found = _cell_failure(cell, index, name)
+        if found is not None:
+            return [found]
+    if marked or nb.get("metadata", {}).get("papermill", {}).get("exception") is True:
+        return [NotebookFailure(name, "an exception", "papermill marked the notebook as failed")]
+    return []
 
 
 def site_dir(profile: str, root: str | os.PathLike | None = None) -> Path:
@@ -262,8 +353,17 @@ def _html_table(headings: Iterable[str], rows: Iterable[Iterable[str]]) -> str:
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
+def _load_csv(path: Path) -> pd.DataFrame:
+    """A table of the reports folder; ``ValueError`` naming a file that is not a readable CSV."""
+    try:
+        return pd.read_csv(path)
+    except (ValueError, UnicodeDecodeError) as exc:  # pandas' parser errors are ValueErrors
+        raise ValueError(f"table {path}: not a readable CSV ({str(exc).splitlines()[0][:200] if str(exc) else ''})"
+                         ) from exc
+
+
 def _read_csv(path: Path) -> pd.DataFrame | None:
-    return pd.read_csv(path) if path.exists() else None
+    return _load_csv(path) if path.exists() else None
 
 
 def _method_labels(t3: pd.DataFrame | None) -> dict[str, str]:
@@ -288,13 +388,16 @@ def _claim_rows(claims: pd.DataFrame, labels: Mapping[str, str]) -> list[list[st
     return rows
 
 
-def _claims_section(reports: Path, labels: Mapping[str, str]) -> str:
+def _claims_section(reports: Path, labels: Mapping[str, str], stale: Mapping[str, NotebookFailure]) -> str:
     parts = ['<h2 id="claims">Claims and verdicts</h2>',
              '<p class="meta">One-sided paired tests on the images both methods explained; a claim holds when the '
              "difference goes its way with p &lt; 0.05.</p>"]
     for table_id, title in CLAIM_TABLES:
         claims = _read_csv(reports / f"{table_id}.csv")
         parts.append(f'<h3 id="{table_id}">{html.escape(title)}</h3>')
+        if claims is not None and table_id in stale:
+            why = html.escape(str(stale[table_id]))
+            parts.append(f'<p class="stale">These verdicts may be stale or incomplete: {why}.</p>')
         if claims is None:
             parts.append(f"<p>No {table_id} table for this profile yet (its notebook has not been run).</p>")
             continue
@@ -329,11 +432,12 @@ def _t3_section(t3: pd.DataFrame | None) -> str:
             "T3_methods</a>.</p>" + _html_table([h for _, h in cols], rows))
 
 
-def _figures_section(figures: list[Path], makers: Mapping[str, str]) -> str:
+def _figures_section(figures: list[Path], makers: Mapping[str, str], stale: Mapping[str, NotebookFailure]) -> str:
     items = []
     for fig in figures:
         maker = makers.get(fig.stem)
         by = f' · <a href="notebooks/{maker}.html">{html.escape(maker)}</a>' if maker else ""
+        by += _stale_mark(fig.stem, stale)
         items.append(f'<figure id="fig-{fig.stem}"><a href="figures/{fig.name}"><img src="figures/{fig.name}" '
                      f'alt="{html.escape(fig.stem)}"></a><figcaption><a href="figures/{fig.name}">'
                      f"{html.escape(fig.stem)}</a>{by}</figcaption></figure>")
@@ -341,21 +445,23 @@ def _figures_section(figures: list[Path], makers: Mapping[str, str]) -> str:
     return '<h2 id="figures">Figures</h2>' + body
 
 
-def _tables_section(tables: list[Path], makers: Mapping[str, str]) -> str:
+def _tables_section(tables: list[Path], makers: Mapping[str, str], stale: Mapping[str, NotebookFailure]) -> str:
     rows = []
     for t in tables:
         maker = makers.get(t.stem, "lwcam.pipeline" if t.stem == "timings" else
                            "benchmarks/" + t.stem + ".py" if t.stem.startswith("bench_") else "")
         link = f'<a href="notebooks/{maker}.html">{html.escape(maker)}</a>' if t.stem in makers else html.escape(maker)
+        link += _stale_mark(t.stem, stale)
         rows.append([f'<td><a href="tables/{t.stem}.html">{html.escape(t.stem)}</a></td>',
                      f'<td><a href="tables/{t.name}">csv</a></td>', f"<td>{link}</td>"])
     body = _html_table(["table", "data", "made by"], rows) if rows else "<p>No tables for this profile.</p>"
     return '<h2 id="tables">Tables</h2>' + body
 
 
-def _notebooks_section(titles: Mapping[str, str]) -> str:
-    items = "".join(f'<li><a href="notebooks/{n}.html">{html.escape(n)}</a>: {html.escape(t)}</li>'
-                    for n, t in titles.items())
+def _notebooks_section(titles: Mapping[str, str], failures: Iterable[NotebookFailure] = ()) -> str:
+    failed = {f.notebook for f in failures}
+    items = "".join(f'<li><a href="notebooks/{n}.html">{html.escape(n)}</a>: {html.escape(t)}'
+                    f'{" <span class=stale>(failed)</span>" if n in failed else ""}</li>' for n, t in titles.items())
     return f'<h2 id="notebooks">Notebooks (executed, with their outputs)</h2><ul>{items}</ul>'
 
 
@@ -400,13 +506,14 @@ def _title(nb: Any, name: str) -> str:
     return name
 
 
-def _render_notebook(nb: Any, name: str, nav: str) -> str:
+def _render_notebook(nb: Any, name: str, nav: str, banner: str = "") -> str:
     import jinja2
     from nbconvert import HTMLExporter
 
     exporter = HTMLExporter(template_name="lab", template_file="lwcam_site.html.j2",
                             extra_loaders=[jinja2.DictLoader({"lwcam_site.html.j2": _TEMPLATE})])
-    body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": name}, "lwcam_nav": nav})
+    body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": name}, "lwcam_nav": nav,
+                                                             "lwcam_banner": banner})
     body = _strip_css_comments(body)
     bad = external_resources(body)
     if bad:
@@ -414,12 +521,12 @@ def _render_notebook(nb: Any, name: str, nav: str) -> str:
     return body
 
 
-def _table_page(csv_path: Path, nav: str) -> str:
-    df = pd.read_csv(csv_path)
+def _table_page(csv_path: Path, nav: str, banner: str = "") -> str:
+    df = _load_csv(csv_path)
     rows = [[_cell(v) for v in r] for r in df.itertuples(index=False)]
     md = csv_path.with_suffix(".md")
     also = f" (also as markdown: <code>{html.escape(md.name)}</code> in the reports folder)" if md.exists() else ""
-    body = (f"<nav>{nav}</nav><h1>{html.escape(csv_path.stem)}</h1><p>{len(df)} rows. Data: "
+    body = (f"<nav>{nav}</nav>{banner}<h1>{html.escape(csv_path.stem)}</h1><p>{len(df)} rows. Data: "
             f'<a href="{csv_path.name}">{html.escape(csv_path.name)}</a>{also}.</p>'
             + _html_table([str(c) for c in df.columns], rows))
     return _page(csv_path.stem, body)
@@ -433,12 +540,160 @@ def _executed_notebooks(folder: Path, profile: str) -> list[Path]:
     return found
 
 
-def _reset(out: Path) -> None:
-    """Empty the parts of ``out`` that :func:`build` writes (other profiles' sites below it stay)."""
-    for sub in ("notebooks", "tables", "figures"):
-        shutil.rmtree(out / sub, ignore_errors=True)
-        (out / sub).mkdir(parents=True)
-    (out / "index.html").unlink(missing_ok=True)
+_PROFILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def _check_profile(profile: object) -> str:
+    """``profile`` if it can name a folder (letters, digits, ``_``, ``-``, ``.``), else ``ValueError`` naming it.
+
+    >>> _check_profile("paper")
+    'paper'
+    """
+    if not isinstance(profile, str) or not _PROFILE_NAME.fullmatch(profile):
+        raise ValueError(f"profile: {profile!r} is not a profile name (letters, digits, '_', '-' and '.', "
+                         "starting with a letter or digit)")
+    return profile
+
+
+def _read_notebooks(files: Iterable[Path]) -> dict[str, Any]:
+    """Every notebook of ``files``, by name; ``ValueError`` naming the first that cannot be read."""
+    import nbformat
+
+    nbs = {}
+    for path in files:
+        try:
+            nbs[path.stem] = nbformat.read(path, as_version=4)
+        except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:  # invalid JSON or not a notebook
+            raise ValueError(f"notebook {path}: not a readable notebook ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); rerun it or remove it") from exc
+    return nbs
+
+
+def _check_entry(entry: object, where: Path) -> str:
+    """One manifest entry: a relative path inside the site, without ``..``."""
+    if not isinstance(entry, str) or not entry or entry == MANIFEST:
+        raise ValueError(f"{where}: damaged manifest, bad entry {entry!r}; remove the site folder yourself")
+    parts = Path(entry).parts
+    if Path(entry).is_absolute() or ".." in parts or "\\" in entry:
+        raise ValueError(f"{where}: damaged manifest, the entry {entry!r} lies outside the site; "
+                         "remove the site folder yourself")
+    return entry
+
+
+def read_manifest(site: str | os.PathLike) -> dict[str, Any] | None:
+    """The manifest of a built site (``None`` if ``site`` has none); ``ValueError`` naming a damaged one.
+
+    It holds ``files`` (every file the build wrote, relative to ``site``), ``failed`` (the
+    notebooks that raised, see :class:`NotebookFailure`) and the ``profile``.
+    """
+    path = Path(site) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: damaged manifest ({exc}); remove the site folder yourself") from exc
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list):
+        raise ValueError(f"{path}: damaged manifest (no 'files' list); remove the site folder yourself")
+    manifest["files"] = [_check_entry(e, path) for e in manifest["files"]]
+    return manifest
+
+
+def site_failures(site: str | os.PathLike) -> list[NotebookFailure]:
+    """The notebooks that raised in the run a built site shows, from its manifest."""
+    manifest = read_manifest(site) or {}
+    return [NotebookFailure(str(f.get("notebook", "?")), str(f.get("ename", "")), str(f.get("evalue", "")),
+                            f.get("cell")) for f in manifest.get("failed", []) if isinstance(f, dict)]
+
+
+_STAGING = re.compile(r"\..+\.building-\w+")
+
+
+def _foreign_entries(out: Path) -> list[str]:
+    """What ``out`` holds besides other profiles' sites (folders with a manifest) and unfinished builds."""
+    return sorted(e.name for e in out.iterdir()
+                  if not (e.is_dir() and ((e / MANIFEST).is_file() or _STAGING.fullmatch(e.name))))
+
+
+def _claimed_files(out: Path) -> set[str]:
+    """The files an earlier build wrote into ``out`` (its manifest's); ``ValueError`` if ``out`` is not ours to
+    write: a file, or a folder that holds files and no manifest."""
+    if not out.exists():
+        if out.is_symlink():
+            raise ValueError(f"out: {out} is a broken symbolic link; name a folder")
+        return set()
+    if not out.is_dir():
+        raise ValueError(f"out: {out} is a file, not a folder; name a new or empty folder for the site")
+    manifest = read_manifest(out)
+    if manifest is not None:
+        return set(manifest["files"])
+    foreign = _foreign_entries(out)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise ValueError(f"out: {out} already holds files that no site build wrote ({shown}; no {MANIFEST}); "
+                         "nothing was changed. Name a new or empty folder, or move those files away")
+    return set()
+
+
+def _write_json(path: Path, value: Mapping[str, Any]) -> None:
+    """Write ``value`` to ``path`` through a temporary file and a rename, so a reader never sees half of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _blocked(out: Path, rel: str, claimed: set[str]) -> bool:
+    """Whether writing ``rel`` into ``out`` would replace something no build wrote (a file or a folder)."""
+    target = out / rel
+    if rel not in claimed and (target.exists() or target.is_symlink()):
+        return True
+    return any(parent.exists() and not parent.is_dir() for parent in target.parents if parent != out
+               and parent.is_relative_to(out))
+
+
+def _remove(out: Path, rel: str) -> None:
+    """Remove a file an earlier build wrote, then its folders inside ``out`` that are left empty."""
+    target = out / rel
+    if target.is_file() or target.is_symlink():
+        target.unlink()
+    for parent in target.parents:
+        if parent == out or not parent.is_relative_to(out):
+            break
+        try:
+            parent.rmdir()  # only when empty: another file keeps its folder
+        except OSError:
+            break
+
+
+def _install(staging: Path, out: Path, claimed: set[str], manifest: Mapping[str, Any]) -> None:
+    """Move a site rendered in ``staging`` into ``out``, replacing only the files an earlier build wrote there.
+
+    A new ``out`` is one rename. Otherwise the manifest first claims the old and the new files (so
+    an interrupted move leaves nothing unclaimed), the files move one rename each, the old files
+    the new site lacks are removed, and the manifest is written last.
+    """
+    new = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+    if not out.exists():
+        _write_json(staging / MANIFEST, {**manifest, "files": new})
+        os.replace(staging, out)
+        return
+    clash = [rel for rel in new if _blocked(out, rel, claimed)]
+    if clash:
+        raise ValueError(f"out: {out / clash[0]} is in the way and no site build wrote it; nothing was changed. "
+                         "Move it away or name another folder")
+    _write_json(out / MANIFEST, {**manifest, "files": sorted(claimed | set(new))})
+    for rel in new:
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / rel, out / rel)
+    for rel in sorted(claimed - set(new)):
+        _remove(out, rel)
+    _write_json(out / MANIFEST, {**manifest, "files": new})
+
+
+def _staging_dir(out: Path) -> Path:
+    """A new hidden folder beside ``out`` to render into (same file system, so moving in is a rename)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
 
 
 def build(profile: str = "default", root: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
@@ -447,43 +702,116 @@ def build(profile: str = "default", root: str | os.PathLike | None = None, out: 
 
     ``notebooks`` is the folder of executed notebooks (default ``runs/<profile>/notebooks``);
     tables and figures come from the profile's ``reports`` and ``figures`` folders; ``out``
-    defaults to :func:`site_dir`.
+    defaults to :func:`site_dir`. The site is rendered beside ``out`` and moved in only when
+    every page is made; only files an earlier build wrote (its manifest, :data:`MANIFEST`) are
+    replaced or removed. ``ValueError`` names a bad ``profile``, an ``out`` that is a file or holds
+    files no build wrote, and a notebook that cannot be read; nothing is changed then. A notebook
+    whose cell raised is built with a banner (see :func:`notebook_failures`, :func:`site_failures`).
     """
-    import nbformat
-
+    _check_profile(profile)
     base = project_root(root)
     source = Path(notebooks) if notebooks is not None else base / "runs" / profile / "notebooks"
     files = _executed_notebooks(source, profile)
     out_dir = Path(out) if out is not None else site_dir(profile, base)
-    reports, figures = _reports_dir(profile, base), _figures_dir(profile, base)
-    _reset(out_dir)
-    nbs = {f.stem: nbformat.read(f, as_version=4) for f in files}
-    names = list(nbs)
-    for name, nb in nbs.items():
-        (out_dir / "notebooks" / f"{name}.html").write_text(_render_notebook(nb, name, _nav("../", names)))
-    tables = sorted(reports.glob("*.csv"))
-    for t in tables:
-        shutil.copy2(t, out_dir / "tables" / t.name)
-        (out_dir / "tables" / f"{t.stem}.html").write_text(_table_page(t, _nav("../", names)))
-    pngs = sorted(figures.glob("*.png"))
-    for f in pngs:
-        shutil.copy2(f, out_dir / "figures" / f.name)
-    makers = made_by({n: [c.source for c in nb.cells if c.cell_type == "code"] for n, nb in nbs.items()})
-    t3, timings = _read_csv(reports / "T3_methods.csv"), _read_csv(reports / "timings.csv")
-    labels = {**_method_labels(_read_csv(reports / "T4_scorecard.csv")), **_method_labels(t3)}
+    claimed = _claimed_files(out_dir)
+    nbs = _read_notebooks(files)
+    failures = [f for name, nb in nbs.items() for f in notebook_failures(nb, name)]
     try:
         shown_source = str(source.resolve().relative_to(base))
     except ValueError:
         shown_source = str(source)
+    staging = _staging_dir(out_dir)
+    try:
+        _write_site(staging, _Run(profile, base, shown_source, nbs, failures))
+        _install(staging, out_dir, claimed, {"generator": "lwcam.report", "profile": profile,
+                                             "failed": [f.to_dict() for f in failures]})
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir / "index.html"
+
+
+@dataclass
+class _Run:
+    """What a site shows: the profile, its executed notebooks and the failures they record."""
+
+    profile: str
+    base: Path
+    source: str
+    nbs: dict[str, Any]
+    failures: list[NotebookFailure]
+
+    @property
+    def makers(self) -> dict[str, str]:
+        return made_by({n: [c.source for c in nb.cells if c.cell_type == "code"] for n, nb in self.nbs.items()})
+
+    @property
+    def stale(self) -> dict[str, NotebookFailure]:
+        """``{table or figure id: failure}`` for what a failed notebook makes."""
+        failed = {f.notebook: f for f in self.failures}
+        return {i: failed[n] for i, n in self.makers.items() if n in failed}
+
+
+def _write_site(site: Path, run: _Run) -> None:
+    """Every page of the site into the empty folder ``site``."""
+    reports, figures = _reports_dir(run.profile, run.base), _figures_dir(run.profile, run.base)
+    names, stale = list(run.nbs), run.stale
+    for sub in ("notebooks", "tables", "figures"):
+        (site / sub).mkdir()
+    for name, nb in run.nbs.items():
+        own = [f for f in run.failures if f.notebook == name]
+        made = {i: f for i, f in stale.items() if f.notebook == name}
+        banner = _failure_banner(own, made, "../")
+        (site / "notebooks" / f"{name}.html").write_text(_render_notebook(nb, name, _nav("../", names), banner))
+    tables = sorted(reports.glob("*.csv"))
+    for t in tables:
+        shutil.copy2(t, site / "tables" / t.name)
+        page = _table_page(t, _nav("../", names), _stale_banner(t.stem, stale))
+        (site / "tables" / f"{t.stem}.html").write_text(page)
+    pngs = sorted(figures.glob("*.png"))
+    for f in pngs:
+        shutil.copy2(f, site / "figures" / f.name)
+    t3, timings = _read_csv(reports / "T3_methods.csv"), _read_csv(reports / "timings.csv")
+    labels = {**_method_labels(_read_csv(reports / "T4_scorecard.csv")), **_method_labels(t3)}
+    makers = run.makers
     body = "\n".join([
-        f"<nav>{_nav('', names)}</nav>", f"<h1>lwcam: results of the <code>{html.escape(profile)}</code> run</h1>",
-        _provenance(timings, profile, shown_source), _claims_section(reports, labels), _t3_section(t3),
-        _figures_section(pngs, makers), _tables_section(tables, makers),
-        _notebooks_section({n: _title(nb, n) for n, nb in nbs.items()}), _timings_section(timings),
+        f"<nav>{_nav('', names)}</nav>", f"<h1>lwcam: results of the <code>{html.escape(run.profile)}</code> run</h1>",
+        _failure_banner(run.failures, stale, ""),
+        _provenance(timings, run.profile, run.source), _claims_section(reports, labels, stale), _t3_section(t3),
+        _figures_section(pngs, makers, stale), _tables_section(tables, makers, stale),
+        _notebooks_section({n: _title(nb, n) for n, nb in run.nbs.items()}, run.failures), _timings_section(timings),
     ])
-    index = out_dir / "index.html"
-    index.write_text(_page(f"lwcam report ({profile})", body))
-    return index
+    (site / "index.html").write_text(_page(f"lwcam report ({run.profile})", body))
+
+
+def _failure_banner(failures: list[NotebookFailure], stale: Mapping[str, NotebookFailure], prefix: str) -> str:
+    """A banner naming each failed notebook and its exception, and what those notebooks make ("" if none failed)."""
+    if not failures:
+        return ""
+    items = "".join(
+        f'<li><a href="{prefix}notebooks/{html.escape(f.notebook)}.html">{html.escape(f.notebook)}</a> raised '
+        f"<code>{html.escape(f.ename)}{': ' + html.escape(f.evalue[:300]) if f.evalue else ''}</code>"
+        f"{f' in cell {f.cell}' if f.cell is not None else ''}</li>" for f in failures)
+    made = (f"<p>What these notebooks make may be stale (from an earlier run) or incomplete: "
+            f"{html.escape(', '.join(sorted(stale)))}.</p>" if stale else
+            "<p>The outputs after each failing cell are missing.</p>")
+    return (f'<div class="lwcam-failed" id="failed-notebooks" role="alert"><b>This run did not finish: '
+            f"{len(failures)} notebook{'s' if len(failures) > 1 else ''} raised an exception.</b>"
+            f"<ul>{items}</ul>{made}</div>")
+
+
+def _stale_banner(item: str, stale: Mapping[str, NotebookFailure]) -> str:
+    """The banner of a table page whose notebook failed ("" if it did not)."""
+    f = stale.get(item)
+    if f is None:
+        return ""
+    return (f'<div class="lwcam-failed" role="alert"><b>Possibly stale or incomplete:</b> {html.escape(str(f))}, '
+            f"and it makes this table.</div>")
+
+
+def _stale_mark(item: str, stale: Mapping[str, NotebookFailure]) -> str:
+    """A short flag beside a table or figure whose notebook failed ("" if it did not)."""
+    f = stale.get(item)
+    return f' <span class="stale">possibly stale: {html.escape(f.notebook)} failed</span>' if f else ""
 
 
 def _tags(cell: Any) -> list[str]:
@@ -544,15 +872,32 @@ def publish(profile: str = "default", root: str | os.PathLike | None = None,
     return written
 
 
+def find_browser() -> str | None:
+    """A Chromium for :func:`check_site`: Debian's :data:`CHROMIUM`, else Playwright's own download, else ``None``."""
+    if Path(CHROMIUM).exists():
+        return CHROMIUM
+    try:
+        from playwright.sync_api import Error, sync_playwright
+    except ImportError:
+        return None
+    try:
+        with sync_playwright() as pw:
+            path = pw.chromium.executable_path
+    except Error:
+        return None
+    return path if path and Path(path).exists() else None
+
+
 def check_site(site: str | os.PathLike, screenshot: str | os.PathLike | None = None,
-               browser: str = CHROMIUM) -> SiteCheck:
+               browser: str | None = None) -> SiteCheck:
     """Open every page of a built site in headless Chromium and report what a reader would hit.
 
     Starting from ``index.html`` it follows every local link; it records console errors, page
     errors, images that did not load (``naturalWidth == 0``), links to missing files or anchors,
     pages no link reaches, and every request to a network (each one is blocked). ``verdicts`` are
     the landing page's claim verdicts and ``clicks`` how far each file is from it. ``screenshot``
-    saves the whole landing page as a PNG.
+    saves the whole landing page as a PNG. A landing page that reports a failed notebook is a
+    problem too. ``browser`` is a Chromium executable (default: :func:`find_browser`'s).
     """
     try:
         from playwright.sync_api import sync_playwright
@@ -561,7 +906,12 @@ def check_site(site: str | os.PathLike, screenshot: str | os.PathLike | None = N
     index = Path(site).resolve() / "index.html"
     if not index.exists():
         raise FileNotFoundError(f"site: no {index}; build the site first (python -m lwcam.report build)")
-    if not Path(browser).exists():
+    if browser is None:
+        browser = find_browser()
+        if browser is None:
+            raise FileNotFoundError(f"browser: no Chromium found (neither {CHROMIUM} nor Playwright's own); install "
+                                    "one: apt-get install chromium, or python -m playwright install chromium")
+    elif not Path(browser).exists():
         raise FileNotFoundError(f"browser: {browser} not found; install Debian's chromium (apt-get install chromium)")
     with sync_playwright() as pw:
         chromium = pw.chromium.launch(executable_path=browser, headless=True, args=list(CHROMIUM_ARGS))
@@ -609,6 +959,8 @@ def _crawl(browser: Any, index: Path, screenshot: Path | None) -> SiteCheck:
 
 def _landing(page: Any, result: SiteCheck, screenshot: Path | None) -> None:
     result.verdicts = page.eval_on_selector_all("td.verdict", "els => els.map(e => e.textContent.trim())")
+    failed = page.eval_on_selector_all("#failed-notebooks li", "els => els.map(e => e.textContent.trim())")
+    result.problems += [f"index.html: the run did not finish: {text}" for text in failed]
     if screenshot is not None:
         screenshot.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(screenshot), full_page=True)
@@ -661,7 +1013,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return _run_command(args)
-    except (FileNotFoundError, ValueError, ImportError) as exc:
+    except (OSError, ValueError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -671,7 +1023,10 @@ def _run_command(args: argparse.Namespace) -> int:
     if args.cmd == "build":
         index = build(args.profile, base, args.out, args.notebooks)
         print(f"[lwcam] site -> {index} (open it in a browser; no server needed)")
-        return 0
+        failed = site_failures(index.parent)
+        for failure in failed:
+            print(f"error: notebook {failure}; the site marks it, and what it makes may be stale", file=sys.stderr)
+        return 1 if failed else 0
     if args.cmd == "publish":
         for path in publish(args.profile, base):
             print(f"[lwcam] {path.relative_to(base)} <- runs/{args.profile}/notebooks/{path.name}")

@@ -36,7 +36,7 @@ from lwcam.metrics import deletion_game
 from lwcam.pipeline import RunPaths, make_blackbox
 from lwcam.profiles import Profile
 from lwcam.remote import EndpointError, RemoteModel
-from lwcam.serve import ServerProcess, main
+from lwcam.serve import ServerProcess, free_port, main
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
@@ -311,6 +311,20 @@ def test_images_of_another_size_fail_before_sending(proxy):
     assert proxy.infer == 0
 
 
+def test_the_server_names_its_version_in_every_answer_and_a_stale_client_is_refused(server, tmp_path):
+    from dataclasses import replace
+
+    bb = _remote(server.url, cache_dir=tmp_path)
+    remote: RemoteModel = bb.fn  # type: ignore[assignment]
+    version = remote.metadata.version
+    assert version and bb.cache is not None and bb.cache.namespace.startswith(f"{server.url}|{NAME}|{version}|")
+    remote.metadata = replace(remote.metadata, version="stale")  # as if the server had been given a new model
+    with pytest.raises(BlackBoxError, match=rf"{server.url}/v2/models/{NAME}/infer answered as model version "
+                                            rf"'{version}', but this client was built for version 'stale'"):
+        bb(_images(2))
+    assert bb.queries == 0 and _rows_in_cache(tmp_path) == 0
+
+
 def test_rate_limit_paces_requests_before_sending(server):
     bb = _remote(server.url, rate_limit=100.0, max_batch_size=10)
     t0 = time.perf_counter()
@@ -374,8 +388,8 @@ def test_serve_refuses_bad_arguments(argv, message):
 
 def test_serve_loads_no_pickle(tmp_path):
     torch.save(torch.nn.Linear(2, 2), tmp_path / "pickled.pt")
-    with pytest.raises(ValueError, match="not a TorchScript archive .* pickled modules are not loaded"):
-        main(["serve", "--module", str(tmp_path / "pickled.pt"), "--image-size", "8", "--port", "9"])
+    with pytest.raises(SystemExit, match="not a TorchScript archive .* pickled modules are not loaded"):
+        main(["serve", "--module", str(tmp_path / "pickled.pt"), "--image-size", "8", "--port", str(free_port())])
 
 
 @pytest.mark.parametrize("any_size", [False, True])

@@ -140,3 +140,69 @@ def test_committed_notebooks_run_on_quick_without_injected_parameters(path):
     quick = load_profile("quick", ROOT)
     declared = papermill.inspect_notebook(str(path))
     assert {k: ast.literal_eval(v["default"]) for k, v in declared.items()} == {k: quick[k] for k in declared}
+
+
+def _failed_run(root: Path, name: str = "01_tiny") -> None:
+    """Rewrite the run's notebook as one whose last cell raised after saving nothing new."""
+    path = root / "runs" / "tiny" / "notebooks" / f"{name}.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    nb.cells[-1].outputs = [new_output("error", ename="RuntimeError", evalue="the black box went away",
+                                       traceback=["Traceback ...", "RuntimeError: the black box went away"])]
+    nbformat.write(nb, path)
+
+
+def test_a_failed_notebook_is_marked_on_the_landing_page_its_own_page_and_its_tables(tmp_path, monkeypatch, capsys):
+    root = _project(tmp_path)
+    _failed_run(root)
+    index = report.build("tiny", root)
+    page = index.read_text()
+    assert 'id="failed-notebooks"' in page and "01_tiny</a> raised <code>RuntimeError: the black box went away" in page
+    assert "may be stale (from an earlier run) or incomplete: T3_methods" in page
+    assert 'T3_methods</a></td><td><a href="tables/T3_methods.csv">csv</a></td><td><a href="notebooks/01_tiny.html">' \
+           '01_tiny</a> <span class="stale">possibly stale: 01_tiny failed</span>' in page
+    assert 'T3_claim</a></td><td><a href="tables/T3_claim.csv">csv</a></td><td></td>' in page  # not made by 01
+    nb_page = (index.parent / "notebooks" / "01_tiny.html").read_text()
+    assert 'class="lwcam-failed"' in nb_page and "RuntimeError: the black box went away" in nb_page
+    table_page = (index.parent / "tables" / "T3_methods.html").read_text()
+    assert "Possibly stale or incomplete:" in table_page and "01_tiny raised RuntimeError" in table_page
+    assert "Possibly stale" not in (index.parent / "tables" / "T3_claim.html").read_text()
+    assert [str(f) for f in report.site_failures(index.parent)] == [
+        "01_tiny raised RuntimeError: the black box went away (cell 4)"]
+    monkeypatch.chdir(root)
+    assert report.main(["build", "--profile", "tiny"]) == 1  # built, marked, and the command says it failed
+    assert "error: notebook 01_tiny raised RuntimeError" in capsys.readouterr().err
+
+
+def test_claim_verdicts_of_a_failed_notebook_are_flagged(tmp_path):
+    root = _project(tmp_path)
+    path = root / "runs" / "tiny" / "notebooks" / "01_tiny.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    nb.cells[-1].source += '\npipeline.save_table(claims, "T3_claim", paths)'
+    nbformat.write(nb, path)
+    _failed_run(root)
+    page = report.build("tiny", root).read_text()
+    assert '<p class="stale">These verdicts may be stale or incomplete: 01_tiny raised RuntimeError' in page
+
+
+def test_a_rebuild_after_a_good_run_drops_the_banner(tmp_path):
+    root = _project(tmp_path)
+    _failed_run(root)
+    report.build("tiny", root)
+    nbformat.write(_notebook("n = 1", 'pipeline.save_table(t, "T3_methods", paths)\nprint(42)', True, "n = 500"),
+                   root / "runs" / "tiny" / "notebooks" / "01_tiny.ipynb")
+    index = report.build("tiny", root)
+    assert "failed-notebooks" not in index.read_text() and report.site_failures(index.parent) == []
+
+
+def test_papermills_marker_and_flag_count_as_a_failure_and_a_clean_exit_does_not():
+    marker = new_markdown_cell("Execution using papermill encountered an exception here and stopped:",
+                               metadata={"tags": [report.PAPERMILL_ERROR_TAG]})
+    assert [f.ename for f in report.notebook_failures(new_notebook(cells=[marker]), "x")] == ["an exception"]
+    flagged = new_code_cell("run()", metadata={"papermill": {"exception": True}})
+    (found,) = report.notebook_failures(new_notebook(cells=[new_markdown_cell("# x"), flagged]), "x")
+    assert (found.ename, found.cell) == ("CellExecutionError", 2)
+    clean = new_code_cell("raise SystemExit(0)")
+    clean.outputs = [new_output("error", ename="SystemExit", evalue="0", traceback=[])]
+    assert report.notebook_failures(new_notebook(cells=[clean]), "x") == []
+    nb = new_notebook(cells=[new_code_cell("x = 1")], metadata={"papermill": {"exception": True}})
+    assert len(report.notebook_failures(nb, "x")) == 1

@@ -1,15 +1,15 @@
-"""The report site in a real browser: Debian's headless Chromium driven by Playwright (lwcam.report.check_site).
+"""The report site in a real browser: headless Chromium driven by Playwright (lwcam.report.check_site).
 
 The site is built from the ``quick`` run's executed notebooks when ``runs/quick/notebooks`` holds
 them all, and otherwise from the committed ``notebooks/*.ipynb``, which carry their outputs, so
 the test needs no notebook execution on a clean clone. Tables and figures come from the committed
-``reports/quick/`` and ``figures/quick/``. On CI (``CI=true``) a missing browser fails the test;
-elsewhere it skips.
+``reports/quick/`` and ``figures/quick/``. The ``chromium`` fixture (tests/conftest.py) finds or
+installs the browser; where it cannot, these tests skip with the reason, and on CI (``CI=true``)
+they fail.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -22,32 +22,17 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def browser_ready() -> None:
-    missing = []
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        missing.append("Playwright for Python (pip install -e '.[dev]')")
-    if not Path(report.CHROMIUM).exists():
-        missing.append(f"{report.CHROMIUM} (apt-get install chromium)")
-    if missing and os.environ.get("CI") == "true":
-        pytest.fail(f"the browser test needs {' and '.join(missing)}; .ci/run installs them")
-    if missing:
-        pytest.skip(f"needs {' and '.join(missing)}")
-
-
 def _notebook_source() -> Path:
     committed = sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb"))
     run = ROOT / "runs" / "quick" / "notebooks"
     return run if all((run / name).exists() for name in committed) else ROOT / "notebooks"
 
 
-def test_every_page_loads_offline_without_errors(browser_ready, tmp_path):
+def test_every_page_loads_offline_without_errors(chromium, tmp_path):
     t0 = time.perf_counter()
     index = report.build("quick", ROOT, out=tmp_path / "site", notebooks=_notebook_source())
     shot = tmp_path / "site_landing.png"
-    result = report.check_site(index.parent, screenshot=shot)
+    result = report.check_site(index.parent, screenshot=shot, browser=chromium)
     assert result.ok, "\n".join(result.problems)
     names = sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb"))
     assert {f"notebooks/{n}.html" for n in names} <= set(result.pages) and "index.html" in result.pages
@@ -61,15 +46,44 @@ def test_every_page_loads_offline_without_errors(browser_ready, tmp_path):
     assert time.perf_counter() - t0 < 120
 
 
-def test_the_check_catches_what_a_reader_would_hit(browser_ready, tmp_path):
+def test_the_check_catches_what_a_reader_would_hit(chromium, tmp_path):
     """A broken page: a missing image, a dead link and anchor, a script error, a CDN script, an orphan page."""
     (tmp_path / "index.html").write_text(
         '<!DOCTYPE html><html><head><meta charset="utf-8"><script src="https://cdn.example.org/x.js"></script>'
         '</head><body><img src="figures/missing.png"><a href="nowhere.html">x</a><a href="#no-such-id">y</a>'
         "<script>undefinedFunction()</script></body></html>")
     (tmp_path / "orphan.html").write_text("<!DOCTYPE html><html><body>alone</body></html>")
-    problems = "\n".join(report.check_site(tmp_path).problems)
+    problems = "\n".join(report.check_site(tmp_path, browser=chromium).problems)
     for expected in ("request to the network blocked: https://cdn.example.org/x.js", "image did not load",
                      "link to a missing file", "missing anchor index.html#no-such-id", "undefinedFunction",
                      "orphan.html: no link reaches this page"):
         assert expected in problems
+
+
+def test_the_check_reports_a_failed_notebook(chromium, tmp_path):
+    """A site of a run whose notebook raised: the landing page's banner is a problem of the check."""
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
+
+    cell = new_code_cell("1/0", outputs=[new_output("error", ename="ZeroDivisionError", evalue="division by zero",
+                                                    traceback=[])])
+    run = tmp_path / "run"
+    run.mkdir()
+    nbformat.write(new_notebook(cells=[new_markdown_cell("# 09 · fails"), cell]), run / "09_fails.ipynb")
+    index = report.build("quick", ROOT, out=tmp_path / "site", notebooks=run)
+    result = report.check_site(index.parent, browser=chromium)
+    assert "index.html: the run did not finish: 09_fails raised ZeroDivisionError: division by zero in cell 2" \
+        in result.problems, result.problems
+
+
+def test_without_a_browser_the_set_up_says_why(monkeypatch, tmp_path):
+    """Where no Chromium is found and installing is forbidden, the reasons are what the skip (or CI's failure) shows."""
+    from conftest import _find_or_install_browser
+
+    monkeypatch.setattr(report, "find_browser", lambda: None)
+    monkeypatch.setenv("LWCAM_INSTALL_BROWSER", "0")
+    path, misses = _find_or_install_browser(lambda line: None)
+    assert path is None and misses == ["no Chromium installed (neither /usr/bin/chromium nor Playwright's own)"]
+    (tmp_path / "index.html").write_text("<!DOCTYPE html><html><body>x</body></html>")
+    with pytest.raises(FileNotFoundError, match="browser: no Chromium found"):
+        report.check_site(tmp_path)

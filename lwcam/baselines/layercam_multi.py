@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_images, check_targets
+from .._ops import minmax_normalize
 from ..layercam import LayerSpec, LayerwiseGradCAM
 from ._base import Targets, finish, require_module, upsample
 
@@ -43,9 +44,7 @@ def fuse_layercam(cams: list[torch.Tensor], gamma: float = 2.0) -> torch.Tensor:
     shape = tuple(max(c.shape[d] for c in cams) for d in (-2, -1))
     fused = None
     for cam in cams:
-        lo = cam.amin(dim=(-2, -1), keepdim=True)
-        shifted = cam - lo
-        scaled = torch.tanh(gamma * shifted / (shifted.amax(dim=(-2, -1), keepdim=True) + EPS))
+        scaled = torch.tanh(gamma * minmax_normalize(cam, eps=EPS))  # finite even where a range overflows
         up = F.interpolate(scaled[:, None], size=shape, mode="bilinear", align_corners=False)[:, 0]
         fused = up if fused is None else torch.maximum(fused, up)
     assert fused is not None

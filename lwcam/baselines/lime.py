@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -12,7 +13,7 @@ from captum._utils.models.linear_model import SkLearnRidge
 from captum.attr import Lime
 from skimage.segmentation import slic
 
-from .._checks import check_images, check_targets
+from .._checks import check_images, check_real, check_targets
 from .._ops import minmax_normalize
 from .._utils import track
 from ..blackbox import BlackBox, as_prob_fn
@@ -78,6 +79,8 @@ def _check_args(seed: int, *, n_samples: int, n_segments: int, batch_size: int, 
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     if not kernel_width > 0:
         raise ValueError(f"kernel_width must be > 0, got {kernel_width!r}")
+    # σ² divides the distance: it must neither underflow to 0 nor overflow (Python floats raise there)
+    check_real(kernel_width, "kernel_width", math.sqrt(sys.float_info.min), math.sqrt(sys.float_info.max))
     if (mean is None) != (std is None):
         raise ValueError("give both mean and std to de-normalise the images, or neither")
 

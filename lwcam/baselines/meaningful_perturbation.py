@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import check_images, check_targets
-from .._ops import gaussian_blur
+from .._checks import check_images, check_real, check_targets
+from .._ops import MAX_BLUR_SIGMA, gaussian_blur
 from .._utils import eval_mode, track
 from ._base import Targets, finish, generator, module_device, require_module, upsample
 
@@ -40,9 +40,11 @@ def _settings(h: int, w: int, *, iters: int, lr: float, l1: float, tv: float, tv
     for name, v in (("lr", lr), ("tv_beta", tv_beta)):
         if not v > 0:
             raise ValueError(f"{name} must be > 0, got {v!r}")
+        check_real(v, name, 0.0, low_open=True)  # inf passes "> 0" and turns the mask into NaN
     for name, v in (("l1", l1), ("tv", tv), ("noise", noise)):
         if not v >= 0:
             raise ValueError(f"{name} must be >= 0, got {v!r}")
+        check_real(v, name, 0.0, float(torch.finfo(torch.float32).max))  # the mask is float32
     if mask_size is None:
         mask_size = (math.ceil(h / 8), math.ceil(w / 8))
     if len(mask_size) != 2 or any(not isinstance(s, int) or s < 1 for s in mask_size):
@@ -50,6 +52,7 @@ def _settings(h: int, w: int, *, iters: int, lr: float, l1: float, tv: float, tv
     sigma = 10.0 * max(h, w) / 224 if blur_sigma is None else float(blur_sigma)
     if sigma < 0:
         raise ValueError(f"blur_sigma must be >= 0, got {blur_sigma!r}")
+    check_real(sigma, "blur_sigma", 0.0, MAX_BLUR_SIGMA)  # NaN or inf would reach ceil() as a bare error
     return (int(mask_size[0]), int(mask_size[1])), sigma
 
 

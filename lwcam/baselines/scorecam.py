@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_bool, check_images, check_targets
+from .._ops import minmax_normalize
 from .._utils import eval_mode
 from ..fast import accelerate
 from ._base import Targets, finish, require_module, upsample
@@ -21,10 +22,12 @@ EPS = 1e-8  # in the per-channel min-max normalisation, as torchcam does
 
 
 def _channel_masks(act: torch.Tensor) -> torch.Tensor:
-    """Per-channel min-max normalised activations ``(A - min) / (max - min + ε)``, (B,K,h,w)."""
-    lo = act.amin(dim=(2, 3), keepdim=True)
-    shifted = act - lo
-    return shifted / (shifted.amax(dim=(2, 3), keepdim=True) + EPS)
+    """Per-channel min-max normalised activations ``(A - min) / (max - min + ε)``, (B,K,h,w).
+
+    :func:`~lwcam._ops.minmax_normalize` with ``eps=ε``, which keeps activations whose range
+    overflows the dtype finite.
+    """
+    return minmax_normalize(act, eps=EPS)
 
 
 def _masked_scores(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, masks: torch.Tensor,

@@ -7,6 +7,7 @@ points exactly at the object reaches.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -67,6 +68,9 @@ def center_saliency(images: torch.Tensor, sigma: float = 0.25) -> torch.Tensor:
     ys = torch.arange(h, dtype=torch.float32) + 0.5 - h / 2
     xs = torch.arange(w, dtype=torch.float32) + 0.5 - w / 2
     s = sigma * min(h, w)
+    if not 0 < float(torch.tensor(2 * s * s, dtype=torch.float32)) < math.inf:  # 0 would give 0/0 at the centre
+        raise ValueError(f"sigma={sigma!r} is too small or too large: 2(σ·min(H, W))² must be a positive finite "
+                         f"float32")
     bump = torch.exp(-(ys[:, None] ** 2 + xs[None, :] ** 2) / (2 * s**2))
     out = bump.expand(b, h, w)
     return finish(out)
