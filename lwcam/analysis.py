@@ -7,7 +7,11 @@ only and cannot see ``test``.
 
 The fusion grid (:func:`fusion_grid`) is declared once: weighting (Grad-CAM, LayerCAM) ×
 normalisation (per-layer min-max, none) × mode (sum, max, weighted) × layer weights (uniform,
-one layer, all but one layer, and weights learned on ``val``). The learned weights are
+one layer, all but one layer, and weights learned on ``val``), and beside those sums the
+class-preserving fusions of :data:`lwcam.fusion.CLASS_PRESERVING_MODES` (deep-gated, geometric-mean
+product, Poly-CAM, mass-preserving recursive refinement), each on Grad-CAM, LayerCAM and HiResCAM
+shallow maps, all gated by the student's last-layer Grad-CAM, fused from the maps at their own
+resolutions. The learned weights are
 
     w_l = max(0, A_random − A_l)
 
@@ -26,10 +30,12 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ._checks import check_positive_int, check_real
 from ._utils import track
 from .baselines import random_saliency, rise
 from .evaluation import compare, explain_lwcam, layer_maps_all_weightings
-from .fusion import fuse
+from .fusion import CLASS_PRESERVING_MODES, fuse
+from .layercam import raw_layer_maps
 from .metrics import deletion_game, insertion_game
 from .models import predict_logits
 
@@ -37,6 +43,7 @@ __all__ = [
     "table_t1",
     "learned_layer_weights",
     "fusion_grid",
+    "fused_maps",
     "select_fusion",
     "claim_table",
     "queries_tradeoff",
@@ -44,6 +51,14 @@ __all__ = [
 ]
 
 WEIGHTING_LABELS = {"gradcam": "Grad-CAM", "layercam": "LayerCAM"}
+#: The grid's version: a cached selection made on another grid is not reused (2: the class-preserving fusions).
+FUSION_GRID_VERSION = 2
+#: The shallow maps' weightings of the class-preserving fusions, and the weighting of their gate.
+GATED_WEIGHTINGS = {"gradcam": "Grad-CAM", "layercam": "LayerCAM", "hirescam": "HiResCAM"}
+GATE_WEIGHTING = "gradcam"
+#: The class-preserving modes of the grid, with their labels and options (declared before ``test`` is read).
+GATED_MODES = {"deep_gated": ("deep-gated sum", {}), "product": ("geometric-mean product", {"eps": 0.05}),
+               "polycam": ("Poly-CAM", {}), "recursive": ("mass-preserving refinement", {"alpha": 0.1})}
 
 
 def table_t1(params: Mapping[str, Any], teacher_meta: Mapping[str, Any], teacher_accuracy: float,
@@ -79,6 +94,9 @@ def learned_layer_weights(layer_auc: Sequence[float], random_auc: float) -> list
     """
     if not np.isfinite(random_auc) or not all(np.isfinite(a) for a in layer_auc):
         raise ValueError(f"layer_auc and random_auc must be finite, got {list(layer_auc)} and {random_auc}")
+    check_real(random_auc, "random_auc", 0.0, 1.0)  # deletion AUCs lie in [0, 1]
+    for a in layer_auc:
+        check_real(a, "layer_auc", 0.0, 1.0)
     weights = [max(0.0, float(random_auc) - float(a)) for a in layer_auc]
     return weights if sum(weights) > 0 else None
 
@@ -109,12 +127,25 @@ def fusion_grid(names: Sequence[str], learned: Mapping[str, list[float] | None])
             for i, name in enumerate(names):
                 grid[f"{tag}: without layer {name}"] = {"weighting": weighting, "mode": "weighted",
                                                         "normalize": "minmax", "weights": _one_hot(n, i, 0.0, 1.0)}
+    if n > 1:
+        for weighting, tag in GATED_WEIGHTINGS.items():
+            for mode, (label, options) in GATED_MODES.items():
+                grid[f"{tag} under Grad-CAM (last layer): {label}"] = {
+                    "weighting": weighting, "mode": mode, "normalize": "minmax", "gate_weighting": GATE_WEIGHTING,
+                    **options}
     return grid
 
 
-def _fused(stacks: Mapping[str, torch.Tensor], spec: Mapping[str, Any]) -> torch.Tensor:
-    kw = {k: v for k, v in spec.items() if k != "weighting"}
-    return fuse(stacks[spec["weighting"]], **kw)
+def fused_maps(stacks: Mapping[str, torch.Tensor], raws: Mapping[str, Sequence[torch.Tensor]],
+               spec: Mapping[str, Any], size: tuple[int, int]) -> torch.Tensor:
+    """One grid setting's saliency from maps already computed: ``stacks`` (weighting -> upsampled (B,L,H,W),
+    :func:`~lwcam.layercam.layer_maps_all_weightings`) for the sums, ``raws`` (weighting -> native maps,
+    :func:`~lwcam.layercam.raw_layer_maps`) for the class-preserving modes; equal to :func:`explain_lwcam`."""
+    kw = {k: v for k, v in spec.items() if k not in ("weighting", "gate_weighting")}
+    if spec["mode"] not in CLASS_PRESERVING_MODES:
+        return fuse(stacks[spec["weighting"]], **kw)
+    gate = raws[spec["gate_weighting"]][-1] if spec.get("gate_weighting") else None
+    return fuse(list(raws[spec["weighting"]]), size=size, gate=gate, **kw)
 
 
 def select_fusion(student: nn.Module, scorer: Any, val_images: torch.Tensor, val_targets: torch.Tensor, *,
@@ -135,14 +166,16 @@ def select_fusion(student: nn.Module, scorer: Any, val_images: torch.Tensor, val
     """
     names, stacks, resolutions = layer_maps_all_weightings(student, val_images, val_targets,
                                                            tuple(WEIGHTING_LABELS), progress=progress)
+    _, raws = raw_layer_maps(student, val_images, val_targets, tuple(GATED_WEIGHTINGS), progress=progress)
+    size = (int(val_images.shape[-2]), int(val_images.shape[-1]))
 
     def auc(sal: torch.Tensor) -> float:
         return float(deletion_game(scorer, val_images, sal, val_targets, step=step).auc.mean())
 
     random_auc = auc(random_saliency(val_images, seed=seed))
     n = len(names)
-    single = {w: [auc(_fused(stacks, {"weighting": w, "mode": "weighted", "normalize": "minmax",
-                                      "weights": _one_hot(n, i)})) for i in range(n)] for w in stacks}
+    single = {w: [auc(fused_maps(stacks, raws, {"weighting": w, "mode": "weighted", "normalize": "minmax",
+                                                "weights": _one_hot(n, i)}, size)) for i in range(n)] for w in stacks}
     grid = fusion_grid(names, {w: learned_layer_weights(a, random_auc) for w, a in single.items()})
     rows = []
     for label, spec in grid.items():
@@ -150,10 +183,12 @@ def select_fusion(student: nn.Module, scorer: Any, val_images: torch.Tensor, val
         if weights is not None and sorted(weights) == _one_hot(n, n - 1):
             value = single[spec["weighting"]][weights.index(1.0)]
         else:
-            value = auc(_fused(stacks, spec))
+            value = auc(fused_maps(stacks, raws, spec, size))
         rows.append({"fusion": label, "weighting": spec["weighting"], "normalize": spec["normalize"],
                      "mode": spec["mode"], "weights": "" if weights is None else
-                     " ".join(f"{w:.3g}" for w in weights), "val_deletion_auc": value, "n_val": len(val_images)})
+                     " ".join(f"{w:.3g}" for w in weights), "gate_weighting": spec.get("gate_weighting", ""),
+                     "eps": spec.get("eps", np.nan), "alpha": spec.get("alpha", np.nan),
+                     "val_deletion_auc": value, "n_val": len(val_images)})
     table = pd.DataFrame(rows)
     table["selected_on_val"] = table.index == table["val_deletion_auc"].idxmin()
     table.attrs.update(layers=names, resolutions=resolutions, random_val_deletion_auc=random_auc)
@@ -202,7 +237,8 @@ def queries_tradeoff(params: Mapping[str, Any], blackbox: Any, scorer: Any, imag
     step of the games (``None``: the image width).
     """
     n_default = int(params["rise_masks"])
-    n = n_images or min(int(params["n_tradeoff"]), len(runs["rise"].indices))
+    n = (min(int(params["n_tradeoff"]), len(runs["rise"].indices)) if n_images is None
+         else check_positive_int(n_images, "n_images"))
     idx = runs["rise"].indices[:n]
     x, t = images[idx], targets[idx]
 

@@ -32,6 +32,7 @@ import functools
 import io
 import multiprocessing
 import os
+import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -71,6 +72,9 @@ __all__ = [
     "load_tensors",
     "render_synthetic",
     "render_arrays",
+    "DEFAULT_OBJECT_RADIUS",
+    "check_object_radius",
+    "object_size_cells",
     "RENDER_CHUNK",
 ]
 
@@ -244,15 +248,56 @@ def _check_image_size(image_size: object) -> None:
         raise ValueError(f"image_size must be an int in [16, 1024], got {image_size!r}")
 
 
+#: Below this radius (px at 64 px) the class texture's period shrinks in proportion (:func:`render_synthetic`).
+SMALL_RADIUS = 8.0
+
+#: The class object's radius range of :func:`render_synthetic`, in pixels of a 64-px image (scaled with the
+#: image): the range of the first data sets, where objects span about four cells of an 8×8 last map.
+DEFAULT_OBJECT_RADIUS = (14.0, 20.0)
+
+
+def check_object_radius(object_radius: object, image_size: int = 64) -> tuple[float, float]:
+    """``object_radius`` as ``(lo, hi)`` floats, or a ValueError naming it.
+
+    Both ends are finite, ``0 < lo <= hi``, given in pixels of a 64-px image, and the largest object
+    (``hi`` scaled to ``image_size``, plus a pixel of margin) must fit inside the image.
+
+    Example:
+        >>> check_object_radius([5, 20])
+        (5.0, 20.0)
+        >>> check_object_radius((20, 5))
+        Traceback (most recent call last):
+        ...
+        ValueError: object_radius must be (lo, hi) with 0 < lo <= hi, got (20, 5)
+    """
+    if (isinstance(object_radius, (str, bytes)) or not isinstance(object_radius, (tuple, list))
+            or len(object_radius) != 2
+            or not all(isinstance(r, (int, float, np.integer, np.floating)) and not isinstance(r, bool)
+                       for r in object_radius)):
+        raise ValueError(f"object_radius must be a pair (lo, hi) of numbers, got {object_radius!r}")
+    lo, hi = float(object_radius[0]), float(object_radius[1])
+    if not (np.isfinite(lo) and np.isfinite(hi)) or not 0 < lo <= hi:
+        raise ValueError(f"object_radius must be (lo, hi) with 0 < lo <= hi, got {tuple(object_radius)!r}")
+    if hi * image_size / 64.0 + 1 >= image_size / 2:
+        raise ValueError(f"object_radius {tuple(object_radius)!r} (pixels at 64 px) does not fit a "
+                         f"{image_size}-px image: the largest radius must stay below {32 - 64 / image_size:g}")
+    return lo, hi
+
+
 def render_synthetic(seed: int, split: str, index: int, image_size: int = 64, num_classes: int = 10,
-                     n_distractors: tuple[int, int] = (1, 2), *, label: int | None = None
+                     n_distractors: tuple[int, int] = (1, 2), *, label: int | None = None,
+                     object_radius: tuple[float, float] = DEFAULT_OBJECT_RADIUS
                      ) -> tuple[np.ndarray, int, np.ndarray]:
     """Render one synthetic image: a pure function of ``(seed, split, index)``, the sizes and ``label``.
 
     ``label`` forces the object's class (``None``: the image's own class). The background, the
     distractors and the object's silhouette, position and scale are drawn from the same stream
     either way, so a forced class changes the object's texture (and, for classes whose texture
-    draws random numbers, its colours).
+    draws random numbers, its colours). ``object_radius`` is the class object's radius range
+    ``(lo, hi)`` in pixels of a 64-px image (:func:`check_object_radius`); the radius is drawn
+    log-uniformly from it (as many objects between 5 and 10 px as between 10 and 20), and the
+    texture period, 5 to 6.5 px, shrinks in proportion below a radius of :data:`SMALL_RADIUS`, so that
+    a radius of 5 still holds about three periods across.
 
     Returns:
         ``(image, label, mask)``: float32 RGB (H,W,3) in [0,1], the class index, bool mask (H,W).
@@ -262,6 +307,7 @@ def render_synthetic(seed: int, split: str, index: int, image_size: int = 64, nu
     if not 2 <= num_classes <= len(CLASS_NAMES):
         raise ValueError(f"num_classes must be in [2, {len(CLASS_NAMES)}], got {num_classes}")
     _check_image_size(image_size)
+    r_lo, r_hi = check_object_radius(object_radius, image_size)
     if label is not None and (isinstance(label, bool) or not isinstance(label, int | np.integer)
                               or not 0 <= label < num_classes):
         raise ValueError(f"label must be None or an int in [0, {num_classes}), got {label!r}")
@@ -292,10 +338,11 @@ def render_synthetic(seed: int, split: str, index: int, image_size: int = 64, nu
         fill = c1 * (1 - g[..., None]) + c2 * g[..., None]  # smooth two-colour gradient: no texture
         img = img * (1 - alpha) + fill * alpha
 
-    radius = rng.uniform(14, 20) * unit
+    radius = np.exp(rng.uniform(np.log(r_lo), np.log(r_hi))) * unit  # log-uniform: as many small as large
     u, v, cx, cy = place(radius)
     alpha = _silhouette(int(rng.integers(4)), u, v, radius, rng)
-    period = rng.uniform(5.0, 6.5) * unit
+    # the period shrinks with objects below a radius of 8 px, so the smallest keep about three periods
+    period = rng.uniform(5.0, 6.5) * unit * min(1.0, radius / (SMALL_RADIUS * unit))
     u_t = u + rng.uniform(0, period)
     v_t = v + rng.uniform(0, period)
     rr = np.sqrt(u**2 + v**2)
@@ -307,6 +354,11 @@ def render_synthetic(seed: int, split: str, index: int, image_size: int = 64, nu
     img = img + rng.normal(0, 0.02, size=img.shape).astype(np.float32)  # sensor noise
     mask = alpha >= 0.5
     return np.clip(img, 0, 1).astype(np.float32), label, mask
+
+
+def _radius_tag(object_radius: tuple[float, float]) -> str:
+    """``object_radius`` in a cache file name: ``(5.0, 20.0)`` -> ``"5-20"``."""
+    return "-".join(f"{r:g}" for r in object_radius)
 
 
 #: Images per task of the parallel renderer: a smooth progress bar, and a negligible cost per task.
@@ -346,6 +398,7 @@ def render_arrays(render: RenderFn, n: int, *, desc: str = "render", progress: b
         >>> images.shape, images.dtype, labels.tolist() == [render(i)[1] for i in range(3)], masks.shape
         ((3, 16, 16, 3), dtype('uint8'), True, (3, 16, 16))
     """
+    check_positive_int(n, "n")
     k = _render_workers(n, workers)
     starts = list(range(0, n, RENDER_CHUNK))
     stops = [min(lo + RENDER_CHUNK, n) for lo in starts]
@@ -372,8 +425,12 @@ def _read_cached(path: Path | None) -> Arrays | None:
     """``(images, labels, masks)`` from a rendered split's cache file, or ``None`` when there is none."""
     if path is None or not path.exists():
         return None
-    with np.load(path) as z:
-        return z["images"], z["labels"], z["masks"]
+    try:
+        with np.load(path) as z:
+            return z["images"], z["labels"], z["masks"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"the cache file {path} cannot be read ({type(err).__name__}: {err}); delete it to render "
+                         f"the split again") from err
 
 
 def _write_cached(path: Path | None, arrays: Arrays) -> None:
@@ -411,6 +468,8 @@ class SyntheticTextures(Dataset):
         cache_dir: optional folder where a rendered split is kept as one ``.npz`` file and
             reused (written atomically).
         transform: optional callable applied to the normalised image tensor.
+        object_radius: the class object's radius range ``(lo, hi)`` in pixels of a 64-px image
+            (:func:`render_synthetic`).
 
     Example:
         >>> ds = SyntheticTextures("val", n=2, image_size=32)
@@ -423,15 +482,17 @@ class SyntheticTextures(Dataset):
 
     def __init__(self, split: str = "test", n: int | None = None, image_size: int = 64, num_classes: int = 10,
                  seed: int = 0, cache_dir: str | os.PathLike | None = None,
-                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 object_radius: tuple[float, float] = DEFAULT_OBJECT_RADIUS) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         n = SPLIT_SIZES[split] if n is None else n
-        if not isinstance(n, int) or n < 1:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
         if not 2 <= num_classes <= len(CLASS_NAMES):
             raise ValueError(f"num_classes must be in [2, {len(CLASS_NAMES)}], got {num_classes}")
         _check_image_size(image_size)
+        self.object_radius = check_object_radius(object_radius, image_size)
         self.split, self.n, self.image_size = split, n, image_size
         self.num_classes, self.seed, self.transform = num_classes, seed, transform
         self.classes = list(CLASS_NAMES[:num_classes])
@@ -446,13 +507,15 @@ class SyntheticTextures(Dataset):
         return self.n
 
     def _render(self, index: int) -> tuple[np.ndarray, int, np.ndarray]:
-        return render_synthetic(self.seed, self.split, index, self.image_size, self.num_classes)
+        return render_synthetic(self.seed, self.split, index, self.image_size, self.num_classes,
+                                object_radius=self.object_radius)
 
     def _cache_file(self) -> Path | None:
         if self.cache_dir is None:
             return None
         return self.cache_dir / (
-            f"synthetic_v3_s{self.seed}_{self.split}_n{self.n}_{self.image_size}px_c{self.num_classes}.npz"
+            f"synthetic_v4_s{self.seed}_{self.split}_n{self.n}_{self.image_size}px_c{self.num_classes}"
+            f"_r{_radius_tag(self.object_radius)}.npz"
         )
 
     def arrays(self, progress: bool | None = None, workers: int | None = None
@@ -462,7 +525,7 @@ class SyntheticTextures(Dataset):
         Rendering runs on ``workers`` processes (default: one per usable CPU; see :func:`render_arrays`).
         """
         render = functools.partial(render_synthetic, self.seed, self.split, image_size=self.image_size,
-                                   num_classes=self.num_classes)
+                                   num_classes=self.num_classes, object_radius=self.object_radius)
         return _memoised(self, lambda: render_arrays(render, self.n, desc=f"render {self.split}",
                                                      progress=progress, workers=workers))
 
@@ -514,6 +577,7 @@ def conflict_classes(seed: int, split: str, index: int, first: int, num_classes:
     """
     if split not in _SPLIT_IDS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    check_positive_int(num_classes, "num_classes", minimum=2)  # a second class must exist
     if not 0 <= first < num_classes:
         raise ValueError(f"first must be in [0, {num_classes}), got {first!r}")
     rng = np.random.default_rng([seed, _SPLIT_IDS[split], index, 104729])
@@ -521,14 +585,16 @@ def conflict_classes(seed: int, split: str, index: int, first: int, num_classes:
     return second, bool(rng.random() < 0.5)
 
 
-def render_conflict(seed: int, split: str, index: int, image_size: int = 64, num_classes: int = 10
+def render_conflict(seed: int, split: str, index: int, image_size: int = 64, num_classes: int = 10,
+                    object_radius: tuple[float, float] = DEFAULT_OBJECT_RADIUS
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Render one class-conflict scene: two single-object images of different classes side by side.
 
     The scene is ``image_size × 2·image_size`` (the grid pointing game's layout, Böhle et al. 2022).
     Object ``a`` is the class of the first half as rendered; object ``b`` is the second half rendered
     with a forced class (:func:`conflict_classes`), so the classes differ; the halves swap sides at
-    random. Each half keeps its own distractors. A pure function of ``(seed, split, index)`` and the sizes.
+    random. Each half keeps its own distractors, and its object's radius is drawn from ``object_radius``
+    (:func:`render_synthetic`). A pure function of ``(seed, split, index)`` and the sizes.
 
     Returns:
         ``(image, labels, masks)``: float32 RGB (H,2H,3) in [0,1], int64 ``(2,)`` classes ``(a, b)``,
@@ -539,10 +605,11 @@ def render_conflict(seed: int, split: str, index: int, image_size: int = 64, num
         >>> image.shape, masks.shape, bool(labels[0] != labels[1]), bool((masks[0] & masks[1]).any())
         ((32, 64, 3), (2, 32, 64), True, False)
     """
-    img_a, lab_a, m_a = render_synthetic(seed, split, CONFLICT_OFFSET + 2 * index, image_size, num_classes)
+    img_a, lab_a, m_a = render_synthetic(seed, split, CONFLICT_OFFSET + 2 * index, image_size, num_classes,
+                                         object_radius=object_radius)
     lab_b, swap = conflict_classes(seed, split, index, lab_a, num_classes)
     img_b, _, m_b = render_synthetic(seed, split, CONFLICT_OFFSET + 2 * index + 1, image_size, num_classes,
-                                     label=lab_b)
+                                     label=lab_b, object_radius=object_radius)
     empty = np.zeros_like(m_a)
     if swap:
         image = np.concatenate([img_b, img_a], axis=1)
@@ -566,6 +633,7 @@ class ConflictScenes(Dataset):
         num_classes: number of texture classes (2..10).
         seed: data seed; every scene is a pure function of ``(seed, split, index)``.
         cache_dir: optional folder where the rendered scenes are kept as one ``.npz`` file.
+        object_radius: each object's radius range ``(lo, hi)`` in pixels of a 64-px half (:func:`render_synthetic`).
 
     Example:
         >>> images, labels, masks = ConflictScenes("val", n=2, image_size=32, num_classes=4).tensors()
@@ -577,13 +645,16 @@ class ConflictScenes(Dataset):
     std = SYNTHETIC_STD
 
     def __init__(self, split: str = "test", n: int = 100, image_size: int = 64, num_classes: int = 10, seed: int = 0,
-                 cache_dir: str | os.PathLike | None = None) -> None:
+                 cache_dir: str | os.PathLike | None = None,
+                 object_radius: tuple[float, float] = DEFAULT_OBJECT_RADIUS) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
         if not 2 <= num_classes <= len(CLASS_NAMES):
             raise ValueError(f"num_classes must be in [2, {len(CLASS_NAMES)}], got {num_classes}")
+        _check_image_size(image_size)
+        self.object_radius = check_object_radius(object_radius, image_size)
         self.split, self.n, self.image_size, self.num_classes, self.seed = split, n, image_size, num_classes, seed
         self.classes = list(CLASS_NAMES[:num_classes])
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
@@ -596,7 +667,8 @@ class ConflictScenes(Dataset):
         if self.cache_dir is None:
             return None
         return self.cache_dir / (
-            f"conflict_v1_s{self.seed}_{self.split}_n{self.n}_{self.image_size}px_c{self.num_classes}.npz")
+            f"conflict_v2_s{self.seed}_{self.split}_n{self.n}_{self.image_size}px_c{self.num_classes}"
+            f"_r{_radius_tag(self.object_radius)}.npz")
 
     def arrays(self, progress: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Render (or load) every scene: uint8 images (n,H,2H,3), int64 labels (n,2), bool masks (n,2,H,2H)."""
@@ -608,7 +680,8 @@ class ConflictScenes(Dataset):
         labels = np.empty((self.n, 2), dtype=np.int64)
         masks = np.empty((self.n, 2, s, 2 * s), dtype=bool)
         for i in track(range(self.n), total=self.n, desc=f"render {self.split} conflict scenes", enabled=progress):
-            img, labels[i], masks[i] = render_conflict(self.seed, self.split, i, s, self.num_classes)
+            img, labels[i], masks[i] = render_conflict(self.seed, self.split, i, s, self.num_classes,
+                                                       self.object_radius)
             images[i] = np.round(img * 255).astype(np.uint8)
         return images, labels, masks
 
@@ -639,9 +712,33 @@ def object_area_fractions(masks: torch.Tensor | np.ndarray) -> np.ndarray:
         [[0.125, 0.0]]
     """
     arr = masks.numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks)
+    if arr.ndim < 2 or arr.shape[-1] * arr.shape[-2] == 0:
+        raise ValueError(f"masks must have shape (..., H, W) with at least one pixel, got {arr.shape}")
+    if arr.dtype != bool and not bool(np.isin(arr, (0, 1)).all()):
+        raise ValueError("masks must be boolean or contain only 0 and 1")
+    return arr.reshape(*arr.shape[:-2], -1).astype(np.float64).mean(axis=-1)
+
+
+def object_size_cells(masks: torch.Tensor | np.ndarray, cell_px: float) -> np.ndarray:
+    """Each object's size in cells of a feature map whose cells are ``cell_px`` pixels wide.
+
+    The size is the object's equivalent diameter, :math:`2\\sqrt{A/\\pi}` for a mask of area
+    :math:`A` pixels, divided by ``cell_px`` (the input size over the map size: 8 for an 8×8 map of a
+    64-px image). A disc of radius 12 px spans 3 cells of that map.
+
+    Example:
+        >>> yy, xx = np.mgrid[0:64, 0:64] + 0.5
+        >>> disc = (yy - 32) ** 2 + (xx - 32) ** 2 <= 12 ** 2
+        >>> round(float(object_size_cells(disc[None], cell_px=8)[0]), 1)
+        3.0
+    """
+    if isinstance(cell_px, bool) or not isinstance(cell_px, (int, float)) or not 0 < cell_px < float("inf"):
+        raise ValueError(f"cell_px must be a positive finite number, got {cell_px!r}")
+    arr = masks.numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks)
     if arr.ndim < 2:
         raise ValueError(f"masks must have shape (..., H, W), got {arr.shape}")
-    return arr.reshape(*arr.shape[:-2], -1).astype(np.float64).mean(axis=-1)
+    area = arr.reshape(*arr.shape[:-2], -1).astype(np.float64).sum(axis=-1)
+    return 2.0 * np.sqrt(area / np.pi) / float(cell_px)
 
 
 # ----------------------------------------------------------------------- real data sets
@@ -771,7 +868,8 @@ def get_dataset(name: str, root: str | os.PathLike | None = None, split: str = "
     """
     name = name.lower()
     if name == "synthetic":
-        return SyntheticTextures(split=split, image_size=image_size or 64, transform=transform, **kwargs)
+        return SyntheticTextures(split=split, image_size=64 if image_size is None else image_size, transform=transform,
+                                 **kwargs)
     if name not in ("imagenet", "cub200", "cars", "aircraft"):
         raise ValueError(f"unknown data set {name!r}; expected one of synthetic, imagenet, cub200, cars, aircraft")
     if kwargs:
@@ -783,7 +881,8 @@ def get_dataset(name: str, root: str | os.PathLike | None = None, split: str = "
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"data root {root} does not exist")
-    pair = _PairTransform(image_size or 224, IMAGENET_MEAN, IMAGENET_STD)
+    pair = _PairTransform(224 if image_size is None else check_positive_int(image_size, "image_size"),
+                          IMAGENET_MEAN, IMAGENET_STD)
     if name == "imagenet":
         folder = root / ("train" if split == "train" else "val")
         if not folder.is_dir():

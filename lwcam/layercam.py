@@ -14,7 +14,15 @@ its own positive gradient, element-wise:
 .. math::
 
     M = \\mathrm{ReLU}\\Big(\\sum_k \\mathrm{ReLU}\\Big(\\frac{\\partial y}{\\partial A_k}\\Big)
-    \\odot A_k\\Big).
+    \\odot A_k\\Big),
+
+and HiResCAM (``weighting="hirescam"``, Draelos & Carin 2020) keeps the gradient's sign,
+element-wise (gradient times activation summed over channels, each position's first-order
+contribution to ``y``):
+
+.. math::
+
+    M = \\mathrm{ReLU}\\Big(\\sum_k \\frac{\\partial y}{\\partial A_k} \\odot A_k\\Big).
 
 :class:`LayerwiseGradCAM` computes ``M`` for all selected layers at once. Forward hooks keep
 the layer outputs in the autograd graph; the selected logits are summed over the batch and
@@ -22,8 +30,8 @@ the layer outputs in the autograd graph; the selected logits are summed over the
 backward pass. Samples do not interact in ``eval()`` mode, so the gradient of the sum with
 respect to sample ``b``'s activations is the gradient of sample ``b``'s own score. Parameter
 ``.grad`` fields are never touched. Each map is then upsampled to the input size (bilinear,
-``align_corners=False``). Both weightings need only ``A`` and ``∂y/∂A``, so asking for both
-(``weighting=("gradcam", "layercam")``) still costs one forward and one backward pass.
+``align_corners=False``). Every weighting needs only ``A`` and ``∂y/∂A``, so asking for several
+(``weighting=("gradcam", "layercam", "hirescam")``) still costs one forward and one backward pass.
 
 Example:
     >>> import torch
@@ -43,7 +51,7 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,12 +61,12 @@ from torch import Tensor, nn
 
 from ._checks import check_classes, check_images, check_targets
 from ._utils import eval_mode, track
-from .fusion import fuse
+from .fusion import CLASS_PRESERVING_MODES, fuse
 
 __all__ = ["LayerwiseGradCAM", "LayerMaps", "ClassifierOutputTarget", "auto_layers", "WEIGHTINGS",
-           "layer_maps_batched", "layer_maps_all_weightings", "explain_lwcam"]
+           "layer_maps_batched", "layer_maps_all_weightings", "raw_layer_maps", "explain_lwcam"]
 
-WEIGHTINGS = ("gradcam", "layercam")
+WEIGHTINGS = ("gradcam", "layercam", "hirescam")
 
 TargetSpec = (None | int | Sequence[int] | Tensor | Callable[[Tensor], Tensor]
               | Sequence[Callable[[Tensor], Tensor]])
@@ -108,7 +116,7 @@ class LayerMaps:
         probs: (B,) the model's softmax probability of the target class (NaN where the target
             is ``-1``).
         student_pred: (B,) long, the model's own argmax.
-        weighting: ``"gradcam"`` or ``"layercam"``, how the maps were weighted.
+        weighting: ``"gradcam"``, ``"layercam"`` or ``"hirescam"``, how the maps were weighted.
     """
 
     names: list[str]
@@ -135,9 +143,17 @@ class LayerMaps:
         return {n: (int(self.raw[n].shape[-2]), int(self.raw[n].shape[-1])) for n in self.names}
 
     def fuse(self, mode: str = "sum", normalize: str = "minmax",
-             weights: Sequence[float] | Tensor | dict[str, float] | None = None) -> Tensor:
-        """Fuse the upsampled maps into one (B,H,W) saliency map; see :func:`lwcam.fusion.fuse`."""
-        return fuse(self, mode=mode, normalize=normalize, weights=weights)
+             weights: Sequence[float] | Tensor | dict[str, float] | None = None, *,
+             size: int | tuple[int, int] | None = None, gate: Tensor | None = None, eps: float | None = None,
+             alpha: float | None = None) -> Tensor:
+        """Fuse the maps into one (B,H,W) saliency map; see :func:`lwcam.fusion.fuse`.
+
+        The sums and the max fuse the upsampled :attr:`maps`; the class-preserving modes
+        (``"deep_gated"``, ``"product"``, ``"polycam"``, ``"recursive"``) the native :attr:`raw`
+        maps, output at the input size unless ``size`` says otherwise.
+        """
+        return fuse(self, mode=mode, normalize=normalize, weights=weights, size=size, gate=gate, eps=eps,
+                    alpha=alpha)
 
     def stack(self) -> Tensor:
         """The upsampled maps as one (B,L,H,W) tensor, layers in :attr:`names` order."""
@@ -184,6 +200,7 @@ class LayerwiseGradCAM:
 
     * ``"gradcam"`` (default): ``ReLU(Σ_k mean_{h,w}(G_k) · A_k)``;
     * ``"layercam"`` (Jiang et al., IEEE TIP 2021): ``ReLU(Σ_k ReLU(G_k) ⊙ A_k)``, element-wise;
+    * ``"hirescam"`` (Draelos & Carin 2020): ``ReLU(Σ_k G_k ⊙ A_k)``, element-wise, signed gradients;
     * a non-empty tuple or list of these names, e.g. ``("gradcam", "layercam")``: every call
       then returns a ``dict`` weighting ``->`` :class:`LayerMaps`, all computed from the same
       single forward and backward pass.
@@ -241,7 +258,7 @@ class LayerwiseGradCAM:
     Args:
         model: the white-box classifier, mapping (B,C_in,H,W) floats to logits (B,num_classes).
         layers: ``"auto"`` or a sequence of layer names / modules.
-        weighting: ``"gradcam"``, ``"layercam"``, or a tuple/list of them (see above).
+        weighting: ``"gradcam"``, ``"layercam"``, ``"hirescam"``, or a tuple/list of them (see above).
         verbose: print the automatically chosen layers.
 
     Example:
@@ -626,6 +643,8 @@ def _layer_cam(act: Tensor, grad: Tensor, weighting: str) -> Tensor:
     if weighting == "gradcam":
         alpha = grad.mean(dim=(2, 3))
         return torch.relu(torch.einsum("bk,bkhw->bhw", alpha, act))
+    if weighting == "hirescam":
+        return torch.relu((grad * act).sum(dim=1))
     return torch.relu((torch.relu(grad) * act).sum(dim=1))
 
 
@@ -685,6 +704,17 @@ def auto_layers(model: nn.Module, image_size: int | tuple[int, int] = 64, in_cha
 
 
 # ---------------------------------------------------------------------- many images
+def _chunks(student: nn.Module, images: Tensor, targets: Tensor, weightings: Sequence[str], batch_size: int,
+            layers: Any, progress: bool | None) -> Iterator[dict[str, LayerMaps]]:
+    """weighting -> :class:`LayerMaps` per chunk of ``batch_size`` images, one forward and one backward pass each."""
+    with LayerwiseGradCAM(student, layers=layers, weighting=tuple(weightings), verbose=False) as cam:
+        starts = range(0, len(images), batch_size)
+        for s in track(starts, total=len(starts), desc="layer-wise CAM", enabled=progress):
+            by_weighting = cam(images[s : s + batch_size], targets[s : s + batch_size])
+            assert isinstance(by_weighting, dict)  # a tuple of weightings gives one LayerMaps each
+            yield by_weighting
+
+
 def layer_maps_all_weightings(student: nn.Module, images: Tensor, targets: Tensor,
                               weightings: Sequence[str] = ("gradcam", "layercam"), *, batch_size: int = 64,
                               layers: Any = "auto", progress: bool | None = None
@@ -697,15 +727,40 @@ def layer_maps_all_weightings(student: nn.Module, images: Tensor, targets: Tenso
     parts: dict[str, list[Tensor]] = {w: [] for w in weightings}
     names: list[str] = []
     resolutions: dict[str, tuple[int, int]] = {}
-    with LayerwiseGradCAM(student, layers=layers, weighting=tuple(weightings), verbose=False) as cam:
-        starts = range(0, len(images), batch_size)
-        for s in track(starts, total=len(starts), desc="layer-wise CAM", enabled=progress):
-            by_weighting = cam(images[s : s + batch_size], targets[s : s + batch_size])
-            assert isinstance(by_weighting, dict)  # a tuple of weightings gives one LayerMaps each
-            for w, lm in by_weighting.items():
-                names, resolutions = lm.names, lm.resolutions
-                parts[w].append(lm.stack().cpu())
+    for by_weighting in _chunks(student, images, targets, weightings, batch_size, layers, progress):
+        for w, lm in by_weighting.items():
+            names, resolutions = lm.names, lm.resolutions
+            parts[w].append(lm.stack().cpu())
     return names, {w: torch.cat(p) for w, p in parts.items()}, resolutions
+
+
+def raw_layer_maps(student: nn.Module, images: Tensor, targets: Tensor,
+                   weightings: Sequence[str] = ("gradcam", "layercam"), *, batch_size: int = 64,
+                   layers: Any = "auto", progress: bool | None = None) -> tuple[list[str], dict[str, list[Tensor]]]:
+    """Per-layer maps at each layer's own resolution: ``(names, weighting -> [(B,h_l,w_l) shallow to deep])``.
+
+    The same passes as :func:`layer_maps_all_weightings` (one forward and one backward pass per
+    chunk, every weighting and layer at once), without the upsampling, for the class-preserving
+    fusions (:func:`lwcam.fusion.fuse` with ``size=images.shape[-2:]``). Tensors are on the CPU.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        ...                     nn.Conv2d(4, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        ...                     nn.Linear(4, 3))
+        >>> x, t = torch.randn(5, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1])
+        >>> names, raw = raw_layer_maps(net, x, t, ("gradcam", "hirescam"), batch_size=2)
+        >>> names, [tuple(m.shape) for m in raw["hirescam"]]
+        (['1', '3'], [(5, 16, 16), (5, 8, 8)])
+        >>> tuple(fuse(raw["hirescam"], mode="recursive", size=(16, 16), gate=raw["gradcam"][-1]).shape)
+        (5, 16, 16)
+    """
+    parts: dict[str, list[dict[str, Tensor]]] = {w: [] for w in weightings}
+    names: list[str] = []
+    for by_weighting in _chunks(student, images, targets, weightings, batch_size, layers, progress):
+        for w, lm in by_weighting.items():
+            names = lm.names
+            parts[w].append({n: lm.raw[n].cpu() for n in names})
+    return names, {w: [torch.cat([c[n] for c in chunks]) for n in names] for w, chunks in parts.items()}
 
 
 def layer_maps_batched(student: nn.Module, images: Tensor, targets: Tensor, *, batch_size: int = 64,
@@ -723,13 +778,24 @@ def layer_maps_batched(student: nn.Module, images: Tensor, targets: Tensor, *, b
 
 def explain_lwcam(student: nn.Module, images: Tensor, targets: Tensor, *, batch_size: int = 64,
                   layers: Any = "auto", weighting: str = "gradcam", mode: str = "sum", normalize: str = "minmax",
-                  weights: Sequence[float] | Tensor | Mapping[str, float] | None = None) -> Tensor:
+                  weights: Sequence[float] | Tensor | Mapping[str, float] | None = None,
+                  gate_weighting: str | None = None, eps: float | None = None, alpha: float | None = None
+                  ) -> Tensor:
     """lwcam's saliency: the fused layer-wise CAM of the student, (B,H,W) on the CPU.
 
     The defaults are ``lwcam (paper)``: Grad-CAM per layer, per-layer min-max, sum, min-max
     (:func:`lwcam.fusion.fuse`). ``weights`` given as a dict ``layer -> weight`` weigh a layer left
-    out 0.
+    out 0. A class-preserving ``mode`` (:data:`lwcam.fusion.CLASS_PRESERVING_MODES`) fuses the maps
+    at their own resolutions (:func:`raw_layer_maps`) into the input size; ``gate_weighting`` then
+    names the weighting whose deepest map is the gate (e.g. ``"gradcam"`` under LayerCAM maps,
+    from the same passes), and ``eps``/``alpha`` go to :func:`~lwcam.fusion.fuse`.
     """
+    if mode in CLASS_PRESERVING_MODES:
+        return _explain_class_preserving(student, images, targets, batch_size, layers, weighting, mode, normalize,
+                                         weights, gate_weighting, eps, alpha)
+    if gate_weighting is not None:
+        raise ValueError(f"gate_weighting is only used by the class-preserving modes {CLASS_PRESERVING_MODES}, "
+                         f"not mode={mode!r}")
     names, stack, _ = layer_maps_batched(student, images, targets, batch_size=batch_size, layers=layers,
                                          weighting=weighting)
     w: Sequence[float] | Tensor | None
@@ -738,3 +804,16 @@ def explain_lwcam(student: nn.Module, images: Tensor, targets: Tensor, *, batch_
     else:
         w = weights
     return fuse(stack, mode=mode, normalize=normalize, weights=w)
+
+
+def _explain_class_preserving(student: nn.Module, images: Tensor, targets: Tensor, batch_size: int, layers: Any,
+                              weighting: str, mode: str, normalize: str, weights: Any, gate_weighting: str | None,
+                              eps: float | None, alpha: float | None) -> Tensor:
+    """:func:`explain_lwcam` for a class-preserving mode: native-resolution maps, gated, fused at the input size."""
+    # a dry run on one 1x1 map refuses bad options before the passes
+    fuse(torch.zeros(1, 1, 1, 1), mode=mode, normalize=normalize, weights=weights, eps=eps, alpha=alpha)
+    wanted = (weighting,) if gate_weighting in (None, weighting) else (weighting, gate_weighting)
+    _, raw = raw_layer_maps(student, images, targets, wanted, batch_size=batch_size, layers=layers)
+    gate = None if gate_weighting is None else raw[gate_weighting][-1]
+    return fuse(raw[weighting], mode=mode, normalize=normalize, weights=weights,
+                size=(int(images.shape[-2]), int(images.shape[-1])), gate=gate, eps=eps, alpha=alpha)

@@ -60,6 +60,14 @@ def _regnet_x_s8(num_classes: int) -> nn.Module:
     return RegNet(params, num_classes=num_classes, stem_width=16)
 
 
+def _regnet_x_s4(num_classes: int) -> nn.Module:
+    """:func:`_regnet_x_s8` with a stride-1 third stage: 64 → 32, 32, 16, 16, 16 px, a 16×16 last map (an
+    ablation: the explanation's resolution from the student, not the fusion); about 60 M multiply-adds at 64 px."""
+    params = BlockParams(depths=[1, 1, 2, 2], widths=[24, 48, 96, 192], group_widths=[8] * 4,
+                         bottleneck_multipliers=[1.0] * 4, strides=[1, 2, 1, 1])
+    return RegNet(params, num_classes=num_classes, stem_width=16)
+
+
 def _mobilenet_v2_s8(num_classes: int) -> nn.Module:
     """MobileNetV2 at width 0.75 with expansion 4, eight inverted-residual blocks whose strides stop at
     the 8× point, and a last 1×1 convolution of 256 channels (not 1280): 64 → 32 (stem), 32, 16, 8,
@@ -87,9 +95,11 @@ def _shufflenet_v2_s8(num_classes: int) -> nn.Module:
 
 #: CIFAR-style adaptations for small inputs: name -> builder ``(num_classes) -> nn.Module``. Each is a
 #: torchvision class with narrow widths and a total stride of 8 (an 8×8 last map at 64 px, like the
-#: 7×7 of the originals at 224 px), so last-layer Grad-CAM is not a 2×2 blur. Random init only.
+#: 7×7 of the originals at 224 px), so last-layer Grad-CAM is not a 2×2 blur; ``regnet_x_s4``, an
+#: ablation, stops at 4 (16×16). Random init only.
 SMALL_INPUT_ARCHITECTURES: dict[str, Callable[[int], nn.Module]] = {
     "regnet_x_s8": _regnet_x_s8,
+    "regnet_x_s4": _regnet_x_s4,
     "mobilenet_v2_s8": _mobilenet_v2_s8,
     "shufflenet_v2_s8": _shufflenet_v2_s8,
 }
@@ -144,12 +154,22 @@ def build_model(name: str, num_classes: int, weights: str | os.PathLike | None =
     return torchvision.models.get_model(name, weights=enum)
 
 
+def _read_weights(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU; ``ValueError`` naming the file if it cannot be read."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # a truncated zip, a foreign pickle, a text file: whatever torch.load trips on
+        raise ValueError(f"the weight file {path} cannot be read ({type(err).__name__}: {err})") from err
+
+
 def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a local state dict into ``model`` with ``torch.load(..., weights_only=True)``."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"weight file {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = _read_weights(path)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     model.load_state_dict(state)
@@ -164,10 +184,13 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, **meta: Any) -> P
 def load_checkpoint(path: str | os.PathLike, arch: str | None = None,
                     num_classes: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Load a checkpoint written by :func:`save_checkpoint`; the architecture comes from its meta."""
-    ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
+    ckpt = _read_weights(Path(path))
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise ValueError(f"checkpoint {path} holds no 'model' state dict (it holds a {type(ckpt).__name__}); "
+                         f"write it with save_checkpoint")
     meta = ckpt.get("meta", {})
-    arch = arch or meta.get("arch")
-    num_classes = num_classes or meta.get("num_classes")
+    arch = meta.get("arch") if arch is None else arch
+    num_classes = meta.get("num_classes") if num_classes is None else num_classes
     if arch is None or num_classes is None:
         raise ValueError(f"checkpoint {path} names no architecture/num_classes; pass arch= and num_classes=")
     model = build_model(arch, int(num_classes))
@@ -212,6 +235,9 @@ def random_flip_shift(x: torch.Tensor, generator: torch.Generator, max_shift: in
 def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 256,
                    device: str | torch.device | None = None) -> torch.Tensor:
     """Logits of ``model`` on ``images`` in eval mode, batched; restores train/eval state."""
+    check_positive_int(batch_size, "batch_size")
+    if len(images) == 0:
+        raise ValueError(f"images is an empty batch (shape {tuple(images.shape)}); expected at least one image")
     dev = resolve_device(device) if device is not None else next(model.parameters()).device
     with eval_mode(model), torch.inference_mode():
         return torch.cat([model(images[i : i + batch_size].to(dev)).float().cpu()

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -34,7 +35,7 @@ import pandas as pd
 import torch
 
 from .blackbox import BlackBox, Output
-from .data import ConflictScenes, SyntheticTextures, get_dataset, load_tensors
+from .data import DEFAULT_OBJECT_RADIUS, ConflictScenes, SyntheticTextures, get_dataset, load_tensors
 from .distillation import DistillResult, distill
 from .fast import FastForward, accelerate
 from .models import build_model, load_checkpoint, predict_logits, save_checkpoint, train_teacher
@@ -60,6 +61,14 @@ __all__ = [
     "accelerated",
     "collect_params",
     "get_student",
+    "save_scorecard_rows",
+    "load_scorecard_rows",
+    "last_map_cell_px",
+    "blackbox_accuracy_by_size",
+    "resolution_units",
+    "ablation_scorecard",
+    "student_fingerprint",
+    "blackbox_version",
     "load_snapshots",
     "stage",
     "record_stage",
@@ -74,7 +83,7 @@ __all__ = [
     "main",
 ]
 
-NOTEBOOKS = ("01_distill", "02_explain", "03_layer_importance", "04_deletion_game", "05_scorecard")
+NOTEBOOKS = ("01_distill", "02_explain", "03_layer_importance", "04_deletion_game", "05_scorecard", "06_resolution")
 
 
 def load_profile(name: str, root: str | os.PathLike | None = None) -> Profile:
@@ -150,7 +159,8 @@ def load_split(params: Mapping[str, Any], split: str, paths: RunPaths | None = N
     limit = n if n is not None else p.split_size(split)
     if p.dataset == "synthetic":
         ds = SyntheticTextures(split=split, n=limit, image_size=p.image_size, num_classes=p.num_classes,
-                               seed=p.data_seed, cache_dir=paths.data_cache if paths is not None else None)
+                               seed=p.data_seed, cache_dir=paths.data_cache if paths is not None else None,
+                               object_radius=object_radius(p))
         with stage(f"data: {split} split ({len(ds)} images, rendered or read from the cache)", paths):
             return ds.tensors()
     real_split = {"transfer": "train"}.get(split, split)
@@ -160,12 +170,55 @@ def load_split(params: Mapping[str, Any], split: str, paths: RunPaths | None = N
     return load_tensors(real, order[:limit] if limit else order)
 
 
+def object_radius(params: Mapping[str, Any]) -> tuple[float, float]:
+    """The synthetic class object's radius range of a profile (``object_radius``; null: the renderer's default)."""
+    r = as_profile(params).object_radius
+    return DEFAULT_OBJECT_RADIUS if r is None else (float(r[0]), float(r[1]))
+
+
 #: Profile keys that determine the teacher, and (with those) the students; a cached artefact is
 #: reused only when these match.
-TEACHER_KEYS = ("dataset", "image_size", "num_classes", "seed", "data_seed", "n_train", "n_val", "teacher",
+TEACHER_KEYS = ("dataset", "image_size", "num_classes", "seed", "data_seed", "object_radius", "n_train", "n_val",
+                "teacher",
                 "teacher_weights", "teacher_epochs", "teacher_batch_size", "teacher_lr", "teacher_pixel_dropout")
 STUDENT_KEYS = ("n_transfer", "n_test", "student", "temperature", "distill_epochs", "distill_batch_size", "distill_lr",
                 "query_budget", "holdout", "topk")
+
+
+def blackbox_version(blackbox: Any) -> str | None:
+    """The model version a remote black box's server reports in its metadata (``None`` for a local one).
+
+    >>> blackbox_version(object()) is None
+    True
+    """
+    metadata = getattr(getattr(blackbox, "fn", None), "metadata", None)
+    version = getattr(metadata, "version", None)
+    return None if version is None else str(version)
+
+
+def student_fingerprint(params: Mapping[str, Any], model_version: str | None = None) -> str:
+    """The key a distilled student (and its per-epoch students) is cached under.
+
+    It holds the profile keys that determine the teacher and the distillation and, for a black box
+    behind an inference server, ``black_box_url`` and the model version the server reports
+    (``model_version``, see :func:`blackbox_version`): a student distilled from one black box is
+    never reused for another. For the teacher in process the key is the profile keys alone.
+
+    >>> from lwcam.profiles import Profile
+    >>> a = Profile.from_dict({"black_box_url": "http://127.0.0.1:8080/v2/models/a"}, source="example")
+    >>> b = a.replace(black_box_url="http://127.0.0.1:8080/v2/models/b")
+    >>> fp = student_fingerprint
+    >>> fp(a, "1") == fp(b, "1"), fp(a, "1") == fp(a, "2"), fp(a, "1") == fp(a, "1")
+    (False, False, True)
+    """
+    p = as_profile(params)
+    key = p.fingerprint(TEACHER_KEYS + STUDENT_KEYS)
+    if p.black_box_url is None:
+        if model_version is not None:
+            raise ValueError(f"model_version: {model_version!r} given for a profile without black_box_url")
+        return key
+    values = {**json.loads(key), "black_box_url": p.black_box_url, "black_box_version": model_version}
+    return json.dumps(values, sort_keys=True, default=str)
 
 
 def get_teacher(params: Mapping[str, Any], paths: RunPaths,
@@ -268,7 +321,7 @@ def load_conflict(params: Mapping[str, Any], split: str, paths: RunPaths | None,
     if p.dataset != "synthetic":
         raise ValueError(f"class-conflict scenes exist for the synthetic data set only, not {p.dataset!r}")
     ds = ConflictScenes(split=split, n=n, image_size=p.image_size, num_classes=p.num_classes, seed=p.data_seed,
-                        cache_dir=paths.data_cache if paths is not None else None)
+                        cache_dir=paths.data_cache if paths is not None else None, object_radius=object_radius(p))
     with stage(f"data: {split} conflict scenes ({n}, rendered or read from the cache)", paths):
         return ds.tensors()
 
@@ -280,10 +333,14 @@ def fusion_selection(params: Mapping[str, Any], paths: RunPaths, student: torch.
     The table and the chosen setting are kept in the run folder, keyed by the profile keys that
     determine them, so notebooks 04 and 05 pay for the selection once.
     """
-    from .analysis import select_fusion  # here: analysis imports the baselines, which pipeline does not need
+    from .analysis import FUSION_GRID_VERSION, select_fusion  # here: analysis imports the baselines
 
     p = as_profile(params)
-    key = p.fingerprint(TEACHER_KEYS + STUDENT_KEYS + ("n_fusion_val", "game_steps"))
+    key = json.dumps({**json.loads(p.fingerprint(TEACHER_KEYS + STUDENT_KEYS + ("n_fusion_val", "game_steps"))),
+                      "fusion_grid": FUSION_GRID_VERSION}, sort_keys=True)
+    if p.black_box_url is not None:  # the student and the scores come from that server's model
+        key = json.dumps({**json.loads(key), "student": student_fingerprint(p, blackbox_version(scorer))},
+                         sort_keys=True)
     table_path, meta_path = paths.run / "fusion_selection.csv", paths.run / "fusion_selection.json"
     if table_path.exists() and meta_path.exists():
         meta = json.loads(meta_path.read_text())
@@ -328,6 +385,124 @@ def explain_t3(params: Mapping[str, Any], images: torch.Tensor, targets: torch.T
     return {m: runs[m] for m in T3_METHODS}
 
 
+def save_scorecard_rows(paths: RunPaths, result: Any, fusions: Mapping[str, Mapping[str, Any]]) -> None:
+    """Keep T4's per-scene and per-object rows and the fusions chosen on ``val`` in the run folder (for T5)."""
+    result.per_scene.to_csv(paths.run / "per_scene_scorecard.csv", index=False)
+    result.per_object.to_csv(paths.run / "per_object_scorecard.csv", index=False)
+    (paths.run / "scorecard_fusions.json").write_text(json.dumps(fusions, indent=2, default=float) + "\n")
+
+
+def load_scorecard_rows(paths: RunPaths) -> tuple[pd.DataFrame, dict[str, dict[str, Any]]]:
+    """T4's per-object rows and the fusions chosen on ``val``, as :func:`save_scorecard_rows` kept them."""
+    rows, fusions = paths.run / "per_object_scorecard.csv", paths.run / "scorecard_fusions.json"
+    if not rows.exists() or not fusions.exists():
+        raise FileNotFoundError(f"no scorecard rows under {paths.rel(paths.run)}; run notebook 05_scorecard first")
+    return pd.read_csv(rows), json.loads(fusions.read_text())
+
+
+#: The student-side rows of an ablation student's T5 (its own explanations); the black-box and reference rows
+#: (RISE, LIME, occlusion, random, centre, mask) do not depend on the student and are the main student's.
+ABLATION_METHODS = ("lwcam", "lwcam_selected", "lwcam_conflict", "gradcam", "layercam", "gradcampp")
+STUDENT_FREE_METHODS = ("rise", "lime", "occlusion", "random", "center", "mask")
+
+
+def last_map_cell_px(student: torch.nn.Module, image_size: int) -> float:
+    """Input pixels per cell of the student's deepest explained map (``layers="auto"``): 8.0 for an 8×8 map at 64 px."""
+    from .layercam import LayerMaps, LayerwiseGradCAM  # here: pipeline itself needs no CAM
+
+    with LayerwiseGradCAM(student, verbose=False) as cam:
+        lm = cam(torch.zeros(1, 3, image_size, image_size), targets=0)
+    assert isinstance(lm, LayerMaps)  # one weighting gives one LayerMaps
+    h, w = lm.resolutions[lm.names[-1]]
+    return image_size / max(h, w)
+
+
+def blackbox_accuracy_by_size(params: Mapping[str, Any], paths: RunPaths, teacher: torch.nn.Module
+                              ) -> pd.DataFrame:
+    """The black box's accuracy per object-size bin on the ``val`` and ``test`` images (synthetic data only).
+
+    Sizes are in cells of the profile's student architecture's last map, as in T5. Columns ``split``,
+    ``size_bin``, ``n``, ``accuracy``; a row ``all`` per split.
+    """
+    from .resolution import accuracy_by_size  # here: the study's tables import the baselines
+
+    p = as_profile(params)
+    if p.dataset != "synthetic":
+        raise ValueError(f"object sizes are known for the synthetic data set only, not {p.dataset!r}")
+    cell = last_map_cell_px(build_model(p.student, p.num_classes).eval(), p.image_size)
+    frames = []
+    for split in ("val", "test"):
+        x, y, m = load_split(p, split, paths)
+        correct = predict_logits(teacher, x).argmax(dim=1).cpu() == y
+        frames.append(accuracy_by_size(correct, m, cell).assign(split=split))
+    table = pd.concat(frames, ignore_index=True)
+    return table[["split", "size_bin", "n", "accuracy"]]
+
+
+def resolution_units(params: Mapping[str, Any], paths: RunPaths, teacher: torch.nn.Module,
+                     progress: bool | None = None) -> tuple[dict[str, pd.DataFrame], dict[str, pd.DataFrame]]:
+    """T5's units (:func:`lwcam.resolution.size_units`) and the test objects' sizes, per student.
+
+    The main student's rows are T4's (notebook 05's, re-read); each ``resolution_students`` architecture
+    adds :func:`ablation_scorecard`'s rows beside the student-free ones (:data:`STUDENT_FREE_METHODS`).
+    Every student bins the same objects in cells of **its own** last map (protocol: the size in cells of
+    the student's last map), so a 32×-stride student sees the objects four times smaller than an 8× one.
+    A student is named with its cell width (``"regnet_x_s8 (8 px cells)"``).
+    """
+    from .resolution import object_sizes, size_units  # here: the study's tables import the baselines
+
+    p = as_profile(params)
+    student, _ = get_student(p, paths, teacher)
+    per_object, fusions = load_scorecard_rows(paths)
+    _, _, masks = load_conflict(p, "test", paths, n=int(per_object["image"].max()) + 1)
+    cell = last_map_cell_px(student, p.image_size)
+    name = f"{p.student} ({cell:g} px cells)"
+    sizes = {name: object_sizes(masks, cell)}
+    units = {name: size_units(per_object, sizes[name])}
+    free = per_object[per_object["method"].isin(STUDENT_FREE_METHODS)]
+    for arch in p.resolution_students or []:
+        result, own_cell = ablation_scorecard(p, paths, teacher, arch, fusions, progress=progress)
+        name = f"{arch} ({own_cell:g} px cells)"
+        sizes[name] = object_sizes(masks, own_cell)
+        units[name] = size_units(pd.concat([result.per_object, free]), sizes[name])
+    return units, sizes
+
+
+def ablation_scorecard(params: Mapping[str, Any], paths: RunPaths, teacher: torch.nn.Module, arch: str,
+                       fusions: Mapping[str, Mapping[str, Any]], progress: bool | None = None) -> tuple[Any, float]:
+    """T4's student-side measurements with another student architecture, distilled from the same black box.
+
+    The student is distilled from the profile's black box (its ``probs`` answers on the same transfer
+    images) and kept in ``runs/<profile>/ablation_<arch>/``; it explains the same ``n_conflict`` test
+    scenes with :data:`ABLATION_METHODS`, the lwcam rows at the settings chosen on ``val`` for the main
+    student (``fusions``; a setting whose per-layer weights do not fit this student's layers is left out),
+    and no robustness measures (they need a second student). Returns its
+    :class:`~lwcam.scorecard.ScorecardResult` and the pixels per cell of its last map.
+    """
+    from . import scorecard  # here: the scorecard imports the baselines, which pipeline does not need
+    from .layercam import auto_layers
+
+    p = as_profile(params).replace(student=arch, blackbox_output="probs", compare_modes=False)
+    sub = RunPaths(profile=f"{p.profile}/ablation_{arch}", root=paths.root)
+    sub.run.mkdir(parents=True, exist_ok=True)
+    with stage(f"T5: ablation student {arch} (distillation or cache)", paths):
+        student, _ = get_student(p, sub, teacher, progress=progress)
+    n_layers = len(auto_layers(student, p.image_size))
+    usable = {k: dict(v) for k, v in fusions.items() if len(v.get("weights") or [0] * n_layers) == n_layers}
+    methods = [m for m in ABLATION_METHODS if m not in fusions or m in usable]
+    x, y, m = load_conflict(p, "test", paths, n=p.n_conflict)
+    shape = (int(x.shape[1]), int(x.shape[2]), int(x.shape[3]))
+    scorer = make_scene_blackbox(teacher, p, paths, shape, output="probs")
+    with stage(f"T5: ablation student {arch}, explanations and measures", paths):
+        result = scorecard.run_scorecard(
+            x, y, m, methods=methods, blackbox=scorer, scorer=scorer, student=student, teacher=teacher,
+            n_road=min(p.n_road, p.n_conflict), n_randomisation=min(p.n_randomisation, p.n_conflict),
+            randomisation_steps=p.randomisation_steps, n_robustness=0,
+            method_params=scorecard.scene_method_params(shape[1], shape[2], seed=p.seed, fusions=usable),
+            seed=p.seed, progress=progress)
+    return result, last_map_cell_px(student, p.image_size)
+
+
 def collect_params(namespace: Mapping[str, Any]) -> Profile:
     """The profile a notebook runs with: every :class:`Profile` key found in its namespace.
 
@@ -347,6 +522,9 @@ def get_student(params: Mapping[str, Any], paths: RunPaths, teacher: torch.nn.Mo
 
     ``seed`` (default the profile's) distils another student from the same black box with that
     seed; it is cached separately (``student_<output>_seed<seed>``) and keeps no per-epoch students.
+
+    The cache key is :func:`student_fingerprint`: with ``black_box_url`` the server's metadata are
+    read first, so a student of another URL or another model version is distilled afresh.
     """
     p = as_profile(params)
     mode = output or p.blackbox_output
@@ -355,13 +533,14 @@ def get_student(params: Mapping[str, Any], paths: RunPaths, teacher: torch.nn.Mo
         p, tag = p.replace(seed=seed), f"_seed{seed}"
     ckpt = paths.run / f"student_{mode}{tag}.pt"
     summary_path = paths.run / f"student_{mode}{tag}.json"
-    fingerprint = p.fingerprint(TEACHER_KEYS + STUDENT_KEYS)
+    remote = make_blackbox(teacher, p, paths, output=mode, cache=False) if p.black_box_url is not None else None
+    fingerprint = student_fingerprint(p, blackbox_version(remote))
     if ckpt.exists() and summary_path.exists():
         summary = json.loads(summary_path.read_text())
         if summary.get("fingerprint") == fingerprint:
             model, _ = load_checkpoint(ckpt)
             return model, summary
-    result = _distill(p, paths, teacher, mode, fingerprint, progress, keep_epochs=not tag)
+    result = _distill(p, paths, teacher, mode, fingerprint, progress, keep_epochs=not tag, blackbox=remote)
     save_checkpoint(result.student, ckpt, arch=p.student, num_classes=p.num_classes, output=mode, seed=p.seed)
     summary = {
         "fingerprint": fingerprint,
@@ -378,20 +557,23 @@ def get_student(params: Mapping[str, Any], paths: RunPaths, teacher: torch.nn.Mo
 
 
 def _distill(p: Profile, paths: RunPaths, teacher: torch.nn.Module, output: str, fingerprint: str,
-             progress: bool | None, keep_epochs: bool = True) -> DistillResult:
-    """Distil a student from the teacher's ``output`` answers, keeping the student of every epoch (``keep_epochs``)."""
+             progress: bool | None, keep_epochs: bool = True, blackbox: BlackBox | None = None) -> DistillResult:
+    """Distil a student from the black box's ``output`` answers, keeping the student of every epoch (``keep_epochs``).
+
+    ``blackbox`` is the one to ask (default: :func:`make_blackbox` without answer cache).
+    """
     transfer, _, _ = load_split(p, "transfer", paths)
     test_x, test_y, _ = load_split(p, "test", paths)
     # no persistent answer cache here: distillation keeps its answers in its own checkpoint, and
     # T1 must report what a distillation from scratch pays
-    bb = make_blackbox(teacher, p, paths, output=output, cache=False)
+    bb = blackbox if blackbox is not None else make_blackbox(teacher, p, paths, output=output, cache=False)
     # one checkpoint folder per configuration, so an interrupted run resumes and a changed one starts afresh
     ckpt_dir = paths.run / f"distill_{output}_{hashlib.sha256(fingerprint.encode()).hexdigest()[:12]}"
     snapshots = paths.snapshots(output)
     snapshots.mkdir(parents=True, exist_ok=True)
-    if keep_epochs and not ckpt_dir.exists():
-        for old in snapshots.glob("epoch_*.pt"):
-            old.unlink()
+    if keep_epochs and _reset_snapshots(snapshots, fingerprint, fresh=not ckpt_dir.exists()):
+        # the per-epoch students are another distillation's: train every epoch again, so each is re-made
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
 
     def keep(epoch: int, model: torch.nn.Module) -> None:
         save_checkpoint(model, snapshots / f"epoch_{epoch:03d}.pt", arch=p.student, num_classes=p.num_classes,
@@ -406,12 +588,56 @@ def _distill(p: Profile, paths: RunPaths, teacher: torch.nn.Module, output: str,
         )
 
 
+#: The file beside the per-epoch students that names the distillation (its fingerprint) they come from.
+SNAPSHOT_KEY = "fingerprint.json"
+
+
+def _snapshot_fingerprint(folder: Path) -> str | None:
+    """The fingerprint recorded beside a folder's per-epoch students (``None`` if none is recorded)."""
+    key_file = folder / SNAPSHOT_KEY
+    if not key_file.exists():
+        return None
+    try:
+        return json.loads(key_file.read_text()).get("fingerprint")
+    except (ValueError, AttributeError):
+        return None
+
+
+def _reset_snapshots(folder: Path, fingerprint: str, fresh: bool) -> bool:
+    """Drop the per-epoch students (all when ``fresh``, else those of another distillation) and record
+    ``fingerprint`` beside them; ``True`` when they were another distillation's."""
+    recorded = _snapshot_fingerprint(folder)
+    foreign = recorded is not None and recorded != fingerprint
+    if fresh or foreign:
+        for old in folder.glob("epoch_*.pt"):
+            old.unlink()
+    (folder / SNAPSHOT_KEY).write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
+    return foreign
+
+
+def _check_snapshots(paths: RunPaths, output: str) -> None:
+    """``ValueError`` when the per-epoch students come from another distillation than the cached student."""
+    summary_path = paths.run / f"student_{output}.json"
+    recorded = _snapshot_fingerprint(paths.snapshots(output))
+    if recorded is None or not summary_path.exists():
+        return
+    if json.loads(summary_path.read_text()).get("fingerprint") != recorded:
+        raise ValueError(f"the per-epoch students under {paths.rel(paths.snapshots(output))} come from another "
+                         f"distillation (another profile or black box) than {paths.rel(summary_path)}; "
+                         f"rerun notebook 01")
+
+
 def load_snapshots(params: Mapping[str, Any], paths: RunPaths, output: str = "probs") -> dict[int, torch.nn.Module]:
-    """The student after each distillation epoch (``epoch -> model``), as saved by :func:`get_student`."""
+    """The student after each distillation epoch (``epoch -> model``), as saved by :func:`get_student`.
+
+    They must come from the distillation of the cached ``student_<output>.json`` (the fingerprint
+    recorded beside them); per-epoch students of another black box raise ``ValueError``.
+    """
     files = sorted(paths.snapshots(output).glob("epoch_*.pt"))
     if not files:
         raise FileNotFoundError(f"no per-epoch students under {paths.rel(paths.snapshots(output))}; "
                                 f"run notebook 01 (or delete the cached student_{output}.json) first")
+    _check_snapshots(paths, output)
     return {int(f.stem.split("_")[1]): load_checkpoint(f)[0] for f in files}
 
 

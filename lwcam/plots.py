@@ -545,6 +545,55 @@ def plot_scorecard(ranks: Any, values: Any, higher_is_better: Mapping[str, bool]
     return fig
 
 
+def plot_resolution(t5: Any, measures: Mapping[str, tuple[str, bool]], methods: Sequence[str] | None = None,
+                    title: str = "F9 · the scorecard against object size") -> Figure:
+    """F9: each headline measure against object size, one line per method (and line style per student).
+
+    Args:
+        t5: T5 (:func:`lwcam.resolution.resolution_table`): ``student``, ``size_bin``, ``method``, ``label``,
+            each measure with ``_ci_low`` and ``_ci_high``; bins small to large by ``median_size_cells``.
+        measures: column -> (axis label, higher is better), one panel each.
+        methods: the methods drawn (default all), in legend order.
+        title: the figure's title.
+
+    Example:
+        >>> import pandas as pd
+        >>> t5 = pd.DataFrame({"student": "s", "size_bin": ["small", "large"], "method": "m", "label": "M",
+        ...                    "x": [0.2, 0.8], "x_ci_low": [0.1, 0.7], "x_ci_high": [0.3, 0.9]})
+        >>> len(plot_resolution(t5, {"x": ("x", True)}).axes)
+        1
+    """
+    order = t5.groupby("size_bin")["median_size_cells"].median() if "median_size_cells" in t5 else None
+    bins = list(order.sort_values().index) if order is not None else list(dict.fromkeys(t5["size_bin"]))
+    methods = list(dict.fromkeys(t5["method"])) if methods is None else list(methods)
+    students = list(dict.fromkeys(t5["student"]))
+    fig = Figure(figsize=(3.3 * len(measures), 3.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(measures)))
+    for ax, (col, (label, up)) in zip(axes, measures.items(), strict=True):
+        for i, method in enumerate(methods):
+            colour, _ = _method_style(i)
+            for j, student in enumerate(students):
+                rows = t5[(t5["method"] == method) & (t5["student"] == student)].set_index("size_bin")
+                rows = rows.reindex([b for b in bins if b in rows.index])
+                if rows.empty:
+                    continue
+                x = np.array([bins.index(b) for b in rows.index]) + 0.04 * (i - len(methods) / 2)
+                err = np.abs(rows[[f"{col}_ci_low", f"{col}_ci_high"]].to_numpy(float).T - rows[col].to_numpy(float))
+                name = rows["label"].iloc[0] + ("" if len(students) == 1 else f" ({student})")
+                ax.errorbar(x, rows[col], yerr=err, color=colour, ls=("-", "--", ":")[j % 3], marker="o", ms=3.5,
+                            lw=1.3, capsize=2, label=name)
+        ax.set_xticks(range(len(bins)), bins, fontsize=8)
+        ax.set_xlim(-0.5, len(bins) - 0.5)
+        ax.set_title(f"{label} {'↑' if up else '↓'}", fontsize=9)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=7.5, frameon=False)
+    fig.supxlabel("object size, in cells of the student's last map (its equivalent diameter over the cell width)",
+                  fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 120) -> Path:
     """Save ``fig`` atomically (PNG/PDF/SVG by the suffix), tight bounding box, ``dpi`` 120."""
     path = Path(path)

@@ -24,6 +24,7 @@ import dataclasses
 import difflib
 import functools
 import json
+import math
 import os
 import typing
 from collections.abc import Iterator, Mapping
@@ -70,6 +71,10 @@ class Profile(Mapping[str, Any]):
     num_classes: int = _key(10, "number of classes (2..10 for synthetic)")
     seed: int = _key(0, "seed of training, distillation, the images shown and the randomised explainers")
     data_seed: int = _key(0, "seed of the synthetic data set (each image is a function of seed, split, index)")
+    object_radius: list | None = _key(
+        None, "radius range [lo, hi] of the synthetic class object, in pixels of a 64-px image (scaled with "
+              "image_size); null: 14-20, where objects span about four cells of an 8x8 last map",
+        null_at_default=True)
     n_train: int | None = _key(None, "images of the train split (teacher training); null: the whole split")
     n_transfer: int | None = _key(None, "images of the transfer split the student learns from; null: all")
     n_val: int | None = _key(None, "images of the val split (teacher validation, fusion selection); null: all")
@@ -128,15 +133,31 @@ class Profile(Mapping[str, Any]):
     n_robustness: int = _key(2, "of those, the scenes of max-sensitivity and of the two-run rank correlation")
     robustness_samples: int = _key(3, "noise samples per scene of max-sensitivity")
     second_seed: int = _key(1, "seed of the second student (same black box) and of seeded methods' second run")
+    # the scorecard by object size (T5, F9)
+    resolution_students: list | None = _key(
+        None, "ablation student architectures of T5 (lwcam.models names), each distilled from the same black box "
+              "and held to T4's student-side measures on the same scenes; null: the main student only")
 
     def __post_init__(self) -> None:
         hints = _type_hints()
         for f in dataclasses.fields(self):
-            value = _checked(f.name, getattr(self, f.name), hints[f.name])
+            value = _in_range(f.name, _checked(f.name, getattr(self, f.name), hints[f.name]))
             choices = f.metadata["choices"]
             if choices and value not in choices:
                 raise ProfileError(f"profile key {f.name!r} must be one of {list(choices)}, got {value!r}")
             object.__setattr__(self, f.name, value)
+        if self.object_radius is not None:
+            from .data import check_object_radius  # here: the data module is heavy, a profile is read anywhere
+
+            try:
+                object.__setattr__(self, "object_radius", list(check_object_radius(self.object_radius,
+                                                                                   self.image_size)))
+            except ValueError as err:
+                raise ProfileError(f"profile key 'object_radius': {err}") from None
+        if self.resolution_students is not None and not all(isinstance(a, str) and a for a in
+                                                            self.resolution_students):
+            raise ProfileError(f"profile key 'resolution_students' must be a list of architecture names or null, "
+                               f"got {self.resolution_students!r}")
         if self.distill_lr is not None and not 0.0 < self.distill_lr <= 10.0:
             raise ProfileError(f"profile key 'distill_lr' must lie in (0, 10] or be null, got {self.distill_lr}")
         if self.game_steps is not None and not 1 <= self.game_steps <= self.image_size ** 2:
@@ -162,7 +183,11 @@ class Profile(Mapping[str, Any]):
     def from_yaml(cls, path: str | os.PathLike, name: str | None = None) -> Profile:
         """Read and validate a profile file; ``profile`` defaults to ``name`` (or the file's stem)."""
         path = Path(path)
-        values = yaml.safe_load(path.read_text()) or {}
+        try:
+            values = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ProfileError(f"{path}: not valid YAML ({err})") from None
+        values = {} if values is None else values  # an empty file; a 0 or [] is not a mapping and raises below
         if not isinstance(values, dict):
             raise ProfileError(f"{path}: a profile is a mapping of keys to values, got {type(values).__name__}")
         values.setdefault("profile", name or path.stem)
@@ -254,6 +279,38 @@ def _checked(name: str, value: Any, hint: Any) -> Any:
     elif isinstance(value, base):
         return value
     raise ProfileError(f"profile key {name!r} must be {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+
+
+#: The interval of each number key, ``(low, high, low_open, high_open)``. A count of 0 means neither "all"
+#: nor "none" anywhere downstream (``null`` means all), so it is refused by name when the profile is read.
+_RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    **{k: (0, math.inf, False, False) for k in (  # a 0 here means none: seeds, a given teacher, a skipped measure
+        "seed", "data_seed", "second_seed", "teacher_epochs", "n_road", "n_randomisation", "n_robustness")},
+    **{k: (1, math.inf, False, False) for k in (
+        "image_size", "n_train", "n_transfer", "n_val", "n_test", "teacher_batch_size", "topk", "blackbox_batch_size",
+        "distill_epochs", "distill_batch_size", "query_budget", "n_explain", "n_eval", "n_eval_blackbox", "n_eval_mp",
+        "rise_masks", "n_layer_eval", "n_fusion_val", "n_tradeoff", "lime_samples", "n_conflict",
+        "n_conflict_blackbox", "randomisation_steps", "robustness_samples")},
+    "num_classes": (2, math.inf, False, False),
+    "teacher_lr": (0, math.inf, True, False),
+    "temperature": (0, math.inf, True, False),
+    "teacher_pixel_dropout": (0, 1, False, False),
+    "holdout": (0, 1, False, True),
+}
+
+
+def _in_range(name: str, value: Any) -> Any:
+    """``value`` if it is ``None`` or lies in the key's :data:`_RANGES` interval; else an error naming the key."""
+    if value is None or name not in _RANGES:
+        return value
+    from ._checks import check_real  # here: importing this module stays free of torch
+
+    low, high, low_open, high_open = _RANGES[name]
+    try:
+        check_real(value, f"profile key {name!r}", low, high, low_open=low_open, high_open=high_open)
+    except ValueError as err:
+        raise ProfileError(str(err)) from None
+    return value
 
 
 def project_root(start: str | os.PathLike | None = None) -> Path:

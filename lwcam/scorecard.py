@@ -54,7 +54,7 @@ import inspect
 import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -62,15 +62,14 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ._checks import check_positive_int
+from ._checks import check_positive_int, check_real
 from ._utils import track
-from .analysis import WEIGHTING_LABELS
+from .analysis import GATED_WEIGHTINGS, WEIGHTING_LABELS, fused_maps
 from .baselines import METHODS, rise_classes
 from .blackbox import BlackBox
 from .data import object_area_fractions
 from .evaluation import MethodRun, compare, run_methods, summarize
-from .fusion import fuse
-from .layercam import layer_maps_all_weightings
+from .layercam import layer_maps_all_weightings, raw_layer_maps
 from .measures import (
     class_sensitivity,
     map_rank_correlation,
@@ -100,6 +99,8 @@ __all__ = [
     "object_size_table",
     "scene_table",
     "explain_scenes",
+    "score_objects",
+    "scene_means",
     "score_scenes",
     "cascade_groups",
     "randomisation_check",
@@ -168,11 +169,14 @@ class ScorecardResult:
         runs: name -> :class:`~lwcam.evaluation.MethodRun` whose ``saliency`` is ``(n,2,H,W)`` (the
             maps for object ``a`` and object ``b``) and whose costs are **per scene** (both maps).
         randomisation: one row per (method, step, scene) with ``rank_correlation``.
+        per_object: one row per (method, scene, object) (:func:`score_objects`); the randomisation and
+            robustness measures, taken on object ``a``, stand on its rows. T5 bins these by object size.
     """
 
     per_scene: pd.DataFrame
     runs: dict[str, MethodRun]
     randomisation: pd.DataFrame
+    per_object: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 # ----------------------------------------------------------------------------- scenes
@@ -188,7 +192,7 @@ def scene_method_params(height: int, width: int, *, rise_masks: int = 4000, lime
         >>> scene_method_params(64, 128, rise_masks=100)["rise"]["grid_size"]
         (8, 16)
     """
-    ratio = width / height
+    ratio = check_positive_int(width, "width") / check_positive_int(height, "height")
     params: dict[str, dict[str, Any]] = {
         "rise": {"n_masks": rise_masks, "seed": seed, "grid_size": (8, max(1, round(8 * ratio)))},
         "lime": {"n_samples": lime_samples, "seed": seed, "n_segments": max(1, round(50 * ratio))},
@@ -231,6 +235,8 @@ def object_size_table(masks: torch.Tensor) -> pd.DataFrame:
         >>> object_size_table(m).loc[lambda t: t["statistic"] == "max", "share_of_scene"].item()
         0.25
     """
+    if masks.dim() != 4 or masks.shape[0] == 0 or masks.shape[1] != 2:
+        raise ValueError(f"masks must be (n,2,H,W) with n >= 1 scenes, got shape {tuple(masks.shape)}")
     share = object_area_fractions(masks).reshape(-1)
     h, w = masks.shape[-2:]
     pixels = share * h * w
@@ -312,6 +318,8 @@ def explain_scenes(images: torch.Tensor, labels: torch.Tensor, masks: torch.Tens
     Returns:
         name -> :class:`~lwcam.evaluation.MethodRun` with ``(k,2,H,W)`` saliency and per-scene costs.
     """
+    if isinstance(methods, str) or len(methods) == 0:
+        raise ValueError(f"methods must be a non-empty sequence of method names, got {methods!r}")
     unknown = [m for m in methods if m not in METHODS and m not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown method {unknown[0]!r}; expected one of {sorted([*METHODS, *VARIANTS])}")
@@ -334,53 +342,77 @@ def explain_scenes(images: torch.Tensor, labels: torch.Tensor, masks: torch.Tens
 # ----------------------------------------------------------------------------- measures per scene
 def _localisation(scorer: Any, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
                   sal: torch.Tensor, step: int | None) -> dict[str, np.ndarray]:
-    """Targeted pointing, mass, deletion and sparseness (means of the two maps), and class sensitivity."""
-    k = len(images)
+    """Per object, ``2k`` values (every scene's object ``a``, then every scene's object ``b``): targeted
+    pointing, mass, deletion and sparseness of the map asked for that object, and its scene's class sensitivity."""
     both = torch.cat([sal[:, 0], sal[:, 1]])
     asked = torch.cat([labels[:, 0], labels[:, 1]])
     other = torch.cat([labels[:, 1], labels[:, 0]])
     m_asked, m_other = torch.cat([masks[:, 0], masks[:, 1]]), torch.cat([masks[:, 1], masks[:, 0]])
     auc_asked, auc_other = targeted_deletion(scorer, torch.cat([images, images]), both, asked, other, step=step)
-
-    def mean2(values: torch.Tensor) -> np.ndarray:
-        return values.double().view(2, k).mean(0).numpy()
-
-    return {
-        "targeted_pointing": mean2(targeted_pointing(both, m_asked, m_other)),
-        "targeted_mass": mean2(targeted_mass(both, m_asked, m_other)),
-        "class_sensitivity": class_sensitivity(sal[:, 0], sal[:, 1], masks[:, 0], masks[:, 1]).numpy(),
-        "deletion_asked": mean2(auc_asked),
-        "deletion_other": mean2(auc_other),
-        "deletion_gap": mean2(auc_other - auc_asked),
-        "sparseness": mean2(sparseness(both)),
+    sens = class_sensitivity(sal[:, 0], sal[:, 1], masks[:, 0], masks[:, 1]).double().numpy()
+    values = {
+        "targeted_pointing": targeted_pointing(both, m_asked, m_other),
+        "targeted_mass": targeted_mass(both, m_asked, m_other),
+        "deletion_asked": auc_asked,
+        "deletion_other": auc_other,
+        "deletion_gap": auc_other - auc_asked,
+        "sparseness": sparseness(both),
     }
+    out = {name: v.double().numpy() for name, v in values.items()}
+    out["class_sensitivity"] = np.concatenate([sens, sens])
+    return out
 
 
-def score_scenes(scorer: Any, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
-                 runs: Mapping[str, MethodRun], *, n_road: int = 0,
-                 road_percentages: Sequence[float] = SCORECARD_ROAD_PERCENTAGES, step: int | None = None,
-                 seed: int = 0, progress: bool | None = None) -> pd.DataFrame:
-    """Localisation, ROAD and complexity of every method's maps, scored on the black box, one row per scene.
+def score_objects(scorer: Any, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
+                  runs: Mapping[str, MethodRun], *, n_road: int = 0,
+                  road_percentages: Sequence[float] = SCORECARD_ROAD_PERCENTAGES, step: int | None = None,
+                  seed: int = 0, progress: bool | None = None) -> pd.DataFrame:
+    """Localisation, ROAD and complexity of every method's maps, scored on the black box, one row per object.
 
-    ROAD (MoRF and LeRF, :func:`~lwcam.measures.road_score` over ``road_percentages``) is taken on
-    the map of object ``a`` with ``a`` as the target, on the first ``n_road`` scenes of each method.
+    Columns ``method``, ``image`` (scene), ``object`` (0: ``a``, 1: ``b``) and the measures of the map
+    asked for that object; ``class_sensitivity`` is its scene's, on both of the scene's rows. ROAD
+    (MoRF and LeRF, :func:`~lwcam.measures.road_score` over ``road_percentages``) is taken on the map of
+    object ``a`` with ``a`` as the target, on the first ``n_road`` scenes of each method (NaN elsewhere).
     """
     frames = []
     for name, run in track(runs.items(), total=len(runs), desc="score scenes", enabled=progress):
         idx = run.indices
         x, y, m = images[idx], labels[idx], masks[idx]
         df = pd.DataFrame(_localisation(scorer, x, y, m, run.saliency, step))
+        df.insert(0, "object", np.repeat([0, 1], len(idx)))
+        df.insert(0, "image", np.tile(idx.numpy(), 2))
+        df.insert(0, "method", name)
         df["road_morf"] = df["road_lerf"] = np.nan
-        r = min(n_road, len(idx))
+        r = min(check_positive_int(n_road, "n_road", minimum=0), len(idx))
         if r:
             for order in ("morf", "lerf"):
                 curve = road(scorer, x[:r], run.saliency[:r, 0], y[:r, 0], percentages=road_percentages,
                              order=order, seed=seed)
-                df.loc[: r - 1, f"road_{order}"] = road_score(curve).numpy()
-        df.insert(0, "image", idx.numpy())
-        df.insert(0, "method", name)
+                df.loc[: r - 1, f"road_{order}"] = road_score(curve).double().numpy()
         frames.append(df)
     return pd.concat(frames, ignore_index=True)
+
+
+def scene_means(per_object: pd.DataFrame) -> pd.DataFrame:
+    """One row per (method, scene): each measure's mean over the scene's objects where it was taken.
+
+    Example:
+        >>> po = pd.DataFrame({"method": ["m"] * 2, "image": [0, 0], "object": [0, 1], "targeted_mass": [0.5, 1.0],
+        ...                    "road_morf": [0.2, float("nan")]})
+        >>> scene_means(po).to_dict("records")
+        [{'method': 'm', 'image': 0, 'targeted_mass': 0.75, 'road_morf': 0.2}]
+    """
+    measures = [c for c in per_object.columns if c not in ("method", "image", "object")]
+    return per_object.groupby(["method", "image"], sort=False)[measures].mean().reset_index()
+
+
+def score_scenes(scorer: Any, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
+                 runs: Mapping[str, MethodRun], *, n_road: int = 0,
+                 road_percentages: Sequence[float] = SCORECARD_ROAD_PERCENTAGES, step: int | None = None,
+                 seed: int = 0, progress: bool | None = None) -> pd.DataFrame:
+    """:func:`score_objects`, one row per scene (:func:`scene_means`): the mean of the scene's two maps."""
+    return scene_means(score_objects(scorer, images, labels, masks, runs, n_road=n_road,
+                                     road_percentages=road_percentages, step=step, seed=seed, progress=progress))
 
 
 # ----------------------------------------------------------------------------- randomisation
@@ -572,7 +604,7 @@ def run_scorecard(images: torch.Tensor, labels: torch.Tensor, masks: torch.Tenso
         student, teacher: the white-box models; ``second_student`` the student distilled with another seed.
         n_expensive: scenes explained by :data:`EXPENSIVE_METHODS` (the first ones; default all).
         n_road, n_randomisation, n_robustness: the first scenes on which ROAD, randomisation and the
-            robustness measures are taken (at most those every method explained).
+            robustness measures are taken (at most those every method explained); 0 skips the measure.
         randomisation_steps: cascade steps (:func:`cascade_groups`).
         robustness_samples: noise samples of max-sensitivity.
         second_seed: the seed of the second run of seeded methods.
@@ -582,26 +614,40 @@ def run_scorecard(images: torch.Tensor, labels: torch.Tensor, masks: torch.Tenso
         seed: seed of ROAD's noise, the noise samples and the re-initialisations.
         progress: show progress bars (``None``: only on a TTY).
     """
+    for name, value in (("n_road", n_road), ("n_randomisation", n_randomisation), ("n_robustness", n_robustness)):
+        check_positive_int(value, name, minimum=0)  # before any explanation is paid for (0 skips the measure)
     scorer = blackbox if scorer is None else scorer
     method_params = method_params or {}
     runs = explain_scenes(images, labels, masks, methods=methods, blackbox=blackbox, student=student, teacher=teacher,
                           n_expensive=n_expensive, method_params=method_params, progress=progress)
     common = min(len(r.indices) for r in runs.values())
-    per_scene = score_scenes(scorer, images, labels, masks, runs, n_road=min(n_road, common),
-                             road_percentages=road_percentages, step=step, seed=seed, progress=progress)
+    per_object = score_objects(scorer, images, labels, masks, runs, n_road=min(n_road, common),
+                               road_percentages=road_percentages, step=step, seed=seed, progress=progress)
+    per_scene = scene_means(per_object)
     r = min(n_randomisation, common)
-    rand = randomisation_check(images[:r], labels[:r], masks[:r], methods=list(runs), student=student, teacher=teacher,
-                               num_classes=int(getattr(blackbox, "num_classes", labels.max().item() + 1)), wrap=wrap,
-                               steps=randomisation_steps, method_params=method_params, seed=seed, progress=progress)
-    final = rand[rand["step"] == rand.groupby("method")["step"].transform("max")]
-    final = final.rename(columns={"rank_correlation": "randomisation"})[["method", "image", "randomisation"]]
+    rand = pd.DataFrame(columns=["method", "step", "layer", "image", "rank_correlation"])
+    final = pd.DataFrame({"method": pd.Series(dtype=str), "image": pd.Series(dtype=int),
+                          "randomisation": pd.Series(dtype=float)})
+    if r:  # n_randomisation=0 skips the check: the column stays NaN
+        rand = randomisation_check(images[:r], labels[:r], masks[:r], methods=list(runs), student=student,
+                                   teacher=teacher, wrap=wrap, steps=randomisation_steps, method_params=method_params,
+                                   num_classes=int(getattr(blackbox, "num_classes", labels.max().item() + 1)),
+                                   seed=seed, progress=progress)
+        final = rand[rand["step"] == rand.groupby("method")["step"].transform("max")]
+        final = final.rename(columns={"rank_correlation": "randomisation"})[["method", "image", "randomisation"]]
     k = min(n_robustness, common)
-    robust = robustness(images[:k], labels[:k], masks[:k], runs, blackbox=blackbox, student=student, teacher=teacher,
-                        second_student=second_student, n_samples=robustness_samples, second_seed=second_seed,
-                        seed=seed, progress=progress)
+    robust = pd.DataFrame({"method": pd.Series(dtype=str), "image": pd.Series(dtype=int),
+                           "max_sensitivity": pd.Series(dtype=float), "two_run_correlation": pd.Series(dtype=float)})
+    if k:  # n_robustness=0 skips both robustness measures
+        robust = robustness(images[:k], labels[:k], masks[:k], runs, blackbox=blackbox, student=student,
+                            teacher=teacher, second_student=second_student, n_samples=robustness_samples,
+                            second_seed=second_seed, seed=seed, progress=progress)
     per_scene = per_scene.merge(final, on=["method", "image"], how="left").merge(robust, on=["method", "image"],
                                                                                   how="left")
-    return ScorecardResult(per_scene=per_scene[["method", "image", *MEASURES]], runs=runs, randomisation=rand)
+    on_a = final.merge(robust, on=["method", "image"], how="outer").assign(object=0)
+    per_object = per_object.merge(on_a, on=["method", "image", "object"], how="left")
+    return ScorecardResult(per_scene=per_scene[["method", "image", *MEASURES]], runs=runs, randomisation=rand,
+                           per_object=per_object[["method", "image", "object", *MEASURES]])
 
 
 # ----------------------------------------------------------------------------- tables
@@ -662,6 +708,7 @@ def separation_table(per_scene: pd.DataFrame, t4: pd.DataFrame, *, alpha: float 
     mean at or above every other method's) and ``blind_fail`` (class sensitivity: random's and the centre
     bias's ρ ≥ 0.9, i.e. class-blind), each empty where it does not apply.
     """
+    check_real(alpha, "alpha", 0.0, 1.0, low_open=True, high_open=True)
     methods = list(t4["method"])
     means = t4.set_index("method")
     rows = []
@@ -705,6 +752,13 @@ def _spec(row: Mapping[Any, Any]) -> dict[str, Any]:
     weights = row.get("weights")
     if isinstance(weights, str) and weights.strip():
         spec["weights"] = [float(w) for w in weights.split()]
+    gate = row.get("gate_weighting")
+    if isinstance(gate, str) and gate:
+        spec["gate_weighting"] = gate
+    for option in ("eps", "alpha"):
+        value = row.get(option)  # NaN, or "" in a table read back with keep_default_na=False: unused
+        if value not in (None, "") and np.isfinite(float(value)):
+            spec[option] = float(value)
     return spec
 
 
@@ -729,17 +783,18 @@ def select_fusion_conflict(student: nn.Module, selection: pd.DataFrame, val_imag
         ``(table, chosen)``: the selection table with ``val_targeted_mass``, ``val_class_sensitivity``,
         ``within_tolerance`` and ``selected_conflict_aware`` columns, and the chosen setting's arguments.
     """
-    weightings = tuple(w for w in WEIGHTING_LABELS if w in set(selection["weighting"]))
+    check_real(tolerance, "tolerance", 0.0)  # a negative or NaN tolerance leaves no setting to choose
     k = len(val_images)
     x2 = torch.cat([val_images, val_images])
     t2 = torch.cat([val_labels[:, 0], val_labels[:, 1]])
-    _, stacks, _ = layer_maps_all_weightings(student, x2, t2, weightings, progress=progress)
+    _, stacks, _ = layer_maps_all_weightings(student, x2, t2, tuple(WEIGHTING_LABELS), progress=progress)
+    _, raws = raw_layer_maps(student, x2, t2, tuple(GATED_WEIGHTINGS), progress=progress)
+    size = (int(x2.shape[-2]), int(x2.shape[-1]))
     m_asked = torch.cat([val_masks[:, 0], val_masks[:, 1]])
     m_other = torch.cat([val_masks[:, 1], val_masks[:, 0]])
     mass, sens = [], []
     for row in selection.to_dict("records"):
-        spec = _spec(row)
-        sal = fuse(stacks[spec.pop("weighting")], **spec)
+        sal = fused_maps(stacks, raws, _spec(row), size)
         mass.append(float(targeted_mass(sal, m_asked, m_other).mean()))
         sens.append(float(class_sensitivity(sal[:k], sal[k:], val_masks[:, 0], val_masks[:, 1]).mean()))
     table = selection.copy()

@@ -214,8 +214,8 @@ def test_negative_maps_are_allowed():
 # ---------------------------------------------------------------------------------------------
 def test_errors():
     maps = _maps(4)
-    with pytest.raises(ValueError, match=r"unknown fusion mode 'product'"):
-        fuse(maps, mode="product")
+    with pytest.raises(ValueError, match=r"unknown fusion mode 'median'"):
+        fuse(maps, mode="median")
     with pytest.raises(ValueError, match=r"unknown normalize 'zscore'"):
         fuse(maps, normalize="zscore")
     with pytest.raises(ValueError, match="needs weights"):

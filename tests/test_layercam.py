@@ -240,6 +240,78 @@ def test_layercam_differs_from_gradcam_by_keeping_positive_gradients_only():
     torch.testing.assert_close(out["layercam"].raw["0"], torch.tensor([[[2.0, 0.0]]]))
 
 
+def test_hirescam_keeps_the_gradient_sign_element_wise():
+    """Two channels, a 1x2 map: HiResCAM sums G ⊙ A with signed G, LayerCAM clips G at 0, Grad-CAM averages G."""
+    conv = nn.Conv2d(1, 2, 1, bias=False)
+    lin = nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)  # A_0 = A_1 = x = (2, 2)
+        lin.weight.copy_(torch.tensor([[1.0, 1.0, -2.0, 2.0]]))  # dy/dA_0 = (1, 1), dy/dA_1 = (-2, 2)
+    net = nn.Sequential(conv, nn.Flatten(), lin)
+    x = torch.tensor([[[[2.0, 2.0]]]])
+    out = LayerwiseGradCAM(net, ["0"], weighting=("gradcam", "layercam", "hirescam"), verbose=False)(x, 0)
+    # HiResCAM: ReLU(1·2 − 2·2, 1·2 + 2·2) = (0, 6); LayerCAM: (2 + 0, 2 + 4); Grad-CAM: α = (1, 0) -> (2, 2)
+    torch.testing.assert_close(out["hirescam"].raw["0"], torch.tensor([[[0.0, 6.0]]]), rtol=0, atol=0)
+    torch.testing.assert_close(out["layercam"].raw["0"], torch.tensor([[[2.0, 6.0]]]), rtol=0, atol=0)
+    torch.testing.assert_close(out["gradcam"].raw["0"], torch.tensor([[[2.0, 2.0]]]), rtol=0, atol=0)
+    assert out["hirescam"].weighting == "hirescam"
+    torch.testing.assert_close(out["hirescam"].maps["0"], out["hirescam"].raw["0"])  # 1x2 input, 1x2 map
+
+
+def test_hirescam_matches_a_hand_computation_and_pytorch_grad_cam():
+    torch.manual_seed(11)
+    net = tiny_net().eval()
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(12))
+    targets = [2, 5, 1]  # every map non-zero somewhere, zero somewhere else
+    lm = LayerwiseGradCAM(net, ["1", "4"], weighting="hirescam", verbose=False)(x, targets)
+    for name, cut in (("1", 2), ("4", 5)):
+        a, g = _hand_acts_and_grads(net, x, cut, targets)
+        ref = torch.relu((g * a).sum(1))
+        assert (ref.amax(dim=(1, 2)) > 0).all() and (ref == 0).any()  # the ReLU cuts somewhere
+        torch.testing.assert_close(lm.raw[name], ref, atol=1e-6, rtol=1e-5)
+
+    from pytorch_grad_cam import HiResCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget as PgcTarget
+
+    pgc_targets = [PgcTarget(t) for t in targets]
+    with HiResCAM(model=net, target_layers=[net[4]]) as ext:
+        scaled = ext(input_tensor=x.clone(), targets=pgc_targets)  # min-max scaled, resized by cv2
+        acts = ext.activations_and_grads.activations[0].numpy()
+        grads = ext.activations_and_grads.gradients[0].numpy()
+        theirs = np.maximum(ext.get_cam_image(x, net[4], pgc_targets, acts, grads, False), 0)  # before scaling
+    ours = lm.raw["4"].numpy()
+    assert theirs.shape == ours.shape == (3, 8, 8)
+    np.testing.assert_allclose(ours, theirs, atol=1e-6 * theirs.max(), rtol=1e-5)
+    ours_scaled = minmax_normalize(lm.maps["4"]).numpy()
+    for i in range(3):
+        assert pearson(ours_scaled[i], scaled[i]) >= 0.999
+
+
+def test_raw_layer_maps_share_the_passes_and_match_layer_maps():
+    net = tiny_net().eval()
+    x = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(13))
+    t = torch.tensor([0, 4, 9, 1, 3])
+    counts, handle = _counters(net)
+    try:
+        names, raw = layercam.raw_layer_maps(net, x, t, ("gradcam", "layercam", "hirescam"), batch_size=2)
+    finally:
+        handle.remove()
+    assert counts == {"forward": 3, "backward": 3}  # chunks of 2, 2 and 1: one pass each, all weightings
+    assert no_hooks(net)
+    assert names == ["1", "4"] and set(raw) == {"gradcam", "layercam", "hirescam"}
+    assert [tuple(m.shape) for m in raw["hirescam"]] == [(5, 16, 16), (5, 8, 8)]
+    whole = LayerwiseGradCAM(net, weighting=("gradcam", "layercam", "hirescam"), verbose=False)(x, t)
+    names2, stacks, res = layercam.layer_maps_all_weightings(net, x, t, ("gradcam", "hirescam"), batch_size=2)
+    assert names2 == names and res == {"1": (16, 16), "4": (8, 8)}
+    for w, maps in raw.items():
+        for i, (n, m) in enumerate(zip(names, maps, strict=True)):
+            assert m.device.type == "cpu"
+            torch.testing.assert_close(m, whole[w].raw[n], atol=1e-6, rtol=1e-5)
+            if w in stacks:  # the upsampled stacks are the same maps, bilinearly upsampled
+                up = F.interpolate(m[:, None], size=(16, 16), mode="bilinear", align_corners=False)[:, 0]
+                torch.testing.assert_close(stacks[w][:, i], up.clamp_min(0), atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("peer", ["torchcam", "pytorch_grad_cam"])
 def test_layercam_matches_peers_every_auto_stage(resnet, images, peer):
     targets = [0, 3, 7, 9]

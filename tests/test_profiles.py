@@ -17,32 +17,37 @@ ROOT = Path(__file__).resolve().parents[1]
 PROFILES = sorted(p.stem for p in (ROOT / "params").glob("*.yaml"))
 
 # The keys of committed artefacts (runs/<profile>/teacher.pt, student_*.json, distill_*_<hash>/): they
-# must not change when the code that computes them does.
+# must not change when the code that computes them does. (They changed once on purpose: object_radius, the
+# synthetic objects' size range of T5.)
 TEACHER_FINGERPRINT = {
     "paper": '{"data_seed": 0, "dataset": "synthetic", "image_size": 64, "n_train": 12000, "n_val": 1000, '
-               '"num_classes": 10, "seed": 0, "teacher": "mobilenet_v2_s8", "teacher_batch_size": 64, '
+               '"num_classes": 10, '
+               '"object_radius": [9.0, 20.0], "seed": 0, "teacher": "mobilenet_v2_s8", "teacher_batch_size": 64, '
                '"teacher_epochs": 8, "teacher_lr": 0.004, "teacher_pixel_dropout": 0.5, "teacher_weights": null}',
     "quick": '{"data_seed": 0, "dataset": "synthetic", "image_size": 64, "n_train": 1600, "n_val": 40, '
-             '"num_classes": 4, "seed": 0, "teacher": "mobilenet_v2_s8", "teacher_batch_size": 64, '
+             '"num_classes": 4, '
+             '"object_radius": [9.0, 20.0], "seed": 0, "teacher": "mobilenet_v2_s8", "teacher_batch_size": 64, '
              '"teacher_epochs": 3, "teacher_lr": 0.004, "teacher_pixel_dropout": 0.5, "teacher_weights": null}',
 }
 STUDENT_FINGERPRINT = {
     "paper": '{"data_seed": 0, "dataset": "synthetic", "distill_batch_size": null, "distill_epochs": 6, '
                '"distill_lr": null, '
                '"holdout": null, "image_size": 64, "n_test": 1000, "n_train": 12000, "n_transfer": 18000, '
-               '"n_val": 1000, "num_classes": 10, "query_budget": 20000, "seed": 0, "student": "regnet_x_s8", '
+               '"n_val": 1000, "num_classes": 10, '
+               '"object_radius": [9.0, 20.0], "query_budget": 20000, "seed": 0, "student": "regnet_x_s8", '
                '"teacher": "mobilenet_v2_s8", "teacher_batch_size": 64, "teacher_epochs": 8, "teacher_lr": 0.004, '
                '"teacher_pixel_dropout": 0.5, "teacher_weights": null, "temperature": 4.0, "topk": 5}',
     "quick": '{"data_seed": 0, "dataset": "synthetic", "distill_batch_size": null, "distill_epochs": 4, '
              '"distill_lr": null, '
              '"holdout": null, "image_size": 64, "n_test": 40, "n_train": 1600, "n_transfer": 2000, "n_val": 40, '
-             '"num_classes": 4, "query_budget": 2040, "seed": 0, "student": "regnet_x_s8", '
+             '"num_classes": 4, '
+             '"object_radius": [9.0, 20.0], "query_budget": 2040, "seed": 0, "student": "regnet_x_s8", '
              '"teacher": "mobilenet_v2_s8", "teacher_batch_size": 64, "teacher_epochs": 3, "teacher_lr": 0.004, '
              '"teacher_pixel_dropout": 0.5, "teacher_weights": null, "temperature": 4.0, "topk": 2}',
     "stride32": '{"data_seed": 0, "dataset": "synthetic", "distill_batch_size": null, "distill_epochs": 6, '
                 '"distill_lr": null, '
                 '"holdout": null, "image_size": 64, "n_test": 1000, "n_train": 12000, "n_transfer": 18000, '
-                '"n_val": 1000, "num_classes": 10, "query_budget": 20000, "seed": 0, '
+                '"n_val": 1000, "num_classes": 10, "object_radius": [9.0, 20.0], "query_budget": 20000, "seed": 0, '
                 '"student": "shufflenet_v2_x1_0", "teacher": "mobilenet_v2_s8", "teacher_batch_size": 64, '
                 '"teacher_epochs": 8, "teacher_lr": 0.004, "teacher_pixel_dropout": 0.5, "teacher_weights": null, '
                 '"temperature": 4.0, "topk": 5}',
