@@ -402,7 +402,7 @@ def load_scorecard_rows(paths: RunPaths) -> tuple[pd.DataFrame, dict[str, dict[s
 
 #: The student-side rows of an ablation student's T5 (its own explanations); the black-box and reference rows
 #: (RISE, LIME, occlusion, random, centre, mask) do not depend on the student and are the main student's.
-ABLATION_METHODS = ("lwcam", "lwcam_selected", "lwcam_conflict", "gradcam", "layercam", "gradcampp")
+ABLATION_METHODS = ("lwcam", "lwcam_selected", "lwcam_conflict", "lwcam_gated", "gradcam", "layercam", "gradcampp")
 STUDENT_FREE_METHODS = ("rise", "lime", "occlusion", "random", "center", "mask")
 
 

@@ -42,8 +42,8 @@ __all__ = ["SIZE_EDGES", "RESOLUTION_PAIRS", "HEADLINE_MEASURES", "GOAL_TOLERANC
 SIZE_EDGES: tuple[float, ...] = (1.5, 3.0)
 
 #: T5's claims: ``a`` better than ``b``, tested per bin on every measure in its better direction.
-RESOLUTION_PAIRS = (("lwcam_conflict", "gradcam"), ("lwcam_selected", "gradcam"), ("lwcam", "gradcam"),
-                    ("lwcam_conflict", "rise"))
+RESOLUTION_PAIRS = (("lwcam_conflict", "gradcam"), ("lwcam_gated", "gradcam"), ("lwcam_selected", "gradcam"),
+                    ("lwcam", "gradcam"), ("lwcam_conflict", "rise"), ("lwcam_gated", "rise"))
 
 #: The measures F9 draws against object size.
 HEADLINE_MEASURES = ("targeted_pointing", "targeted_mass", "class_sensitivity", "deletion_asked")

@@ -90,6 +90,7 @@ __all__ = [
     "SCORECARD_METHODS",
     "EXPENSIVE_METHODS",
     "VARIANTS",
+    "GATED_FUSION",
     "SCORECARD_ROAD_PERCENTAGES",
     "NOISE_RADIUS",
     "CONFLICT_TOLERANCE",
@@ -139,14 +140,19 @@ MEASURES: dict[str, Measure] = {
 }
 
 #: Methods of T4, in row order. ``lwcam_conflict`` is ``lwcam_selected`` with the conflict-aware fusion.
-SCORECARD_METHODS = ("lwcam", "lwcam_selected", "lwcam_conflict", "gradcam", "layercam", "gradcampp", "scorecam",
-                     "gradcam_teacher", "cam", "rise", "lime", "occlusion", "random", "center", "mask")
+SCORECARD_METHODS = ("lwcam", "lwcam_selected", "lwcam_conflict", "lwcam_gated", "gradcam", "layercam", "gradcampp",
+                     "scorecam", "gradcam_teacher", "cam", "rise", "lime", "occlusion", "random", "center", "mask")
 
 #: Methods that explain only the first ``n_conflict_blackbox`` scenes (their cost per map is high).
 EXPENSIVE_METHODS = ("scorecam", "rise", "lime", "occlusion", "meaningful_perturbation")
 
 #: Rows that are a registry method under other settings: name -> (registry method, display label).
-VARIANTS = {"lwcam_conflict": ("lwcam_selected", "lwcam (selected on val, conflict-aware)")}
+VARIANTS = {"lwcam_conflict": ("lwcam_selected", "lwcam (selected on val, conflict-aware)"),
+            "lwcam_gated": ("lwcam_selected", "lwcam (deep-gated, declared)")}
+
+#: ``lwcam_gated``'s fusion, declared before ``test`` was read (not selected): min-max(last-layer Grad-CAM) ×
+#: Σ min-max(LayerCAM of every layer), the class-preserving form whose deep class map gates the shallow maps.
+GATED_FUSION = {"weighting": "layercam", "mode": "deep_gated", "normalize": "minmax", "gate_weighting": "gradcam"}
 
 #: ROAD's removal percentages in T4 (a subset of Rong et al.'s 10..90, to bound the imputation cost).
 SCORECARD_ROAD_PERCENTAGES: tuple[float, ...] = (10, 30, 50, 70, 90)
@@ -186,7 +192,8 @@ def scene_method_params(height: int, width: int, *, rise_masks: int = 4000, lime
 
     RISE keeps square cells (8 per ``height``: an ``8 × 8·width/height`` grid) and LIME the superpixel
     size (50 per ``height²``); both, and the random map, take ``seed``. ``fusions`` gives the lwcam
-    variants' settings (``lwcam_selected``, ``lwcam_conflict``).
+    variants' settings chosen on ``val`` (``lwcam_selected``, ``lwcam_conflict``); ``lwcam_gated`` is
+    :data:`GATED_FUSION`.
 
     Example:
         >>> scene_method_params(64, 128, rise_masks=100)["rise"]["grid_size"]
@@ -198,6 +205,7 @@ def scene_method_params(height: int, width: int, *, rise_masks: int = 4000, lime
         "lime": {"n_samples": lime_samples, "seed": seed, "n_segments": max(1, round(50 * ratio))},
         "random": {"seed": seed},
         "meaningful_perturbation": {"seed": seed},
+        "lwcam_gated": dict(GATED_FUSION),
     }
     for name, fusion in (fusions or {}).items():
         params[name] = dict(fusion)
@@ -666,7 +674,7 @@ def scorecard_table(result: ScorecardResult, *, n_boot: int = 10000, seed: int =
 #: The claims of T4: (a, b); each is tested on every measure in its better direction.
 CLAIM_PAIRS = (("lwcam", "gradcam"), ("lwcam_selected", "gradcam"), ("lwcam_selected", "rise"),
                ("lwcam_selected", "lime"), ("lwcam_conflict", "gradcam"), ("lwcam_conflict", "rise"),
-               ("lwcam_conflict", "lime"))
+               ("lwcam_conflict", "lime"), ("lwcam_gated", "gradcam"), ("lwcam_gated", "rise"))
 
 
 def scorecard_claims(per_scene: pd.DataFrame, *, pairs: Sequence[tuple[str, str]] = CLAIM_PAIRS,
