@@ -26,7 +26,7 @@ TEACHER_FINGERPRINT = {
                '"teacher_epochs": 8, "teacher_lr": 0.004, "teacher_pixel_dropout": 0.5, "teacher_weights": null}',
     "quick": '{"data_seed": 0, "dataset": "synthetic", "image_size": 64, "n_train": 1600, "n_val": 40, '
              '"num_classes": 4, '
-             '"object_radius": [9.0, 20.0], "seed": 0, "teacher": "mobilenet_v2_s8", "teacher_batch_size": 64, '
+             '"object_radius": [14.0, 20.0], "seed": 0, "teacher": "mobilenet_v2_s8", "teacher_batch_size": 64, '
              '"teacher_epochs": 3, "teacher_lr": 0.004, "teacher_pixel_dropout": 0.5, "teacher_weights": null}',
 }
 STUDENT_FINGERPRINT = {
@@ -41,7 +41,7 @@ STUDENT_FINGERPRINT = {
              '"distill_lr": null, '
              '"holdout": null, "image_size": 64, "n_test": 40, "n_train": 1600, "n_transfer": 2000, "n_val": 40, '
              '"num_classes": 4, '
-             '"object_radius": [9.0, 20.0], "query_budget": 2040, "seed": 0, "student": "regnet_x_s8", '
+             '"object_radius": [14.0, 20.0], "query_budget": 2040, "seed": 0, "student": "regnet_x_s8", '
              '"teacher": "mobilenet_v2_s8", "teacher_batch_size": 64, "teacher_epochs": 3, "teacher_lr": 0.004, '
              '"teacher_pixel_dropout": 0.5, "teacher_weights": null, "temperature": 4.0, "topk": 2}',
     "stride32": '{"data_seed": 0, "dataset": "synthetic", "distill_batch_size": null, "distill_epochs": 6, '
