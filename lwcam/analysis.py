@@ -33,9 +33,9 @@ from torch import nn
 from ._checks import check_positive_int, check_real
 from ._utils import track
 from .baselines import random_saliency, rise
-from .evaluation import compare, explain_lwcam, layer_maps_all_weightings
+from .evaluation import compare, explain_lwcam
 from .fusion import CLASS_PRESERVING_MODES, fuse
-from .layercam import raw_layer_maps
+from .layercam import raw_layer_maps, upsample_layers
 from .metrics import deletion_game, insertion_game
 from .models import predict_logits
 
@@ -139,7 +139,7 @@ def fusion_grid(names: Sequence[str], learned: Mapping[str, list[float] | None])
 def fused_maps(stacks: Mapping[str, torch.Tensor], raws: Mapping[str, Sequence[torch.Tensor]],
                spec: Mapping[str, Any], size: tuple[int, int]) -> torch.Tensor:
     """One grid setting's saliency from maps already computed: ``stacks`` (weighting -> upsampled (B,L,H,W),
-    :func:`~lwcam.layercam.layer_maps_all_weightings`) for the sums, ``raws`` (weighting -> native maps,
+    :func:`~lwcam.layercam.upsample_layers`) for the sums, ``raws`` (weighting -> native maps,
     :func:`~lwcam.layercam.raw_layer_maps`) for the class-preserving modes; equal to :func:`explain_lwcam`."""
     kw = {k: v for k, v in spec.items() if k not in ("weighting", "gate_weighting")}
     if spec["mode"] not in CLASS_PRESERVING_MODES:
@@ -164,10 +164,10 @@ def select_fusion(student: nn.Module, scorer: Any, val_images: torch.Tensor, val
         ``(table, chosen)``: one row per setting with its validation deletion AUC and a
         ``selected_on_val`` flag, and the chosen setting's keyword arguments for :func:`explain_lwcam`.
     """
-    names, stacks, resolutions = layer_maps_all_weightings(student, val_images, val_targets,
-                                                           tuple(WEIGHTING_LABELS), progress=progress)
-    _, raws = raw_layer_maps(student, val_images, val_targets, tuple(GATED_WEIGHTINGS), progress=progress)
     size = (int(val_images.shape[-2]), int(val_images.shape[-1]))
+    names, raws = raw_layer_maps(student, val_images, val_targets, tuple(GATED_WEIGHTINGS), progress=progress)
+    stacks = {w: upsample_layers(raws[w], size) for w in WEIGHTING_LABELS}  # the same pass serves the sums
+    resolutions = {n: (int(m.shape[-2]), int(m.shape[-1])) for n, m in zip(names, raws[GATE_WEIGHTING], strict=True)}
 
     def auc(sal: torch.Tensor) -> float:
         return float(deletion_game(scorer, val_images, sal, val_targets, step=step).auc.mean())

@@ -64,7 +64,7 @@ from ._utils import eval_mode, track
 from .fusion import CLASS_PRESERVING_MODES, fuse
 
 __all__ = ["LayerwiseGradCAM", "LayerMaps", "ClassifierOutputTarget", "auto_layers", "WEIGHTINGS",
-           "layer_maps_batched", "layer_maps_all_weightings", "raw_layer_maps", "explain_lwcam"]
+           "layer_maps_batched", "layer_maps_all_weightings", "raw_layer_maps", "upsample_layers", "explain_lwcam"]
 
 WEIGHTINGS = ("gradcam", "layercam", "hirescam")
 
@@ -667,9 +667,24 @@ def _layer_maps(names: list[str], acts: Sequence[Tensor], grads: Sequence[Tensor
             raise ValueError(f"layer {name!r} produced non-finite {weighting} values "
                              "(non-finite activations or gradients in the model)")
         raw[name] = cam
-        up = F.interpolate(cam[:, None], size=size, mode="bilinear", align_corners=False)
-        maps[name] = up[:, 0].clamp_min(0.0)
+        maps[name] = _upsample(cam, size)
     return raw, maps
+
+
+def _upsample(cam: Tensor, size: tuple[int, int]) -> Tensor:
+    """A (B,h,w) map at the input size: bilinear, ``align_corners=False``, negatives from overshoot cut to 0."""
+    return F.interpolate(cam[:, None], size=size, mode="bilinear", align_corners=False)[:, 0].clamp_min(0.0)
+
+
+def upsample_layers(raw: Sequence[Tensor], size: tuple[int, int]) -> Tensor:
+    """Native-resolution layer maps (:func:`raw_layer_maps`) as the (B,L,H,W) stack of upsampled maps that
+    :func:`layer_maps_all_weightings` returns, so one pass serves both the sums and the class-preserving fusions.
+
+    Example:
+        >>> upsample_layers([torch.ones(2, 4, 4), torch.zeros(2, 2, 2)], (8, 8)).shape
+        torch.Size([2, 2, 8, 8])
+    """
+    return torch.stack([_upsample(m, size) for m in raw], dim=1)
 
 
 def _category(target: Any) -> int | None:

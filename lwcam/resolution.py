@@ -63,6 +63,12 @@ def size_bin_labels(edges: Sequence[float] = SIZE_EDGES) -> list[str]:
     return [f"≤ {e[0]:g}", *[f"{lo:g}–{hi:g}" for lo, hi in zip(e[:-1], e[1:], strict=True)], f"> {e[-1]:g}"]
 
 
+def _bin_labels_of(cells: np.ndarray, edges: Sequence[float]) -> list[str]:
+    """The bin label of each size in ``cells`` (a bin is closed on the right)."""
+    labels = size_bin_labels(edges)
+    return [labels[i] for i in np.searchsorted(np.asarray(_check_edges(edges)), cells, side="left")]
+
+
 def _check_edges(edges: Sequence[float]) -> list[float]:
     e = [float(x) for x in edges]
     increasing = all(b > a for a, b in zip(e, e[1:], strict=False))
@@ -81,12 +87,10 @@ def object_sizes(masks: torch.Tensor, cell_px: float, edges: Sequence[float] = S
     """
     if masks.ndim != 4 or masks.shape[1] != 2:
         raise ValueError(f"masks must be (n,2,H,W), got shape {tuple(masks.shape)}")
-    cells = object_size_cells(masks, cell_px)
+    cells = object_size_cells(masks, cell_px).reshape(-1)
     n = masks.shape[0]
-    labels = size_bin_labels(edges)
-    which = np.searchsorted(np.asarray(_check_edges(edges)), cells.reshape(-1), side="left")
     return pd.DataFrame({"image": np.repeat(np.arange(n), 2), "object": np.tile([0, 1], n),
-                         "size_cells": cells.reshape(-1), "size_bin": [labels[i] for i in which]})
+                         "size_cells": cells, "size_bin": _bin_labels_of(cells, edges)})
 
 
 def accuracy_by_size(correct: torch.Tensor, masks: torch.Tensor, cell_px: float,
@@ -105,13 +109,10 @@ def accuracy_by_size(correct: torch.Tensor, masks: torch.Tensor, cell_px: float,
     """
     if correct.shape[0] != masks.shape[0]:
         raise ValueError(f"correct has {correct.shape[0]} entries but masks {masks.shape[0]}")
-    cells = object_size_cells(masks, cell_px)
-    labels = size_bin_labels(edges)
-    which = np.searchsorted(np.asarray(_check_edges(edges)), cells, side="left")
+    which = np.array(_bin_labels_of(object_size_cells(masks, cell_px), edges))
     ok = correct.cpu().numpy().astype(bool)
-    rows = [{"size_bin": lab, "n": int((which == i).sum()),
-             "accuracy": float(ok[which == i].mean()) if (which == i).any() else float("nan")}
-            for i, lab in enumerate(labels) if (which == i).any()]
+    rows = [{"size_bin": lab, "n": int((which == lab).sum()), "accuracy": float(ok[which == lab].mean())}
+            for lab in size_bin_labels(edges) if (which == lab).any()]
     rows.append({"size_bin": "all", "n": len(ok), "accuracy": float(ok.mean())})
     return pd.DataFrame(rows)
 

@@ -69,7 +69,7 @@ from .baselines import METHODS, rise_classes
 from .blackbox import BlackBox
 from .data import object_area_fractions
 from .evaluation import MethodRun, compare, run_methods, summarize
-from .layercam import layer_maps_all_weightings, raw_layer_maps
+from .layercam import raw_layer_maps, upsample_layers
 from .measures import (
     class_sensitivity,
     map_rank_correlation,
@@ -795,9 +795,9 @@ def select_fusion_conflict(student: nn.Module, selection: pd.DataFrame, val_imag
     k = len(val_images)
     x2 = torch.cat([val_images, val_images])
     t2 = torch.cat([val_labels[:, 0], val_labels[:, 1]])
-    _, stacks, _ = layer_maps_all_weightings(student, x2, t2, tuple(WEIGHTING_LABELS), progress=progress)
-    _, raws = raw_layer_maps(student, x2, t2, tuple(GATED_WEIGHTINGS), progress=progress)
     size = (int(x2.shape[-2]), int(x2.shape[-1]))
+    _, raws = raw_layer_maps(student, x2, t2, tuple(GATED_WEIGHTINGS), progress=progress)
+    stacks = {w: upsample_layers(raws[w], size) for w in WEIGHTING_LABELS}  # one pass for sums and gates
     m_asked = torch.cat([val_masks[:, 0], val_masks[:, 1]])
     m_other = torch.cat([val_masks[:, 1], val_masks[:, 0]])
     mass, sens = [], []

@@ -824,3 +824,20 @@ def test_error_model_output_not_logits():
 
 def test_doctests():
     assert doctest.testmod(layercam).failed == 0
+
+
+def test_upsampled_raw_maps_are_the_stacks_of_layer_maps_all_weightings():
+    """One pass serves the sums and the class-preserving fusions: upsampling the native maps gives the very stacks
+    (bit for bit at the same chunking; another chunking moves the backward pass by an ulp)."""
+    from lwcam.layercam import layer_maps_all_weightings, raw_layer_maps, upsample_layers
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1),
+                        nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 6, 3, padding=1), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(6, 3)).eval()
+    x, t = torch.randn(5, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1])
+    names, stacks, _ = layer_maps_all_weightings(net, x, t, ("gradcam", "layercam"), batch_size=2)
+    names2, raws = raw_layer_maps(net, x, t, ("gradcam", "layercam", "hirescam"), batch_size=2)
+    assert names == names2
+    for w in ("gradcam", "layercam"):
+        assert torch.equal(upsample_layers(raws[w], (16, 16)), stacks[w])
