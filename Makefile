@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PROFILE ?= default
 STAMP := $(VENV)/.installed
 
-.PHONY: reproduce test lint bench venv clean-runs report serve
+.PHONY: reproduce test lint bench venv clean-runs report serve docs
 
 venv: $(STAMP)
 
@@ -21,9 +21,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
-## Regenerate every figure and table of a profile (default: the embedded default data set).
+## Regenerate every figure and table of a profile (default: the embedded default data set), then the README and docs/.
 reproduce: $(STAMP)
 	$(PY) -m lwcam.pipeline run --profile $(PROFILE)
+	$(PY) -m lwcam.docs
+
+## The README and docs/*.md, rendered from docs/templates/ and the tables under reports/ (every profile's).
+docs: $(STAMP)
+	$(PY) -m lwcam.docs
 
 ## The whole test suite: ruff, mypy, unit tests and every >>> example, then the notebooks under nbval (quick profile).
 ## The browser tests find a headless Chromium or install one (tests/conftest.py, fixture `chromium`: Debian's

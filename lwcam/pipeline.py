@@ -180,9 +180,10 @@ def object_radius(params: Mapping[str, Any]) -> tuple[float, float]:
 #: reused only when these match.
 TEACHER_KEYS = ("dataset", "image_size", "num_classes", "seed", "data_seed", "object_radius", "n_train", "n_val",
                 "teacher",
-                "teacher_weights", "teacher_epochs", "teacher_batch_size", "teacher_lr", "teacher_pixel_dropout")
+                "teacher_weights", "teacher_epochs", "teacher_batch_size", "teacher_lr", "teacher_pixel_dropout",
+                "train_channels_last")
 STUDENT_KEYS = ("n_transfer", "n_test", "student", "temperature", "distill_epochs", "distill_batch_size", "distill_lr",
-                "query_budget", "holdout", "topk")
+                "query_budget", "holdout", "topk", "label_smoothing")
 
 
 def blackbox_version(blackbox: Any) -> str | None:
@@ -244,7 +245,7 @@ def get_teacher(params: Mapping[str, Any], paths: RunPaths,
             p.teacher, x, y, num_classes=p.num_classes, val_images=xv, val_labels=yv,
             epochs=p.teacher_epochs, batch_size=p.teacher_batch_size, lr=p.teacher_lr, seed=p.seed,
             checkpoint_path=paths.teacher, progress=progress, meta={"fingerprint": fingerprint},
-            pixel_dropout=p.teacher_pixel_dropout,
+            pixel_dropout=p.teacher_pixel_dropout, channels_last=p.train_channels_last,
         )
     _, meta = load_checkpoint(paths.teacher)
     meta["history"] = result.history
@@ -583,8 +584,9 @@ def _distill(p: Profile, paths: RunPaths, teacher: torch.nn.Module, output: str,
         return distill(
             bb, transfer, student=p.student, temperature=p.temperature, epochs=p.distill_epochs,
             batch_size=p.distill_batch_size, lr=p.distill_lr, query_budget=p.query_budget, holdout=p.holdout,
-            eval_images=test_x, eval_labels=test_y, seed=p.seed,
-            checkpoint_dir=ckpt_dir, progress=progress, on_epoch_end=keep if keep_epochs else None,
+            eval_images=test_x, eval_labels=test_y, seed=p.seed, label_smoothing=p.label_smoothing,
+            channels_last=p.train_channels_last, checkpoint_dir=ckpt_dir, progress=progress,
+            on_epoch_end=keep if keep_epochs else None,
         )
 
 

@@ -108,6 +108,13 @@ class Profile(Mapping[str, Any]):
     query_budget: int | None = _key(None, "most black-box queries distillation may spend; null: no limit")
     holdout: float = _key(0.05, "share of the transfer images held out of training to measure agreement",
                           null_at_default=True)
+    label_smoothing: float = _key(
+        0.0, "label smoothing of the cross-entropy a label-only black box's student learns from, in [0, 1)",
+        null_at_default=True)
+    train_channels_last: bool = _key(
+        False, "train the teacher and the students in the channels_last layout: faster on CPU cores, and a "
+               "different model for the same seed, as a change of seed would give (benchmarks/bench_seeds.py)",
+        null_at_default=True)
     compare_modes: bool = _key(False, "01_distill also distils from topk and label black boxes (T1)")
     # explanation and evaluation
     n_explain: int = _key(6, "test images shown in F2 and F3")
@@ -296,6 +303,7 @@ _RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "temperature": (0, math.inf, True, False),
     "teacher_pixel_dropout": (0, 1, False, False),
     "holdout": (0, 1, False, True),
+    "label_smoothing": (0, 1, False, True),
 }
 
 

@@ -3,14 +3,16 @@
 :func:`build` renders the executed notebooks that :func:`lwcam.pipeline.run` leaves in
 ``runs/<profile>/notebooks/`` with nbconvert's ``lab`` template, less every script that template
 would fetch from a CDN (require.js, MathJax, Mermaid, the widget manager), and writes a landing
-page: the claims with their verdicts (T3's, and T4's once notebook 05 has made them), the
-headline T3 with links to every table and figure, the profile, the commit and the timings.
+page that answers first: the run's answers in a few sentences (:func:`lwcam.answers.headline_answers`,
+the same the README shows) beside the scorecard (F8) and methods (F3) figures; then the claims with
+their verdicts (a short summary per pair of methods, every claim folded in ``<details>``), T3
+(folded), every figure, the list of tables, the notebooks and the timings.
 Images are embedded in the pages or copied beside them and every style is inline, so the site
 opens from ``file://`` with no server and no network.
 
 Layout (``site/`` for the ``default`` profile, ``site/<profile>/`` for any other)::
 
-    index.html               claims and verdicts, T3, figures, tables, notebooks, timings
+    index.html               answers beside F8 and F3; claims and verdicts, T3, figures, tables, notebooks, timings
     notebooks/<name>.html    each executed notebook with its outputs
     tables/<id>.html, .csv   each table of the profile's reports folder
     figures/<id>.png         each figure of the profile's figures folder
@@ -68,6 +70,16 @@ from urllib.request import url2pathname
 
 import pandas as pd
 
+from .answers import (
+    Answer,
+    Tables,
+    claim_summary,
+    claim_verdict,
+    headline_answers,
+    load_csv,
+    markdown_inline_html,
+    with_verdicts,
+)
 from .profiles import project_root
 
 __all__ = [
@@ -103,7 +115,10 @@ CHROMIUM_ARGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync")
 #: The claim tables, in the order the landing page shows them: (table id, title).
 CLAIM_TABLES = (("T3_claim", "T3: the paper's claim and lwcam against the baselines (notebook 04)"),
-                ("T4_claims", "T4: the scorecard's claims (notebook 05)"))
+                ("T4_claims", "T4: the scorecard's claims (notebook 05)"),
+                ("T5_claims", "T5: the scorecard's claims by object size (notebook 06)"))
+#: The columns a claim table's summary groups by, besides the pair of methods.
+CLAIM_GROUPS = {"T5_claims": ("student", "size_bin")}
 #: Columns of T3 that the landing page shows: (column, heading); a column with ``_ci_low`` and
 #: ``_ci_high`` siblings is shown with its 95% CI.
 T3_COLUMNS = (("label", "method"), ("access", "sees"), ("resolution", "map resolution"), ("n_images", "images"),
@@ -151,6 +166,17 @@ td.fails { background: #ffebe9; }
 .gallery figcaption { font-size: 0.9em; }
 .lwcam-failed { margin: 0.8em 0; padding: 0.6em 1em; background: #ffebe9; border: 2px solid #cf222e; }
 .stale { color: #cf222e; font-weight: 600; }
+.answers { display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 1.15fr); gap: 1.5em; align-items: start;
+  margin-bottom: 1.5em; }
+.answers h2 { margin-top: 0.3em; }
+.answers ul { padding-left: 1.2em; margin: 0; }
+.answers li { margin-bottom: 0.7em; }
+.answers-figures figure { margin: 0 0 0.8em; }
+.answers-figures img { width: 100%; height: auto; border: 1px solid #d0d7de; }
+.answers-figures figcaption { font-size: 0.85em; color: #59636e; }
+@media (max-width: 900px) { .answers { grid-template-columns: 1fr; } }
+details { margin: 0.4em 0 1em; }
+summary { cursor: pointer; font-weight: 600; color: #0969da; }
 """
 
 
@@ -158,7 +184,11 @@ td.fails { background: #ffebe9; }
 class SiteCheck:
     """What :func:`check_site` saw: the pages it opened and every problem, as ``"page: what"`` lines.
 
-    ``clicks`` gives, for every file a link reaches, the fewest clicks from the landing page.
+    ``clicks`` gives, for every file a link reaches, the fewest clicks from the landing page, and
+    ``landing`` what the landing page shows: its ``answers`` (one text each), whether they are shown,
+    where they start and where the first shown table starts (CSS pixels from the top), the window's
+    height, how many ``details`` elements fold tables away, and whether each figure beside the answers
+    loaded.
     """
 
     pages: list[str] = field(default_factory=list)
@@ -167,6 +197,7 @@ class SiteCheck:
     images: int = 0
     links: int = 0
     clicks: dict[str, int] = field(default_factory=dict)
+    landing: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -249,39 +280,6 @@ def _figures_dir(profile: str, base: Path) -> Path:
     return base / "figures" if profile == "default" else base / "figures" / profile
 
 
-def claim_verdict(mean_diff: float, p_value: float, alternative: str, alpha: float = 0.05) -> str:
-    """A claim's verdict: it ``holds`` when the difference goes its way and the one-sided ``p < alpha``.
-
-    ``alternative`` is the claim's direction for ``a - b``: ``less`` or ``greater``.
-
-    >>> claim_verdict(-0.02, 0.001, "less"), claim_verdict(0.06, 1.0, "less"), claim_verdict(0.01, 0.2, "greater")
-    ('holds', 'does not hold', 'does not hold')
-    """
-    if alternative not in ("less", "greater"):
-        raise ValueError(f"alternative must be 'less' or 'greater', got {alternative!r}")
-    better = mean_diff < 0 if alternative == "less" else mean_diff > 0
-    return "holds" if better and p_value < alpha else "does not hold"
-
-
-def with_verdicts(claims: pd.DataFrame) -> pd.DataFrame:
-    """``claims`` with a ``verdict`` column: its own, or one made from ``mean_diff``, ``p_value`` and ``alternative``.
-
-    >>> t = pd.DataFrame({"mean_diff": [-0.1, 0.1], "p_value": [1e-9, 1.0], "alternative": ["less", "less"]})
-    >>> list(with_verdicts(t)["verdict"])
-    ['holds', 'does not hold']
-    """
-    if "verdict" in claims:
-        return claims
-    needed = {"mean_diff", "p_value", "alternative"}
-    if not needed <= set(claims.columns):
-        raise ValueError(f"claims: a claim table needs a 'verdict' column or the columns {sorted(needed)}; "
-                         f"got {list(claims.columns)}")
-    out = claims.copy()
-    out["verdict"] = [claim_verdict(float(d), float(p), str(a))
-                      for d, p, a in zip(claims["mean_diff"], claims["p_value"], claims["alternative"], strict=True)]
-    return out
-
-
 _RESOURCE = re.compile(r"""<(?:script|img|iframe|source|video|audio|embed)\b[^>]*?\bsrc\s*=\s*["']?([^"'\s>]+)"""
                        r"""|<link\b[^>]*?\bhref\s*=\s*["']?([^"'\s>]+)"""
                        r"""|url\(\s*["']?([^"')\s]+)|@import\s+["']([^"']+)""", re.IGNORECASE)
@@ -353,17 +351,8 @@ def _html_table(headings: Iterable[str], rows: Iterable[Iterable[str]]) -> str:
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
-def _load_csv(path: Path) -> pd.DataFrame:
-    """A table of the reports folder; ``ValueError`` naming a file that is not a readable CSV."""
-    try:
-        return pd.read_csv(path)
-    except (ValueError, UnicodeDecodeError) as exc:  # pandas' parser errors are ValueErrors
-        raise ValueError(f"table {path}: not a readable CSV ({str(exc).splitlines()[0][:200] if str(exc) else ''})"
-                         ) from exc
-
-
 def _read_csv(path: Path) -> pd.DataFrame | None:
-    return _load_csv(path) if path.exists() else None
+    return load_csv(path) if path.exists() else None
 
 
 def _method_labels(t3: pd.DataFrame | None) -> dict[str, str]:
@@ -388,30 +377,75 @@ def _claim_rows(claims: pd.DataFrame, labels: Mapping[str, str]) -> list[list[st
     return rows
 
 
+def _claim_summary_table(reports: Path, table_id: str) -> str:
+    """Per pair of methods, how many of its claims hold and where ("" where the table cannot say)."""
+    by = CLAIM_GROUPS.get(table_id, ())
+    try:
+        summary = claim_summary(Tables(reports), table_id, by)
+    except (ValueError, KeyError):
+        return ""
+    headings = [*(b.replace("_", " ") for b in by), "claim", "holds", "where it holds"]
+    rows = [[_cell(v) for v in r] for r in summary.itertuples(index=False)]
+    return _html_table(headings, rows)
+
+
+def _one_claim_table(reports: Path, table_id: str, title: str, labels: Mapping[str, str],
+                     stale: Mapping[str, NotebookFailure]) -> list[str]:
+    claims = _read_csv(reports / f"{table_id}.csv")
+    parts = [f'<h3 id="{table_id}">{html.escape(title)}</h3>']
+    if claims is not None and table_id in stale:
+        why = html.escape(str(stale[table_id]))
+        parts.append(f'<p class="stale">These verdicts may be stale or incomplete: {why}.</p>')
+    if claims is None:
+        return [*parts, f"<p>No {table_id} table for this profile yet (its notebook has not been run).</p>"]
+    try:
+        claims = with_verdicts(claims)
+    except ValueError:
+        return [*parts, f'<p>The table states no verdicts: <a href="tables/{table_id}.html">{table_id}</a>.</p>']
+    held = int((claims["verdict"].astype(str).str.lower() == "holds").sum())
+    parts.append(f'<p>{held} of {len(claims)} claims hold. Full table: <a href="tables/{table_id}.html">'
+                 f"{table_id}</a>.</p>")
+    parts.append(_claim_summary_table(reports, table_id))
+    every = _html_table(["claim", "metric", "images", "n", "mean a", "mean b", "a − b [95% CI]", "p", "verdict"],
+                        _claim_rows(claims, labels))
+    parts.append(f"<details><summary>Every claim of {table_id} ({len(claims)})</summary>{every}</details>")
+    return parts
+
+
 def _claims_section(reports: Path, labels: Mapping[str, str], stale: Mapping[str, NotebookFailure]) -> str:
     parts = ['<h2 id="claims">Claims and verdicts</h2>',
              '<p class="meta">One-sided paired tests on the images both methods explained; a claim holds when the '
              "difference goes its way with p &lt; 0.05.</p>"]
     for table_id, title in CLAIM_TABLES:
-        claims = _read_csv(reports / f"{table_id}.csv")
-        parts.append(f'<h3 id="{table_id}">{html.escape(title)}</h3>')
-        if claims is not None and table_id in stale:
-            why = html.escape(str(stale[table_id]))
-            parts.append(f'<p class="stale">These verdicts may be stale or incomplete: {why}.</p>')
-        if claims is None:
-            parts.append(f"<p>No {table_id} table for this profile yet (its notebook has not been run).</p>")
-            continue
-        try:
-            claims = with_verdicts(claims)
-        except ValueError:
-            parts.append(f'<p>The table states no verdicts: <a href="tables/{table_id}.html">{table_id}</a>.</p>')
-            continue
-        held = int((claims["verdict"].astype(str).str.lower() == "holds").sum())
-        parts.append(f'<p>{held} of {len(claims)} claims hold. Full table: <a href="tables/{table_id}.html">'
-                     f"{table_id}</a>.</p>")
-        parts.append(_html_table(["claim", "metric", "images", "n", "mean a", "mean b", "a − b [95% CI]", "p",
-                                  "verdict"], _claim_rows(claims, labels)))
+        parts += _one_claim_table(reports, table_id, title, labels, stale)
     return "\n".join(parts)
+
+
+def _answer_item(answer: Answer, stale: Mapping[str, NotebookFailure]) -> str:
+    links = " ".join(f'<a href="tables/{t}.html">{html.escape(t)}</a>' for t in answer.tables)
+    marks = "".join(dict.fromkeys(_stale_mark(t, stale) for t in answer.tables))
+    return f'<li id="answer-{answer.key}">{markdown_inline_html(answer.text)} <span class="meta">({links})</span>' \
+           f"{marks}</li>"
+
+
+#: The figures shown beside the answers, where the profile has them: (figure id, caption).
+ANSWER_FIGURES = (("F8_scorecard", "F8: each method's rank per measure of the scorecard (T4)"),
+                  ("F3_methods", "F3: every method's maps of the same images"))
+
+
+def _answers_section(reports: Path, pngs: list[Path], stale: Mapping[str, NotebookFailure]) -> str:
+    """The landing page's opening: the run's answers in a few sentences, beside the scorecard and methods figures."""
+    found = headline_answers(Tables(reports))
+    text = ("<ul>" + "".join(_answer_item(a, stale) for a in found) + "</ul>" if found else
+            "<p>No answers yet: the tables they come from (T3_claim, T3_methods, T4_scorecard, T5_claims, ...) "
+            "are missing for this profile.</p>")
+    have = {p.stem: p for p in pngs}
+    figures = "".join(f'<figure><a href="figures/{have[f].name}"><img src="figures/{have[f].name}" '
+                      f'alt="{html.escape(f)}"></a><figcaption>{html.escape(caption)}</figcaption></figure>'
+                      for f, caption in ANSWER_FIGURES if f in have)
+    return (f'<section id="answers" class="answers"><div class="answers-text"><h2>The answers</h2>{text}'
+            '<p class="meta">Every number and verdict above is read from the tables below (the README says the '
+            f'same, from the same code).</p></div><div class="answers-figures">{figures}</div></section>')
 
 
 def _t3_value(row: Mapping[Any, Any], col: str) -> str:
@@ -429,7 +463,8 @@ def _t3_section(t3: pd.DataFrame | None) -> str:
     cols = [(c, h) for c, h in T3_COLUMNS if c in t3.columns]
     rows = [[_t3_value(r, c) for c, _ in cols] for r in t3.to_dict("records")]
     return (head + '<p class="meta">Means with 95% bootstrap CIs. Full table: <a href="tables/T3_methods.html">'
-            "T3_methods</a>.</p>" + _html_table([h for _, h in cols], rows))
+            f"T3_methods</a>.</p><details><summary>T3: {len(t3)} methods</summary>"
+            + _html_table([h for _, h in cols], rows) + "</details>")
 
 
 def _figures_section(figures: list[Path], makers: Mapping[str, str], stale: Mapping[str, NotebookFailure]) -> str:
@@ -454,8 +489,10 @@ def _tables_section(tables: list[Path], makers: Mapping[str, str], stale: Mappin
         link += _stale_mark(t.stem, stale)
         rows.append([f'<td><a href="tables/{t.stem}.html">{html.escape(t.stem)}</a></td>',
                      f'<td><a href="tables/{t.name}">csv</a></td>', f"<td>{link}</td>"])
-    body = _html_table(["table", "data", "made by"], rows) if rows else "<p>No tables for this profile.</p>"
-    return '<h2 id="tables">Tables</h2>' + body
+    if not rows:
+        return '<h2 id="tables">Tables</h2><p>No tables for this profile.</p>'
+    return (f'<h2 id="tables">Tables</h2><details><summary>Every table of this run ({len(rows)}), with its data and '
+            f'the notebook that makes it</summary>{_html_table(["table", "data", "made by"], rows)}</details>')
 
 
 def _notebooks_section(titles: Mapping[str, str], failures: Iterable[NotebookFailure] = ()) -> str:
@@ -469,9 +506,10 @@ def _provenance(timings: pd.DataFrame | None, profile: str, source: str) -> str:
     facts = {"profile": profile, "executed notebooks": source}
     if timings is not None and len(timings):
         first = timings.iloc[0]
-        facts.update({k: str(first[k]) for k in ("commit", "seed", "torch", "threads", "machine") if k in timings})
-    items = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in facts.items())
-    return f'<ul class="meta">{items}</ul>'
+        facts.update({k: str(first[k]) for k in ("commit", "seed", "torch", "threads", "cpu", "machine")
+                      if k in timings})
+    items = " · ".join(f"<b>{html.escape(k)}</b>: {html.escape(v)}" for k, v in facts.items())
+    return f'<p class="meta" id="provenance">{items}</p>'
 
 
 def _timings_section(timings: pd.DataFrame | None) -> str:
@@ -522,7 +560,7 @@ def _render_notebook(nb: Any, name: str, nav: str, banner: str = "") -> str:
 
 
 def _table_page(csv_path: Path, nav: str, banner: str = "") -> str:
-    df = _load_csv(csv_path)
+    df = load_csv(csv_path)
     rows = [[_cell(v) for v in r] for r in df.itertuples(index=False)]
     md = csv_path.with_suffix(".md")
     also = f" (also as markdown: <code>{html.escape(md.name)}</code> in the reports folder)" if md.exists() else ""
@@ -776,7 +814,8 @@ def _write_site(site: Path, run: _Run) -> None:
     body = "\n".join([
         f"<nav>{_nav('', names)}</nav>", f"<h1>lwcam: results of the <code>{html.escape(run.profile)}</code> run</h1>",
         _failure_banner(run.failures, stale, ""),
-        _provenance(timings, run.profile, run.source), _claims_section(reports, labels, stale), _t3_section(t3),
+        _provenance(timings, run.profile, run.source), _answers_section(reports, pngs, stale),
+        _claims_section(reports, labels, stale), _t3_section(t3),
         _figures_section(pngs, makers, stale), _tables_section(tables, makers, stale),
         _notebooks_section({n: _title(nb, n) for n, nb in run.nbs.items()}, run.failures), _timings_section(timings),
     ])
@@ -957,10 +996,50 @@ def _crawl(browser: Any, index: Path, screenshot: Path | None) -> SiteCheck:
     return result
 
 
+#: What :func:`check_site` measures on the landing page, in the browser (CSS pixels from the top of the page).
+_LANDING_JS = """() => {
+  const box = e => e.getBoundingClientRect();
+  const answers = document.querySelector('#answers');
+  const tables = [...document.querySelectorAll('table')].filter(t => t.offsetParent !== null);
+  const shown = answers && answers.offsetParent !== null && box(answers).height > 0;
+  return {
+    answers: answers ? [...answers.querySelectorAll('li')].map(e => e.textContent.trim()) : [],
+    answers_shown: Boolean(shown),
+    answers_top: answers ? box(answers).top + window.scrollY : null,
+    first_table_top: tables.length ? box(tables[0]).top + window.scrollY : null,
+    viewport_height: window.innerHeight,
+    details: document.querySelectorAll('details').length,
+    answer_figures: answers ? [...answers.querySelectorAll('img')].map(i => i.complete && i.naturalWidth > 0) : [],
+  };
+}"""
+
+
+def _landing_layout(layout: Mapping[str, Any]) -> list[str]:
+    """The problems of the landing page's layout: the answers must open it, above the fold and before any table.
+
+    >>> _landing_layout({"answers_shown": True, "answers_top": 80, "first_table_top": 900, "viewport_height": 900})
+    []
+    >>> _landing_layout({"answers_shown": True, "answers_top": 1200, "first_table_top": 300, "viewport_height": 900})
+    ['index.html: the answers start below the fold (1200 px, the window is 900 px)', \
+'index.html: a table (at 300 px) comes before the answers (at 1200 px)']
+    """
+    if not layout.get("answers_shown"):
+        return ["index.html: no answers section is shown (#answers)"]
+    top, fold, table = layout["answers_top"], layout["viewport_height"], layout.get("first_table_top")
+    problems = []
+    if top >= fold:
+        problems.append(f"index.html: the answers start below the fold ({top:.0f} px, the window is {fold:.0f} px)")
+    if table is not None and table < top:
+        problems.append(f"index.html: a table (at {table:.0f} px) comes before the answers (at {top:.0f} px)")
+    return problems
+
+
 def _landing(page: Any, result: SiteCheck, screenshot: Path | None) -> None:
     result.verdicts = page.eval_on_selector_all("td.verdict", "els => els.map(e => e.textContent.trim())")
     failed = page.eval_on_selector_all("#failed-notebooks li", "els => els.map(e => e.textContent.trim())")
     result.problems += [f"index.html: the run did not finish: {text}" for text in failed]
+    result.landing = page.evaluate(_LANDING_JS)
+    result.problems += _landing_layout(result.landing)
     if screenshot is not None:
         screenshot.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(screenshot), full_page=True)

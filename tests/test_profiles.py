@@ -17,40 +17,47 @@ ROOT = Path(__file__).resolve().parents[1]
 PROFILES = sorted(p.stem for p in (ROOT / "params").glob("*.yaml"))
 
 # The keys of committed artefacts (runs/<profile>/teacher.pt, student_*.json, distill_*_<hash>/): they
-# must not change when the code that computes them does. (They changed once on purpose: object_radius, the
-# synthetic objects' size range of T5.)
+# must not change when the code that computes them does. (They changed on purpose twice: object_radius, the
+# synthetic objects' size range of T5; label_smoothing and train_channels_last, null at their defaults.)
 TEACHER_FINGERPRINT = {
     "paper": '{"data_seed": 0, "dataset": "synthetic", "image_size": 64, "n_train": 12000, "n_val": 1000, '
                '"num_classes": 10, '
                '"object_radius": [9.0, 20.0], "seed": 0, "teacher": "mobilenet_v2_s8", "teacher_batch_size": 64, '
-               '"teacher_epochs": 8, "teacher_lr": 0.004, "teacher_pixel_dropout": 0.5, "teacher_weights": null}',
+               '"teacher_epochs": 8, "teacher_lr": 0.004, "teacher_pixel_dropout": 0.5, "teacher_weights": null,'
+               ' "train_channels_last": null}',
     "quick": '{"data_seed": 0, "dataset": "synthetic", "image_size": 64, "n_train": 1600, "n_val": 40, '
              '"num_classes": 4, '
              '"object_radius": [14.0, 20.0], "seed": 0, "teacher": "mobilenet_v2_s8", "teacher_batch_size": 64, '
-             '"teacher_epochs": 3, "teacher_lr": 0.004, "teacher_pixel_dropout": 0.5, "teacher_weights": null}',
+             '"teacher_epochs": 3, "teacher_lr": 0.004, "teacher_pixel_dropout": 0.5, "teacher_weights": null,'
+             ' "train_channels_last": null}',
 }
 STUDENT_FINGERPRINT = {
     "paper": '{"data_seed": 0, "dataset": "synthetic", "distill_batch_size": null, "distill_epochs": 6, '
                '"distill_lr": null, '
-               '"holdout": null, "image_size": 64, "n_test": 1000, "n_train": 12000, "n_transfer": 18000, '
+               '"holdout": null, "image_size": 64,'
+               ' "label_smoothing": null, "n_test": 1000, "n_train": 12000, "n_transfer": 18000, '
                '"n_val": 1000, "num_classes": 10, '
                '"object_radius": [9.0, 20.0], "query_budget": 20000, "seed": 0, "student": "regnet_x_s8", '
                '"teacher": "mobilenet_v2_s8", "teacher_batch_size": 64, "teacher_epochs": 8, "teacher_lr": 0.004, '
-               '"teacher_pixel_dropout": 0.5, "teacher_weights": null, "temperature": 4.0, "topk": 5}',
+               '"teacher_pixel_dropout": 0.5, "teacher_weights": null, "temperature": 4.0, "topk": 5,'
+               ' "train_channels_last": null}',
     "quick": '{"data_seed": 0, "dataset": "synthetic", "distill_batch_size": null, "distill_epochs": 4, '
              '"distill_lr": null, '
-             '"holdout": null, "image_size": 64, "n_test": 40, "n_train": 1600, "n_transfer": 2000, "n_val": 40, '
+             '"holdout": null, "image_size": 64,'
+             ' "label_smoothing": null, "n_test": 40, "n_train": 1600, "n_transfer": 2000, "n_val": 40, '
              '"num_classes": 4, '
              '"object_radius": [14.0, 20.0], "query_budget": 2040, "seed": 0, "student": "regnet_x_s8", '
              '"teacher": "mobilenet_v2_s8", "teacher_batch_size": 64, "teacher_epochs": 3, "teacher_lr": 0.004, '
-             '"teacher_pixel_dropout": 0.5, "teacher_weights": null, "temperature": 4.0, "topk": 2}',
+             '"teacher_pixel_dropout": 0.5, "teacher_weights": null, "temperature": 4.0, "topk": 2,'
+             ' "train_channels_last": null}',
     "stride32": '{"data_seed": 0, "dataset": "synthetic", "distill_batch_size": null, "distill_epochs": 6, '
                 '"distill_lr": null, '
-                '"holdout": null, "image_size": 64, "n_test": 1000, "n_train": 12000, "n_transfer": 18000, '
+                '"holdout": null, "image_size": 64,'
+                ' "label_smoothing": null, "n_test": 1000, "n_train": 12000, "n_transfer": 18000, '
                 '"n_val": 1000, "num_classes": 10, "object_radius": [9.0, 20.0], "query_budget": 20000, "seed": 0, '
                 '"student": "shufflenet_v2_x1_0", "teacher": "mobilenet_v2_s8", "teacher_batch_size": 64, '
                 '"teacher_epochs": 8, "teacher_lr": 0.004, "teacher_pixel_dropout": 0.5, "teacher_weights": null, '
-                '"temperature": 4.0, "topk": 5}',
+                '"temperature": 4.0, "topk": 5, "train_channels_last": null}',
 }
 
 

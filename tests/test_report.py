@@ -95,6 +95,36 @@ def test_build_writes_an_offline_site_with_claims_t3_figures_tables_and_notebook
     assert "material-components-web" not in nb_page  # nbconvert's CSS comments (web addresses) are gone
 
 
+def test_the_landing_page_opens_with_the_answers_and_folds_the_long_tables(tmp_path):
+    root = _project(tmp_path)
+    figures = root / "figures" / "tiny"
+    (figures / "F8_scorecard.png").write_bytes((figures / "F1_tiny.png").read_bytes())
+    page = report.build("tiny", root).read_text()
+    answers, claims = page.index('id="answers"'), page.index('id="claims"')
+    assert answers < claims and page.index("<table") > answers  # the answers come before any table
+    opening = page[answers:claims]
+    assert "<b>The paper's claim does not hold.</b>" in opening
+    assert "deletion AUC of 0.300 against 0.200 for Grad-CAM" in opening  # from T3_claim and T3_methods' labels
+    assert 'src="figures/F8_scorecard.png"' in opening and 'href="tables/T3_claim.html"' in opening
+    assert "F3_methods" not in opening  # a figure the profile lacks is left out, not a broken image
+    assert page.count("<details>") >= 3 and "Every claim of T3_claim (2)" in page  # claims, T3, tables folded
+
+
+def test_the_answers_of_a_failed_notebook_are_flagged_and_missing_answers_are_said(tmp_path):
+    root = _project(tmp_path)
+    path = root / "runs" / "tiny" / "notebooks" / "01_tiny.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    nb.cells[-1].source += '\npipeline.save_table(claims, "T3_claim", paths)'
+    nbformat.write(nb, path)
+    _failed_run(root)
+    page = report.build("tiny", root).read_text()
+    opening = page[page.index('id="answers"'):page.index('id="claims"')]
+    assert '<span class="stale">possibly stale: 01_tiny failed</span>' in opening
+    (root / "reports" / "tiny" / "T3_claim.csv").unlink()
+    page = report.build("tiny", root).read_text()
+    assert "No answers yet: the tables they come from" in page
+
+
 def test_build_shows_t4_claims_once_notebook_05_made_them(tmp_path):
     root = _project(tmp_path)
     reports = root / "reports" / "tiny"

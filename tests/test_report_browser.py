@@ -46,6 +46,32 @@ def test_every_page_loads_offline_without_errors(chromium, tmp_path):
     assert time.perf_counter() - t0 < 120
 
 
+def test_the_landing_page_answers_first_above_the_fold(chromium, tmp_path):
+    """The answers open the landing page: shown, above the fold, before any table, beside figures that load."""
+    index = report.build("quick", ROOT, out=tmp_path / "site", notebooks=_notebook_source())
+    result = report.check_site(index.parent, browser=chromium)
+    assert result.ok, "\n".join(result.problems)
+    landing = result.landing
+    assert landing["answers_shown"] and landing["answers_top"] < landing["viewport_height"]
+    assert landing["first_table_top"] is None or landing["answers_top"] < landing["first_table_top"]
+    assert any(a.startswith("The paper's claim") for a in landing["answers"]), landing["answers"]
+    assert landing["answer_figures"] and all(landing["answer_figures"])  # F8 and F3 beside the answers loaded
+    assert landing["details"] >= 3  # the long tables are folded
+
+
+def test_the_check_reports_a_landing_page_without_answers_first(chromium, tmp_path):
+    """A page whose table comes before the answers, and one with no answers at all: both are problems."""
+    (tmp_path / "index.html").write_text(
+        '<!DOCTYPE html><html><body><table><tr><td>x</td></tr></table><div style="height:1500px"></div>'
+        '<section id="answers"><ul><li>late</li></ul></section></body></html>')
+    problems = report.check_site(tmp_path, browser=chromium).problems
+    assert any("the answers start below the fold" in p for p in problems), problems
+    assert any("comes before the answers" in p for p in problems), problems
+    (tmp_path / "index.html").write_text("<!DOCTYPE html><html><body><p>nothing</p></body></html>")
+    problems = report.check_site(tmp_path, browser=chromium).problems
+    assert "index.html: no answers section is shown (#answers)" in problems
+
+
 def test_the_check_catches_what_a_reader_would_hit(chromium, tmp_path):
     """A broken page: a missing image, a dead link and anchor, a script error, a CDN script, an orphan page."""
     (tmp_path / "index.html").write_text(
