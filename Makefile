@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PROFILE ?= default
 STAMP := $(VENV)/.installed
 
-.PHONY: reproduce test lint bench venv clean-runs report serve docs
+.PHONY: reproduce evaluate test lint bench venv clean-runs report serve docs
 
 venv: $(STAMP)
 
@@ -25,6 +25,12 @@ $(STAMP): pyproject.toml
 reproduce: $(STAMP)
 	$(PY) -m lwcam.pipeline run --profile $(PROFILE)
 	$(PY) -m lwcam.docs
+
+## T3's explanations and games sharded over NPROC processes on this machine: the per-image rows, T3_methods and
+## T3_claim (notebook 04 makes the same rows and the figures). Across machines see docs/distributed.md.
+NPROC ?= 1
+evaluate: $(STAMP)
+	$(PY) -m lwcam.pipeline evaluate --profile $(PROFILE) --nproc $(NPROC)
 
 ## The README and docs/*.md, rendered from docs/templates/ and the tables under reports/ (every profile's).
 docs: $(STAMP)

@@ -12,6 +12,7 @@ Command line::
 
     python -m lwcam.pipeline run --profile default      # every notebook, every figure and table
     python -m lwcam.pipeline run --profile quick --only 01_distill
+    python -m lwcam.pipeline evaluate --profile quick --nproc 2   # T3's rows and tables, over 2 processes
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import Any, cast
 import pandas as pd
 import torch
 
+from ._utils import atomic_write_bytes
 from .blackbox import BlackBox, Output
 from .data import DEFAULT_OBJECT_RADIUS, ConflictScenes, SyntheticTextures, get_dataset, load_tensors
 from .distillation import DistillResult, distill
@@ -57,6 +59,9 @@ __all__ = [
     "load_conflict",
     "fusion_selection",
     "T3_METHODS",
+    "T3_CHUNK",
+    "t3_method_params",
+    "t3_limits",
     "explain_t3",
     "accelerated",
     "collect_params",
@@ -80,6 +85,7 @@ __all__ = [
     "save_table",
     "save_figure",
     "run",
+    "evaluate",
     "main",
 ]
 
@@ -361,6 +367,36 @@ def fusion_selection(params: Mapping[str, Any], paths: RunPaths, student: torch.
 T3_METHODS = ("lwcam", "lwcam_selected", "gradcam", "layercam", "gradcampp", "scorecam", "gradcam_teacher", "cam",
               "meaningful_perturbation", "rise", "lime", "occlusion", "random", "center", "mask")
 T3_EXPENSIVE = ("scorecam", "rise", "lime", "occlusion")
+#: Images per call of a T3 method (``chunk`` of :func:`lwcam.evaluation.run_methods`); random maps are drawn per chunk.
+T3_CHUNK = 50
+
+
+def t3_method_params(params: Mapping[str, Any], chosen: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The settings T3 hands each method (``method -> keyword arguments``); ``chosen`` is the fusion selected on val.
+
+    >>> from lwcam.profiles import Profile
+    >>> t3_method_params(Profile(seed=3), {"mode": "max"})["rise"]["seed"]
+    3
+    """
+    p = as_profile(params)
+    return {"lwcam_selected": dict(chosen), "rise": {"n_masks": p.rise_masks, "seed": p.seed},
+            "lime": {"seed": p.seed, "n_samples": p.lime_samples}, "random": {"seed": p.seed},
+            "scorecam": {"fast": p.fast_forward}, "meaningful_perturbation": {"seed": p.seed}}
+
+
+def t3_limits(params: Mapping[str, Any], n_images: int) -> dict[str, int]:
+    """How many of the first evaluation images each T3 method explains (``method -> count``).
+
+    >>> from lwcam.profiles import Profile
+    >>> lim = t3_limits(Profile(n_eval_blackbox=2, n_eval_mp=1), 16)
+    >>> lim["lwcam"], lim["rise"], lim["meaningful_perturbation"]
+    (16, 2, 1)
+    """
+    p = as_profile(params)
+    limits = dict.fromkeys(T3_METHODS, n_images)
+    limits.update(dict.fromkeys(T3_EXPENSIVE, min(p.n_eval_blackbox, n_images)))
+    limits["meaningful_perturbation"] = min(p.n_eval_mp, n_images)
+    return limits
 
 
 def explain_t3(params: Mapping[str, Any], images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor, *,
@@ -368,21 +404,20 @@ def explain_t3(params: Mapping[str, Any], images: torch.Tensor, targets: torch.T
                chosen: Mapping[str, Any]) -> dict[str, Any]:
     """T3's explanations, ``method -> MethodRun`` in :data:`T3_METHODS` order: every method on ``images``,
     :data:`T3_EXPENSIVE` on the first ``n_eval_blackbox``, meaningful perturbation on the first ``n_eval_mp``;
-    ``chosen`` is the fusion selected on ``val`` (:func:`fusion_selection`)."""
+    ``chosen`` is the fusion selected on ``val`` (:func:`fusion_selection`). :mod:`lwcam.sharded` shares
+    the same work out over the processes of a ``torch.distributed`` group."""
     from .evaluation import run_methods  # here: evaluation imports the baselines, which pipeline does not need
 
-    p = as_profile(params)
+    limits = t3_limits(params, len(images))
+    settings = t3_method_params(params, chosen)
     cheap_and_priced = [m for m in T3_METHODS if m != "meaningful_perturbation"]
     runs = run_methods(
         images, targets, masks, methods=cheap_and_priced, blackbox=blackbox, student=student, teacher=teacher,
-        subset=range(min(p.n_eval_blackbox, len(images))), subset_methods=list(T3_EXPENSIVE),
-        method_params={"lwcam_selected": dict(chosen), "rise": {"n_masks": p.rise_masks, "seed": p.seed},
-                       "lime": {"seed": p.seed, "n_samples": p.lime_samples}, "random": {"seed": p.seed},
-                       "scorecam": {"fast": p.fast_forward}})
+        subset=range(limits["rise"]), subset_methods=list(T3_EXPENSIVE), method_params=settings, chunk=T3_CHUNK)
     runs.update(run_methods(
         images, targets, masks, methods=["meaningful_perturbation"], student=student,
-        subset=range(min(p.n_eval_mp, len(images))), subset_methods=["meaningful_perturbation"],
-        method_params={"meaningful_perturbation": {"seed": p.seed}}))
+        subset=range(limits["meaningful_perturbation"]), subset_methods=["meaningful_perturbation"],
+        method_params=settings, chunk=T3_CHUNK))
     return {m: runs[m] for m in T3_METHODS}
 
 
@@ -740,11 +775,15 @@ def timings_table(paths: RunPaths, notebook_seconds: dict[str, float], params: M
 
 
 def save_table(df: pd.DataFrame, table_id: str, paths: RunPaths, float_format: str = "%.6g") -> tuple[Path, Path]:
-    """Write ``<reports>/<table_id>.csv`` and ``.md`` and return both paths."""
+    """Write ``<reports>/<table_id>.csv`` and ``.md`` and return both paths.
+
+    Each file is written atomically (a temporary file, then a rename): a run killed mid-write leaves the
+    previous table or the new one, never half of one.
+    """
     csv_path = paths.reports / f"{table_id}.csv"
     md_path = paths.reports / f"{table_id}.md"
-    df.to_csv(csv_path, index=False, float_format=float_format)  # "%.6g" keeps tiny p-values
-    md_path.write_text(df.to_markdown(index=False, floatfmt=".4g") + "\n")
+    atomic_write_bytes(df.to_csv(index=False, float_format=float_format).encode(), csv_path)  # "%.6g": tiny p-values
+    atomic_write_bytes((df.to_markdown(index=False, floatfmt=".4g") + "\n").encode(), md_path)
     return csv_path, md_path
 
 
@@ -819,6 +858,50 @@ def run(profile: str = "default", only: list[str] | None = None, root: str | os.
     return done
 
 
+def evaluate(profile: str = "default", nproc: int = 1, root: str | os.PathLike | None = None,
+             timeout_s: float = 1800.0) -> list[Path]:
+    """T3's per-image rows, ``T3_methods`` and ``T3_claim`` for ``profile``, with the explanations and games
+    sharded over ``nproc`` processes on this machine (:mod:`lwcam.sharded`); returns the files written.
+
+    The same rows as notebook 04 (which also draws the figures). The teacher, the student and the fusion
+    selected on ``val`` are made (or read from the run folder) here first, then the processes start;
+    ``timeout_s`` bounds each collective. A failed process raises :class:`lwcam.sharded.ShardedRunError`.
+    """
+    from . import sharded  # here: sharded imports this module
+
+    base = project_root(root)
+    sharded.check_nproc(nproc, load_profile(profile, base).n_eval)
+    if nproc == 1:
+        return sharded.run_worker(profile, str(base), timeout_s)
+    inputs = sharded.prepare_t3(profile, base)
+    sharded.launch(["-m", "lwcam.sharded", "--profile", profile, "--root", str(base), "--timeout", str(timeout_s)],
+                   nproc)
+    return [inputs.paths.run / "per_image_methods.csv",
+            *(inputs.paths.reports / f"{t}.{ext}" for t in ("T3_methods", "T3_claim") for ext in ("csv", "md"))]
+
+
+def _evaluate_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``evaluate``: the arguments checked (an error names ``--nproc``), then :func:`evaluate`."""
+    from .sharded import ShardedRunError, check_nproc
+
+    n_images = load_profile(args.profile).n_eval
+    try:
+        check_nproc(args.nproc, n_images)
+    except (TypeError, ValueError) as err:
+        parser.error(f"argument --nproc: {err} (profile {args.profile} evaluates n_eval={n_images} images)")
+    t0 = time.perf_counter()
+    try:
+        written = evaluate(args.profile, args.nproc, timeout_s=args.timeout)
+    except ShardedRunError as err:
+        print(f"[lwcam] evaluate failed: {err}", file=sys.stderr, flush=True)
+        return 1
+    for path in written:
+        print(f"[lwcam] {path}", flush=True)
+    print(f"[lwcam] profile {args.profile}: T3 over {args.nproc} processes in {time.perf_counter() - t0:.0f} s",
+          flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lwcam.pipeline", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -826,7 +909,13 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--profile", default="default")
     p_run.add_argument("--only", nargs="*", default=None, help="notebook names, e.g. 01_distill")
     p_run.add_argument("--log-output", action="store_true", help="stream the notebooks' output")
+    p_eval = sub.add_parser("evaluate", help="T3's explanations and games, sharded over processes")
+    p_eval.add_argument("--profile", default="default")
+    p_eval.add_argument("--nproc", type=int, default=1, help="processes on this machine (at most n_eval)")
+    p_eval.add_argument("--timeout", type=float, default=1800.0, help="seconds a process waits for the others")
     args = parser.parse_args(argv)
+    if args.cmd == "evaluate":
+        return _evaluate_command(parser, args)
     t0 = time.perf_counter()
     run(args.profile, args.only, log_output=args.log_output)
     print(f"[lwcam] profile {args.profile}: all done in {time.perf_counter() - t0:.0f} s", flush=True)

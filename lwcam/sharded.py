@@ -1,0 +1,411 @@
+"""T3's explanations and games sharded over the processes of a ``torch.distributed`` group.
+
+Each rank takes a contiguous slice of the evaluation images (:func:`shard_positions`: rank ``r`` of ``W``
+gets ``torch.tensor_split(arange(n), W)[r]``), explains it with every T3 method that explains those
+images (:func:`lwcam.pipeline.t3_limits`), scores the maps on the black box and returns its per-image
+rows (:class:`ShardRows`). Rank 0 gathers them with ``torch.distributed.gather_object`` and puts them
+back in the order one process writes them (method by method in :data:`~lwcam.pipeline.T3_METHODS`
+order, images ascending); only then does it write a table, so a run that loses a rank writes none.
+
+The rows are those of one process: every map depends on its own image only. RISE's masks and LIME's
+samples come from the profile's seed, shared by every image, never from the rank; the random maps,
+drawn per chunk of :data:`~lwcam.pipeline.T3_CHUNK` images of the whole batch, are drawn by each rank
+for the chunks its images lie in, whole, and cut to its images. What may differ is the floating-point
+rounding of a forward pass over a batch of another size (well below 1e-6 in an AUC).
+
+The black box is asked without the answer cache here, as notebook 04 asks it; a black box with a cache
+(:class:`lwcam.blackbox.BlackBox` ``cache_dir``) may be shared by every rank: the cache is one SQLite
+file in WAL mode that each process opens on its own connection, and concurrent writers wait.
+
+Process groups: ``gloo`` on CPU, ``nccl`` where CUDA is available; :func:`process_group` creates one
+from ``torchrun``'s environment (``WORLD_SIZE``, ``RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) with a time
+limit on every collective, and destroys it on the way out. :func:`launch` starts ``nproc`` processes on
+this machine (127.0.0.1, a free port, no restart); a rank that fails ends the run and
+:class:`ShardedRunError` names it.
+
+Command line::
+
+    python -m lwcam.pipeline evaluate --profile quick --nproc 2      # one machine
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_id=lwcam --rdzv_backend=c10d \\
+        --rdzv_endpoint=HOST_OF_NODE0:29500 -m lwcam.sharded --profile default   # on each node
+"""
+
+from __future__ import annotations
+
+import argparse
+import numbers
+import os
+import socket
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.distributed as dist
+
+from ._utils import atomic_write_bytes
+from .pipeline import (
+    T3_CHUNK,
+    T3_METHODS,
+    RunPaths,
+    blackbox_labels,
+    fusion_selection,
+    get_student,
+    get_teacher,
+    load_profile,
+    load_split,
+    make_blackbox,
+    save_table,
+    stage,
+    student_agreement,
+    t3_limits,
+    t3_method_params,
+)
+from .profiles import as_profile
+
+__all__ = ["DEFAULT_TIMEOUT_S", "ShardedRunError", "ShardRows", "T3Inputs", "check_nproc", "shard_positions",
+           "explain_shard", "t3_shard", "merge_shards", "evaluate_t3", "process_group", "prepare_t3",
+           "t3_tables", "write_t3", "launch", "main"]
+
+#: Seconds a collective (a gather, a barrier) may wait for the other ranks before it fails.
+DEFAULT_TIMEOUT_S = 1800.0
+
+#: T3 methods whose maps depend on where an image lies in its chunk (one noise draw per chunk).
+LAYOUT_METHODS = ("random",)
+
+
+class ShardedRunError(RuntimeError):
+    """A sharded run failed: a rank ended with an error or was killed; the message names the rank."""
+
+
+def check_nproc(nproc: Any, n_images: int | None = None, name: str = "nproc") -> int:
+    """``nproc`` as an int: at least 1 and, given ``n_images``, at most one process per image.
+
+    >>> check_nproc(2, 16)
+    2
+    >>> check_nproc(3, 2)
+    Traceback (most recent call last):
+    ...
+    ValueError: nproc=3 processes for 2 images: at most one process per image
+    """
+    if isinstance(nproc, bool) or not isinstance(nproc, numbers.Integral):
+        raise TypeError(f"{name} must be an int (the number of processes), got {nproc!r}")
+    count = int(nproc)
+    if count < 1:
+        raise ValueError(f"{name} must be at least 1, got {count}")
+    if n_images is not None and count > n_images:
+        raise ValueError(f"{name}={count} processes for {n_images} images: at most one process per image")
+    return count
+
+
+def shard_positions(n: int, rank: int, world: int) -> torch.Tensor:
+    """Rank ``rank``'s contiguous share of the positions ``0..n-1`` among ``world`` ranks.
+
+    >>> [shard_positions(5, r, 2).tolist() for r in range(2)]
+    [[0, 1, 2], [3, 4]]
+    """
+    world = check_nproc(world, n, name="world size")
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 0 <= rank < world:
+        raise ValueError(f"rank must be an int in [0, {world}), got {rank!r}")
+    return torch.tensor_split(torch.arange(n), world)[int(rank)]
+
+
+@dataclass
+class ShardRows:
+    """One rank's per-image T3 rows (notebook 04's columns) and what its explanations cost.
+
+    Attributes:
+        per_image: one row per (method, image): ``method, image, deletion_auc, insertion_auc, pointing, mass,
+            agrees``, ``image`` the position in the whole evaluation batch.
+        costs: ``method -> (seconds, black-box queries, images explained)``, summed over the rank's calls.
+    """
+
+    per_image: pd.DataFrame
+    costs: dict[str, tuple[float, float, int]]
+
+
+def _explain_layout(name: str, images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor,
+                    mine: torch.Tensor, limit: int, settings: Mapping[str, Any]) -> Any:
+    """A :data:`LAYOUT_METHODS` method on the images ``mine``: the whole chunks of one process, cut to ``mine``."""
+    from .baselines import METHODS  # here: the baselines are imported only by a run that explains
+    from .evaluation import MethodRun
+
+    method, maps, seconds = METHODS[name], [], 0.0
+    for start in sorted({int(i) // T3_CHUNK * T3_CHUNK for i in mine}):
+        stop = min(start + T3_CHUNK, limit)
+        result = method(images[start:stop], targets[start:stop], masks=masks[start:stop], **settings)
+        rows = mine[(mine >= start) & (mine < stop)] - start
+        maps.append(result.saliency[rows])
+        seconds += result.seconds * len(rows) / (stop - start)
+    return MethodRun(name=name, label=method.label, access=method.access, indices=mine.clone(),
+                     saliency=torch.cat(maps), seconds_per_image=seconds / len(mine), queries_per_image=0.0,
+                     params=dict(settings))
+
+
+def explain_shard(params: Mapping[str, Any], images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor,
+                  positions: torch.Tensor, *, blackbox: Any, student: torch.nn.Module, teacher: torch.nn.Module,
+                  chosen: Mapping[str, Any]) -> dict[str, Any]:
+    """T3's explanations of the images at ``positions`` (of the whole batch ``images``), ``method -> MethodRun``.
+
+    A method explains those of ``positions`` that it explains in one process (:func:`lwcam.pipeline.t3_limits`);
+    a method with none of them is left out. Each run's ``indices`` are positions in the whole batch.
+    """
+    from .evaluation import run_methods  # here: evaluation imports the baselines
+
+    limits, settings = t3_limits(params, len(images)), t3_method_params(params, chosen)
+    runs: dict[str, Any] = {}
+    for name in T3_METHODS:
+        mine = positions[positions < limits[name]]
+        if mine.numel() == 0:
+            continue
+        if name in LAYOUT_METHODS:
+            runs[name] = _explain_layout(name, images, targets, masks, mine, limits[name], settings.get(name, {}))
+            continue
+        run = run_methods(images[mine], targets[mine], masks[mine], methods=[name], blackbox=blackbox,
+                          student=student, teacher=teacher, method_params=settings, chunk=T3_CHUNK)[name]
+        run.indices = mine.clone()
+        runs[name] = run
+    return runs
+
+
+def t3_shard(params: Mapping[str, Any], images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor,
+             positions: torch.Tensor, *, blackbox: Any, scorer: Any, student: torch.nn.Module,
+             teacher: torch.nn.Module, chosen: Mapping[str, Any]) -> ShardRows:
+    """The per-image T3 rows of the images at ``positions``: explained (:func:`explain_shard`), scored on
+    ``scorer`` (the games' access), with ``agrees`` (does the student's class equal ``targets``)."""
+    from .evaluation import score_methods  # here: evaluation imports the baselines
+
+    p = as_profile(params)
+    positions = torch.as_tensor(positions, dtype=torch.long)
+    runs = explain_shard(p, images, targets, masks, positions, blackbox=blackbox, student=student,
+                         teacher=teacher, chosen=chosen)
+    per_image, _ = score_methods(scorer, images, targets, masks, runs, step=p.game_step())
+    agree = torch.zeros(len(images), dtype=torch.bool)
+    agree[positions] = student_agreement(student, images[positions], targets[positions])
+    per_image["agrees"] = agree[torch.from_numpy(per_image["image"].to_numpy(copy=True))].numpy()
+    costs = {name: (r.seconds_per_image * len(r.indices), r.queries_per_image * len(r.indices), len(r.indices))
+             for name, r in runs.items()}
+    return ShardRows(per_image=per_image, costs=costs)
+
+
+def merge_shards(shards: Sequence[ShardRows]) -> ShardRows:
+    """The ranks' rows (in rank order) as one process writes them: by method in T3 order, images ascending.
+
+    Raises ``ValueError`` when an image comes twice or out of order (shards that are not the contiguous
+    slices of :func:`shard_positions`, in rank order).
+    """
+    frames, costs = [], {}
+    for name in T3_METHODS:
+        parts = [s.per_image[s.per_image["method"] == name] for s in shards if name in s.costs]
+        if not parts:
+            continue
+        rows = pd.concat(parts, ignore_index=True)
+        if not rows["image"].is_monotonic_increasing or not rows["image"].is_unique:
+            raise ValueError(f"the shards' rows of {name!r} repeat an image or are out of order; pass the "
+                             f"ranks' rows in rank order")
+        frames.append(rows)
+        seconds, queries, n = zip(*(s.costs[name] for s in shards if name in s.costs), strict=True)
+        costs[name] = (float(sum(seconds)), float(sum(queries)), int(sum(n)))
+    return ShardRows(per_image=pd.concat(frames, ignore_index=True), costs=costs)
+
+
+def _world() -> tuple[int, int]:
+    """``(rank, world size)`` of the default process group, ``(0, 1)`` without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def evaluate_t3(params: Mapping[str, Any], images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor, *,
+                blackbox: Any, scorer: Any, student: torch.nn.Module, teacher: torch.nn.Module,
+                chosen: Mapping[str, Any]) -> ShardRows | None:
+    """T3's per-image rows of ``images``, sharded over the default process group (one process without one).
+
+    Every rank passes the same arguments; each explains and scores its slice (:func:`shard_positions`).
+    Rank 0 returns the merged rows of every image (:func:`merge_shards`); the other ranks return ``None``.
+    """
+    rank, world = _world()
+    mine = t3_shard(params, images, targets, masks, shard_positions(len(images), rank, world), blackbox=blackbox,
+                    scorer=scorer, student=student, teacher=teacher, chosen=chosen)
+    if world == 1:
+        return merge_shards([mine])
+    gathered: list[Any] | None = [None] * world if rank == 0 else None
+    dist.gather_object(mine, gathered, dst=0)
+    return merge_shards(gathered) if gathered is not None else None
+
+
+@contextmanager
+def process_group(timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[tuple[int, int]]:
+    """``(rank, world size)`` inside the default process group made from ``torchrun``'s environment.
+
+    With ``WORLD_SIZE`` above 1 and no group yet, one is created (``nccl`` where CUDA is available, else
+    ``gloo``), each collective waiting at most ``timeout_s`` seconds, and destroyed on the way out, also
+    after an error. Without ``WORLD_SIZE`` (or 1) the body runs as one process: ``(0, 1)``.
+    """
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s!r}")
+    created = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (dist.is_available() and dist.is_initialized()):
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        created = True
+    try:
+        yield _world()
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@dataclass
+class T3Inputs:
+    """What notebook 04 explains and scores: the profile, its run folder, models, images and the chosen fusion."""
+
+    params: Any
+    paths: RunPaths
+    teacher: torch.nn.Module
+    student: torch.nn.Module
+    blackbox: Any
+    scorer: Any
+    images: torch.Tensor
+    targets: torch.Tensor
+    masks: torch.Tensor
+    chosen: dict[str, Any]
+
+
+def prepare_t3(profile: str, root: str | os.PathLike | None = None) -> T3Inputs:
+    """Notebook 04's inputs for ``profile``: the teacher and student (trained or distilled first if missing),
+    the black box without answer cache, the first ``n_eval`` test images and the fusion selected on ``val``."""
+    p = load_profile(profile, root)
+    paths = RunPaths.for_profile(profile, root)
+    teacher, _ = get_teacher(p, paths, progress=False)
+    student, _ = get_student(p, paths, teacher, progress=False)
+    blackbox = make_blackbox(teacher, p, paths, cache=False)
+    scorer = make_blackbox(teacher, p, paths, cache=False, output="probs")
+    test_x, _, test_m = load_split(p, "test", paths, n=max(p.n_eval, p.n_test or 0))
+    images, masks = test_x[: p.n_eval], test_m[: p.n_eval]
+    _, chosen = fusion_selection(p, paths, student, scorer, progress=False)
+    return T3Inputs(params=p, paths=paths, teacher=teacher, student=student, blackbox=blackbox, scorer=scorer,
+                    images=images, targets=blackbox_labels(blackbox, images), masks=masks, chosen=dict(chosen))
+
+
+def t3_tables(rows: ShardRows, inputs: T3Inputs) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """T3 (``T3_methods``) and its claims (``T3_claim``) from the merged rows, as notebook 04 makes them."""
+    from .analysis import claim_table  # here: analysis imports the baselines
+    from .baselines import METHODS
+    from .evaluation import MethodRun, method_resolution, summarize
+
+    settings = t3_method_params(inputs.params, inputs.chosen)
+    runs = {}
+    for name, (seconds, queries, n) in rows.costs.items():
+        images = rows.per_image.loc[rows.per_image["method"] == name, "image"].to_numpy()
+        runs[name] = MethodRun(name=name, label=METHODS[name].label, access=METHODS[name].access,
+                               indices=torch.as_tensor(images), saliency=torch.empty(0), seconds_per_image=seconds / n,
+                               queries_per_image=queries / n, params=dict(settings.get(name, {})))
+    seed = inputs.params.seed
+    t3 = summarize(rows.per_image, runs, seed=seed)
+    t3.insert(3, "resolution", [method_resolution(r, inputs.student, inputs.teacher, inputs.images.shape[-1])
+                                for r in runs.values()])
+    return t3, claim_table(rows.per_image, seed=seed)
+
+
+def write_t3(rows: ShardRows, inputs: T3Inputs) -> list[Path]:
+    """Write the per-image rows (``per_image_methods.csv`` in the run folder), ``T3_methods`` and ``T3_claim``.
+
+    Every file is written atomically, and only from complete rows.
+    """
+    t3, claims = t3_tables(rows, inputs)
+    per_image_path = inputs.paths.run / "per_image_methods.csv"
+    atomic_write_bytes(rows.per_image.to_csv(index=False).encode(), per_image_path)
+    return [per_image_path, *save_table(t3, "T3_methods", inputs.paths), *save_table(claims, "T3_claim", inputs.paths)]
+
+
+def _inputs_rank0_first(profile: str, root: str | None, rank: int, world: int) -> T3Inputs:
+    """:func:`prepare_t3` on rank 0 first (it may train, distil or select and cache), then on the other ranks."""
+    inputs = prepare_t3(profile, root) if rank == 0 else None
+    if world > 1:
+        dist.barrier()
+    return inputs if inputs is not None else prepare_t3(profile, root)
+
+
+def run_worker(profile: str, root: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[Path]:
+    """One rank of a sharded T3 run of ``profile`` (alone: the whole run); rank 0 returns the files it wrote."""
+    with process_group(timeout_s) as (rank, world):
+        inputs = _inputs_rank0_first(profile, root, rank, world)
+        check_nproc(world, len(inputs.images), name="world size")
+        label = f"T3 sharded over {world} processes: explanations and games"
+        with stage(label, inputs.paths if rank == 0 else None):
+            rows = evaluate_t3(inputs.params, inputs.images, inputs.targets, inputs.masks, blackbox=inputs.blackbox,
+                               scorer=inputs.scorer, student=inputs.student, teacher=inputs.teacher,
+                               chosen=inputs.chosen)
+        return write_t3(rows, inputs) if rows is not None else []
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _failure_message(err: Any) -> str:
+    """Every failed rank (the first to fail first), how it ended and why, from ``torch.distributed.elastic``'s
+    ``ChildFailedError``."""
+    first, _ = err.get_first_failure()
+    parts = []
+    for rank in sorted(err.failures, key=lambda r: (r != first, r)):
+        failure = err.failures[rank]
+        how = f"exit code {failure.exitcode}" if failure.exitcode >= 0 else f"signal {-failure.exitcode}"
+        parts.append(f"rank {rank} failed ({how}): {str(failure.message).strip()[:1000]}")
+    return "; ".join(parts) + "; the other ranks were stopped and no table was written"
+
+
+def launch(args: Sequence[str], nproc: int, *, port: int | None = None,
+           rendezvous_timeout_s: int = 300) -> None:
+    """Run ``python -u <args>`` in ``nproc`` processes on this machine, as ``torchrun`` would start them.
+
+    The processes meet at 127.0.0.1 on ``port`` (default: a free one) and see ``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; ``OMP_NUM_THREADS`` is 1 unless it is set. No
+    process is restarted: the first to fail ends the run (the others are stopped) and
+    :class:`ShardedRunError` names its rank.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    nproc = check_nproc(nproc)
+    port = _free_port() if port is None else port
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"lwcam-{os.getpid()}",
+                          rdzv_backend="static", rdzv_endpoint=f"127.0.0.1:{port}",
+                          rdzv_configs={"rank": 0, "timeout": rendezvous_timeout_s}, max_restarts=0,
+                          monitor_interval=0.1, start_method="spawn", shutdown_timeout=10)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        elastic_launch(config, sys.executable)("-u", *args)
+    except ChildFailedError as err:
+        raise ShardedRunError(_failure_message(err)) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One rank of ``python -m lwcam.sharded --profile NAME`` (under ``torchrun``, or alone as one process)."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    parser = argparse.ArgumentParser(prog="python -m lwcam.sharded", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", default="default")
+    parser.add_argument("--root", default=None, help="the project root (default: found from here)")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                        help="seconds a collective waits for the other ranks")
+    args = parser.parse_args(argv)
+    written = record(run_worker)(args.profile, args.root, args.timeout)
+    for path in written or []:
+        print(f"[lwcam] {path}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

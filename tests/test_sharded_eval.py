@@ -1,0 +1,148 @@
+"""T3's explanations and games sharded over processes (lwcam.sharded): the rows of one process, in its order.
+
+The task is tests/_sharded_worker.py's: six 32×32 images, untrained small-input models, every T3 method.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from lwcam import pipeline
+from lwcam.evaluation import score_methods, summarize
+from lwcam.sharded import T3Inputs, check_nproc, evaluate_t3, shard_positions, t3_tables
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _sharded_worker import make_task  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).resolve().parent / "_sharded_worker.py"
+FLOATS = ["deletion_auc", "insertion_auc", "pointing", "mass"]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", LWCAM_PROGRESS="0")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _launch(out: Path, nproc: int, *extra: str, limit: float = 300) -> tuple[subprocess.CompletedProcess, float]:
+    """The worker in ``nproc`` processes (127.0.0.1, a free port), ended after ``limit`` seconds at most."""
+    cmd = [sys.executable, str(WORKER), "--launch", str(nproc), "--out", str(out), *extra]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, env=_env(), timeout=limit, capture_output=True, text=True)
+    return proc, time.monotonic() - t0
+
+
+# --------------------------------------------------------------------------- shares and bad inputs
+def test_shards_are_contiguous_and_cover_every_image_once() -> None:
+    for n in range(1, 8):
+        for world in range(1, n + 1):
+            parts = [shard_positions(n, r, world) for r in range(world)]
+            assert torch.equal(torch.cat(parts), torch.arange(n))
+            assert max(len(p) for p in parts) - min(len(p) for p in parts) <= 1
+
+
+@pytest.mark.parametrize("bad, error", [(0, ValueError), (-2, ValueError), ("2", TypeError), (2.0, TypeError),
+                                        (True, TypeError), (None, TypeError)])
+def test_bad_nproc_names_the_argument(bad, error) -> None:
+    with pytest.raises(error, match="nproc"):
+        check_nproc(bad)
+
+
+def test_more_processes_than_images_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"nproc=3 processes for 2 images"):
+        check_nproc(3, 2)
+    with pytest.raises(ValueError, match=r"world size=3 processes for 2 images"):
+        shard_positions(2, 0, 3)
+    with pytest.raises(ValueError, match="rank must be"):
+        shard_positions(4, 2, 2)
+
+
+@pytest.mark.parametrize("value, words", [("0", "must be at least 1"), ("-1", "must be at least 1"),
+                                          ("two", "invalid int value"), ("17", "17 processes for 16 images")])
+def test_cli_refuses_a_bad_nproc_before_any_work(value, words, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as stop:
+        pipeline.main(["evaluate", "--profile", "quick", "--nproc", value])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "--nproc" in err and words in err
+
+
+# --------------------------------------------------------------------------- one process: notebook 04's rows
+def test_one_process_gives_notebook_04s_rows_and_tables(tmp_path) -> None:
+    task = make_task(6)
+    p, images, targets, masks = task["params"], task["images"], task["targets"], task["masks"]
+    models = {k: task[k] for k in ("student", "teacher", "chosen")}
+    rows = evaluate_t3(p, images, targets, masks, blackbox=task["blackbox"], scorer=task["scorer"], **models)
+    assert rows is not None
+    # notebook 04, cells 7 and 9
+    runs = pipeline.explain_t3(p, images, targets, masks, blackbox=task["blackbox"], **models)
+    per_image, _ = score_methods(task["scorer"], images, targets, masks, runs, step=p.game_step())
+    agree = pipeline.student_agreement(task["student"], images, targets)
+    per_image["agrees"] = agree[per_image["image"].to_numpy()].numpy()
+    pd.testing.assert_frame_equal(rows.per_image, per_image, check_exact=True)
+    assert list(rows.costs) == list(runs)
+    for name, run in runs.items():
+        assert rows.costs[name][1:] == (run.queries_per_image * len(run.indices), len(run.indices))
+    inputs = T3Inputs(params=p, paths=pipeline.RunPaths(profile="t", root=tmp_path), teacher=task["teacher"],
+                      student=task["student"], blackbox=task["blackbox"], scorer=task["scorer"], images=images,
+                      targets=targets, masks=masks, chosen=task["chosen"])
+    t3, claims = t3_tables(rows, inputs)
+    reference = summarize(per_image, runs, seed=p.seed)
+    timing = ["seconds_per_image"]
+    pd.testing.assert_frame_equal(t3.drop(columns=[*timing, "resolution"]), reference.drop(columns=timing),
+                                  check_exact=True)
+    from lwcam.analysis import claim_table
+
+    pd.testing.assert_frame_equal(claims, claim_table(per_image, seed=p.seed), check_exact=True)
+
+
+# --------------------------------------------------------------------------- two processes
+@pytest.mark.slow
+def test_two_processes_give_the_rows_of_one(tmp_path) -> None:
+    frames, costs = {}, {}
+    for nproc in (1, 2):
+        out = tmp_path / f"nproc{nproc}"
+        proc, _ = _launch(out, nproc)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        frames[nproc] = pd.read_csv(out / "rows.csv")
+        costs[nproc] = json.loads((out / "costs.json").read_text())
+    one, two = frames[1], frames[2]
+    assert len(one) == len(two) > 0
+    for col in ("method", "image", "agrees"):
+        assert one[col].tolist() == two[col].tolist(), col
+    assert list(one["method"].unique()) == [m for m in pipeline.T3_METHODS if m in set(one["method"])]
+    diff = np.nanmax(np.abs(one[FLOATS].to_numpy(float) - two[FLOATS].to_numpy(float)))
+    assert diff <= 1e-6, f"largest difference {diff}"
+    assert one[FLOATS].isna().equals(two[FLOATS].isna())
+    # queries and images explained per method: the same; seconds are wall time
+    assert {k: v[1:] for k, v in costs[1].items()} == {k: v[1:] for k, v in costs[2].items()}
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_ends_the_run_naming_it_and_writes_no_table(tmp_path) -> None:
+    proc, seconds = _launch(tmp_path, 2, "--die-rank", "1", "--die-after", "20", "--timeout", "30", limit=180)
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "sharded run failed: rank " in proc.stderr and "rank 1 failed (exit code 17)" in proc.stderr
+    assert "no table was written" in proc.stderr
+    assert not (tmp_path / "rows.csv").exists() and not (tmp_path / "costs.json").exists()
+    assert seconds < 150
+
+
+@pytest.mark.slow
+def test_more_ranks_than_images_fails_on_every_rank_with_the_reason(tmp_path) -> None:
+    proc, _ = _launch(tmp_path, 3, "--num-images", "2", limit=180)
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "world size=3 processes for 2 images" in proc.stderr
+    assert not (tmp_path / "rows.csv").exists()
