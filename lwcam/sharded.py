@@ -354,16 +354,29 @@ def _free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def _describe(failure: Any) -> str:
+    """How one process ended: its exit code or signal, and its error where it reported one."""
+    how = f"exit code {failure.exitcode}" if failure.exitcode >= 0 else f"signal {-failure.exitcode}"
+    message = failure.message.get("message", "") if isinstance(failure.message, dict) else failure.message
+    message = str(message).strip()
+    if failure.exitcode < 0 or not message or message.startswith("To enable traceback"):
+        return f"{how}, no error reported: killed, or ended without a Python exception"
+    return f"{how}: {message[:1000]}"
+
+
 def _failure_message(err: Any) -> str:
-    """Every failed rank (the first to fail first), how it ended and why, from ``torch.distributed.elastic``'s
-    ``ChildFailedError``."""
-    first, _ = err.get_first_failure()
-    parts = []
-    for rank in sorted(err.failures, key=lambda r: (r != first, r)):
-        failure = err.failures[rank]
-        how = f"exit code {failure.exitcode}" if failure.exitcode >= 0 else f"signal {-failure.exitcode}"
-        parts.append(f"rank {rank} failed ({how}): {str(failure.message).strip()[:1000]}")
-    return "; ".join(parts) + "; the other ranks were stopped and no table was written"
+    """The first rank to fail, how and why; the ranks that failed after it, and those the launcher stopped
+    (``SIGTERM``); from ``torch.distributed.elastic``'s ``ChildFailedError``."""
+    failures = err.failures
+    own = [r for r in failures if failures[r].exitcode != -15] or list(failures)
+    first = min(own, key=lambda r: (failures[r].timestamp, r))
+    text = f"rank {first} failed ({_describe(failures[first])})"
+    for rank in sorted(r for r in own if r != first):
+        text += f"; rank {rank} failed too ({_describe(failures[rank])})"
+    stopped = sorted(r for r in failures if r not in own)
+    if stopped:
+        text += f"; rank(s) {', '.join(map(str, stopped))} stopped"
+    return text + "; no table was written"
 
 
 def launch(args: Sequence[str], nproc: int, *, port: int | None = None,

@@ -90,7 +90,7 @@ def test_one_process_gives_notebook_04s_rows_and_tables(tmp_path) -> None:
     runs = pipeline.explain_t3(p, images, targets, masks, blackbox=task["blackbox"], **models)
     per_image, _ = score_methods(task["scorer"], images, targets, masks, runs, step=p.game_step())
     agree = pipeline.student_agreement(task["student"], images, targets)
-    per_image["agrees"] = agree[per_image["image"].to_numpy()].numpy()
+    per_image["agrees"] = agree[per_image["image"].to_numpy(copy=True)].numpy()
     pd.testing.assert_frame_equal(rows.per_image, per_image, check_exact=True)
     assert list(rows.costs) == list(runs)
     for name, run in runs.items():
@@ -134,7 +134,7 @@ def test_two_processes_give_the_rows_of_one(tmp_path) -> None:
 def test_a_rank_that_dies_ends_the_run_naming_it_and_writes_no_table(tmp_path) -> None:
     proc, seconds = _launch(tmp_path, 2, "--die-rank", "1", "--die-after", "20", "--timeout", "30", limit=180)
     assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "sharded run failed: rank " in proc.stderr and "rank 1 failed (exit code 17)" in proc.stderr
+    assert "sharded run failed: rank 1 failed (exit code 17, no error reported" in proc.stderr
     assert "no table was written" in proc.stderr
     assert not (tmp_path / "rows.csv").exists() and not (tmp_path / "costs.json").exists()
     assert seconds < 150
