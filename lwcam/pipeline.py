@@ -895,7 +895,7 @@ def _evaluate_command(parser: argparse.ArgumentParser, args: argparse.Namespace)
     except ShardedRunError as err:
         print(f"[lwcam] evaluate failed: {err}", file=sys.stderr, flush=True)
         return 1
-    for path in written:
+    for path in written if args.nproc == 1 else []:  # rank 0 names them itself
         print(f"[lwcam] {path}", flush=True)
     print(f"[lwcam] profile {args.profile}: T3 over {args.nproc} processes in {time.perf_counter() - t0:.0f} s",
           flush=True)

@@ -304,7 +304,7 @@ def t3_tables(rows: ShardRows, inputs: T3Inputs) -> tuple[pd.DataFrame, pd.DataF
     settings = t3_method_params(inputs.params, inputs.chosen)
     runs = {}
     for name, (seconds, queries, n) in rows.costs.items():
-        images = rows.per_image.loc[rows.per_image["method"] == name, "image"].to_numpy()
+        images = rows.per_image.loc[rows.per_image["method"] == name, "image"].to_numpy(copy=True)
         runs[name] = MethodRun(name=name, label=METHODS[name].label, access=METHODS[name].access,
                                indices=torch.as_tensor(images), saliency=torch.empty(0), seconds_per_image=seconds / n,
                                queries_per_image=queries / n, params=dict(settings.get(name, {})))

@@ -146,3 +146,46 @@ def test_more_ranks_than_images_fails_on_every_rank_with_the_reason(tmp_path) ->
     assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "world size=3 processes for 2 images" in proc.stderr
     assert not (tmp_path / "rows.csv").exists()
+
+
+# --------------------------------------------------------------------------- the command, end to end
+TINY_PROFILE = """profile: tiny
+image_size: 32
+num_classes: 4
+object_radius: [5, 8]
+n_train: 64
+n_transfer: 64
+n_val: 8
+n_test: 8
+teacher_epochs: 1
+distill_epochs: 1
+n_eval: 6
+n_eval_blackbox: 2
+n_eval_mp: 2
+rise_masks: 20
+lime_samples: 10
+n_fusion_val: 4
+game_steps: 8
+"""
+
+
+@pytest.mark.slow
+def test_the_evaluate_command_on_two_processes_writes_one_process_tables(tmp_path) -> None:
+    """``python -m lwcam.pipeline evaluate`` on a project of its own: teacher, student and fusion made first,
+    then T3 over two processes, then over one; the same rows and tables but for the seconds."""
+    (tmp_path / "pyproject.toml").write_text("")
+    (tmp_path / "params").mkdir()
+    (tmp_path / "params" / "tiny.yaml").write_text(TINY_PROFILE)
+    rows, tables = {}, {}
+    for nproc in (2, 1):
+        cmd = [sys.executable, "-m", "lwcam.pipeline", "evaluate", "--profile", "tiny", "--nproc", str(nproc)]
+        proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), timeout=400, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert f"T3 over {nproc} processes" in proc.stdout
+        rows[nproc] = pd.read_csv(tmp_path / "runs" / "tiny" / "per_image_methods.csv")
+        tables[nproc] = [pd.read_csv(tmp_path / "reports" / "tiny" / f"{t}.csv") for t in ("T3_methods", "T3_claim")]
+    pd.testing.assert_frame_equal(rows[1], rows[2], check_exact=False, atol=1e-6, rtol=0)
+    assert set(rows[1]["method"]) == set(pipeline.T3_METHODS)
+    t3_one, t3_two = (tables[n][0].drop(columns="seconds_per_image") for n in (1, 2))
+    pd.testing.assert_frame_equal(t3_one, t3_two, check_exact=False, atol=1e-6, rtol=0)
+    pd.testing.assert_frame_equal(tables[1][1], tables[2][1], check_exact=False, atol=1e-6, rtol=0)
