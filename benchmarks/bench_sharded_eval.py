@@ -1,0 +1,132 @@
+"""T3's explanations and games sharded over processes (:mod:`lwcam.sharded`): wall time on 1 and 2 processes.
+
+Side by side in one run, on the same task: ``--n-images`` images of ``--image-size`` px, an untrained
+black box (``mobilenet_v2_s8``, ``weights=None``) and student (``regnet_x_s8``), every T3 method on every
+image (``n_eval_blackbox = n_eval_mp = n``, so each image costs the same), ``--rise-masks`` RISE masks,
+``--lime-samples`` LIME samples, ``--game-steps`` game steps. Each process count runs under
+:func:`lwcam.sharded.launch` (127.0.0.1, a free port) with one torch thread per process; the time is
+rank 0's wall time of :func:`lwcam.sharded.evaluate_t3` (explain, score, gather, merge) from a barrier
+after the set-up, best of ``--rounds`` rounds, run in turn.
+
+* ``images_per_s`` = images / seconds;
+* ``efficiency`` = (seconds on one process) / (processes × seconds on this many processes): 1 is a perfect split;
+* ``imagenet_hours`` = the hours 50 000 images would take at the measured seconds per image (these settings).
+
+Usage:
+    python benchmarks/bench_sharded_eval.py --n-images 8 --image-size 64 --nproc 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._report import machine, write_report  # noqa: E402
+
+IMAGENET_VAL = 50_000
+
+
+def make_task(n: int, size: int, seed: int, rise_masks: int, lime_samples: int, game_steps: int) -> dict:
+    """Every input of :func:`lwcam.sharded.evaluate_t3`, a pure function of the arguments."""
+    from lwcam.blackbox import BlackBox
+    from lwcam.models import build_model
+    from lwcam.pipeline import blackbox_labels
+    from lwcam.profiles import Profile
+
+    params = Profile.from_dict({"image_size": size, "num_classes": 10, "seed": seed, "n_eval": n,
+                                "n_eval_blackbox": n, "n_eval_mp": n, "rise_masks": rise_masks,
+                                "lime_samples": lime_samples, "game_steps": game_steps, "fast_forward": False},
+                               source="benchmark")
+    torch.manual_seed(seed)
+    student, teacher = build_model("regnet_x_s8", 10).eval(), build_model("mobilenet_v2_s8", 10).eval()
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, size, size, generator=g)
+    masks = torch.zeros(n, size, size, dtype=torch.bool)
+    masks[:, size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = True
+    blackbox = BlackBox(teacher, num_classes=10, output="probs")
+    return {"params": params, "images": images, "targets": blackbox_labels(blackbox, images), "masks": masks,
+            "blackbox": blackbox, "scorer": blackbox, "student": student, "teacher": teacher,
+            "chosen": {"weighting": "gradcam", "mode": "max", "normalize": "minmax"}}
+
+
+def worker(args: argparse.Namespace) -> int:
+    """One rank: set up, then time ``evaluate_t3`` ``--rounds`` times from a barrier; rank 0 writes the times."""
+    import torch.distributed as dist
+
+    from lwcam.sharded import evaluate_t3, process_group
+
+    torch.set_num_threads(1)
+    with process_group() as (rank, world):
+        task = make_task(args.n_images, args.image_size, args.seed, args.rise_masks, args.lime_samples,
+                         args.game_steps)
+        times = []
+        for _ in range(args.rounds):
+            if world > 1:
+                dist.barrier()
+            t0 = time.perf_counter()
+            rows = evaluate_t3(task["params"], task["images"], task["targets"], task["masks"],
+                               blackbox=task["blackbox"], scorer=task["scorer"], student=task["student"],
+                               teacher=task["teacher"], chosen=task["chosen"])
+            times.append(time.perf_counter() - t0)
+    if rank == 0 and rows is not None:
+        Path(args.out).write_text(json.dumps({"seconds": times, "rows": len(rows.per_image)}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n-images", type=int, default=8)
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--rise-masks", type=int, default=200)
+    ap.add_argument("--lime-samples", type=int, default=100)
+    ap.add_argument("--game-steps", type=int, default=32)
+    ap.add_argument("--nproc", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--context", default="", help="what else ran on the machine, for the notes")
+    ap.add_argument("--out", default=None, help="(a rank's) file of times; set by the launch")
+    ap.add_argument("--csv", default=str(Path(__file__).resolve().parents[1] / "reports" / "bench_sharded_eval.csv"))
+    args = ap.parse_args(argv)
+    if args.out is not None:
+        return worker(args)
+    from lwcam.sharded import launch
+
+    info, rows = machine(), []
+    with tempfile.TemporaryDirectory() as tmp:
+        for nproc in args.nproc:
+            out = Path(tmp) / f"nproc{nproc}.json"
+            launch([str(Path(__file__).resolve()), "--out", str(out), "--n-images", str(args.n_images),
+                    "--image-size", str(args.image_size), "--rise-masks", str(args.rise_masks),
+                    "--lime-samples", str(args.lime_samples), "--game-steps", str(args.game_steps),
+                    "--rounds", str(args.rounds), "--seed", str(args.seed)], nproc)
+            seconds = min(json.loads(out.read_text())["seconds"])
+            rows.append({"processes": nproc, "threads_per_process": 1, "images": args.n_images,
+                         "seconds": seconds, "images_per_s": args.n_images / seconds})
+    table = pd.DataFrame(rows)
+    one = table.loc[table["processes"] == 1, "seconds"]
+    base = float(one.iloc[0]) if len(one) else float("nan")
+    table["efficiency"] = base / (table["processes"] * table["seconds"])
+    table["imagenet_hours"] = IMAGENET_VAL * table["seconds"] / table["images"] / 3600
+    notes = (f"{args.n_images} images of {args.image_size}x{args.image_size}, every T3 method on every image, "
+             f"{args.rise_masks} RISE masks, {args.lime_samples} LIME samples, {args.game_steps} game steps, "
+             f"best of {args.rounds} round(s), seed {args.seed}; untrained mobilenet_v2_s8 black box and regnet_x_s8 "
+             f"student. `efficiency`: seconds on one process / (processes x seconds). `imagenet_hours`: "
+             f"{IMAGENET_VAL} images at the measured seconds per image and these settings (ImageNet's 224 px "
+             f"images and the paper's settings cost far more per image). Load average at the start "
+             f"{info['load_1min']}: other work on the machine slows every column. {args.context}")
+    write_report(table, args.csv, title="T3 sharded over processes: wall time on 1 and 2 processes", notes=notes,
+                 info=info)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
