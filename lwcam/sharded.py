@@ -17,7 +17,8 @@ The black box is asked without the answer cache here, as notebook 04 asks it; a 
 (:class:`lwcam.blackbox.BlackBox` ``cache_dir``) may be shared by every rank: the cache is one SQLite
 file in WAL mode that each process opens on its own connection, and concurrent writers wait.
 
-Process groups: ``gloo`` on CPU, ``nccl`` where CUDA is available; :func:`process_group` creates one
+Process groups: ``gloo`` on CPU, ``nccl`` where each process of a node has a GPU of its own (the models
+stay where the pipeline loads them; the group carries the gathered rows); :func:`process_group` creates one
 from ``torchrun``'s environment (``WORLD_SIZE``, ``RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) with a time
 limit on every collective, and destroys it on the way out. :func:`launch` starts ``nproc`` processes on
 this machine (127.0.0.1, a free port, no restart); a rank that fails ends the run and
@@ -239,19 +240,26 @@ def evaluate_t3(params: Mapping[str, Any], images: torch.Tensor, targets: torch.
     return merge_shards(gathered) if gathered is not None else None
 
 
+def _backend() -> str:
+    """``nccl`` where every process of this node has a CUDA device of its own, else ``gloo``."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= local else "gloo"
+
+
 @contextmanager
 def process_group(timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[tuple[int, int]]:
     """``(rank, world size)`` inside the default process group made from ``torchrun``'s environment.
 
-    With ``WORLD_SIZE`` above 1 and no group yet, one is created (``nccl`` where CUDA is available, else
-    ``gloo``), each collective waiting at most ``timeout_s`` seconds, and destroyed on the way out, also
-    after an error. Without ``WORLD_SIZE`` (or 1) the body runs as one process: ``(0, 1)``.
+    With ``WORLD_SIZE`` above 1 and no group yet, one is created (``nccl`` where each process of the node has
+    a CUDA device of its own, else ``gloo``), each collective waiting at most ``timeout_s`` seconds, and
+    destroyed on the way out, also after an error. Without ``WORLD_SIZE`` (or 1) the body runs as one
+    process: ``(0, 1)``.
     """
     if not timeout_s > 0:
         raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s!r}")
     created = False
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (dist.is_available() and dist.is_initialized()):
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = _backend()
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))

@@ -189,3 +189,16 @@ def test_the_evaluate_command_on_two_processes_writes_one_process_tables(tmp_pat
     t3_one, t3_two = (tables[n][0].drop(columns="seconds_per_image") for n in (1, 2))
     pd.testing.assert_frame_equal(t3_one, t3_two, check_exact=False, atol=1e-6, rtol=0)
     pd.testing.assert_frame_equal(tables[1][1], tables[2][1], check_exact=False, atol=1e-6, rtol=0)
+
+
+def test_nccl_only_where_every_local_process_has_a_gpu(monkeypatch) -> None:
+    from lwcam import sharded
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert sharded._backend() == "gloo"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert sharded._backend() == "nccl"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert sharded._backend() == "gloo"
