@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 
 from lwcam._utils import atomic_write_bytes
+from lwcam.pipeline import cpu_model
 
 __all__ = ["add_common_args", "cpu_model", "machine", "machine_line", "write_report"]
 
@@ -33,17 +34,6 @@ def add_common_args(parser: argparse.ArgumentParser, threads: int = 2) -> argpar
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     parser.add_argument("--threads", type=int, default=threads, help="torch.set_num_threads")
     return parser
-
-
-def cpu_model() -> str:
-    """The CPU's model name from ``/proc/cpuinfo`` (Linux), else what :mod:`platform` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def machine() -> dict[str, object]:

@@ -46,7 +46,7 @@ import pandas as pd
 
 __all__ = ["TableError", "MissingTable", "Tables", "Answer", "claim_verdict", "with_verdicts", "goal_outcome",
            "load_csv", "reports_dir", "format_value", "headline_answers", "provenance", "markdown_inline_html",
-           "method_labels", "claim_summary"]
+           "method_labels", "claim_summary", "verdict_changes"]
 
 #: A table id: a file stem of the reports folder, optionally under one profile folder (``paper/T3_methods``).
 _TABLE_ID = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9_.-]*/)?[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -473,6 +473,38 @@ def claim_summary(tables: Tables, table_id: str, by: Sequence[str] = ()) -> pd.D
         rows.append({**{k: key[k] for k in by}, "claim": f"{a} better than {b}",
                      "holds": f"{len(held)} of {len(group)}", "where": "; ".join(where) or "none"})
     return pd.DataFrame(rows)
+
+
+def _claim_text(row: pd.Series) -> str:
+    return f"{row['mean_a']:.3f} vs {row['mean_b']:.3f}, p = {row['p_value']:.2g}: {row['verdict']}"
+
+
+def verdict_changes(tables: Tables, before_id: str, now_id: str) -> pd.DataFrame:
+    """The claims of ``now_id`` whose verdict differs from the same claim in ``before_id``, before and now.
+
+    A claim is the same when ``a``, ``b``, ``metric`` and ``subset`` (where the tables have it) match;
+    claims in only one table are left out. Columns: ``claim``, ``measure``, ``before`` and ``now``
+    ("mean_a vs mean_b, p = p: verdict").
+
+    >>> import tempfile
+    >>> head = "a,b,metric,mean_a,mean_b,mean_diff,p_value,alternative\\n"
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     _ = Path(d, "old.csv").write_text(head + "x,y,deletion_auc,0.1,0.2,-0.1,0.001,less\\n")
+    ...     _ = Path(d, "new.csv").write_text(head + "x,y,deletion_auc,0.2,0.2,0.0,0.5,less\\n")
+    ...     verdict_changes(Tables(d), "old", "new").to_dict("records")[0]["now"]
+    '0.200 vs 0.200, p = 0.5: does not hold'
+    """
+    before, now = tables.get(before_id), tables.get(now_id)
+    keys = [k for k in ("a", "b", "metric", "subset") if k in now and k in before]
+    both = before.merge(now, on=keys, suffixes=("_before", ""))
+    labels = method_labels(tables)
+    rows = []
+    for _, row in both[both["verdict_before"] != both["verdict"]].iterrows():
+        old = pd.Series({c: row[f"{c}_before"] for c in ("mean_a", "mean_b", "p_value", "verdict")})
+        a, b = labels.get(str(row["a"]), row["a"]), labels.get(str(row["b"]), row["b"])
+        rows.append({"claim": f"{a} better than {b}", "measure": _metric_label(str(row["metric"]), row.get("subset")),
+                     "before": _claim_text(old), "now": _claim_text(row)})
+    return pd.DataFrame(rows, columns=["claim", "measure", "before", "now"])
 
 
 def markdown_inline_html(text: str) -> str:

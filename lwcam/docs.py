@@ -27,6 +27,8 @@ Placeholders (``{{ ... }}``; parts separated by ``|``; a table id is a file stem
   (format ``range`` writes a two-number list as ``a–b``).
 * ``{{ claims T4_claims }}`` (or ``{{ claims T5_claims | student, size_bin }}``): per pair of methods,
   how many of its claims hold and on what (:func:`lwcam.answers.claim_summary`).
+* ``{{ changes previous/T3_claim T3_claim }}``: the claims whose verdict differs between two claim
+  tables, with both values (:func:`lwcam.answers.verdict_changes`).
 * ``{{ if T5_goals }} ... {{ else }} ... {{ endif }}`` (or ``if not``): a section shown only where the
   table exists, for what a profile may not have made yet; blocks do not nest.
 
@@ -55,7 +57,16 @@ from typing import Any
 
 import pandas as pd
 
-from .answers import TableError, Tables, claim_summary, format_value, headline_answers, provenance, reports_dir
+from .answers import (
+    TableError,
+    Tables,
+    claim_summary,
+    format_value,
+    headline_answers,
+    provenance,
+    reports_dir,
+    verdict_changes,
+)
 
 __all__ = ["DocsError", "TEMPLATES", "render_text", "render_all", "write_docs", "stale_docs", "relative_links",
            "broken_links", "pages", "loose_numbers", "parse_filters", "parse_columns", "markdown_table",
@@ -264,6 +275,12 @@ def render_placeholder(expr: str, ctx: _Context) -> str:
         return _table(ctx, args[0], parts)
     if kind == "claims":
         return _claims(ctx, args[0], parts)
+    if kind == "changes":
+        if len(args) != 2 or parts:
+            raise ValueError("changes: {{ changes BEFORE_ID NOW_ID }}, two claim tables")
+        changed = verdict_changes(ctx.reports, args[0], args[1])
+        columns = [(c, "", c) for c in changed.columns]
+        return markdown_table(changed, columns) if len(changed) else "(no verdict changed)"
     if kind == "count":
         return str(len(ctx.reports.rows(args[0], parse_filters(parts[0]) if parts else {})))
     if kind == "param":

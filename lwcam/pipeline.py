@@ -48,6 +48,8 @@ from .profiles import load_profile as _load_profile
 
 __all__ = [
     "NOTEBOOKS",
+    "machine_name",
+    "cpu_model",
     "Profile",
     "project_root",
     "load_profile",
@@ -770,8 +772,28 @@ def timings_table(paths: RunPaths, notebook_seconds: dict[str, float], params: M
     table["commit"] = commit or _git_commit(paths.root)
     table["torch"] = torch.__version__
     table["threads"] = torch.get_num_threads()
-    table["machine"] = f"{platform.machine()} {os.cpu_count()} CPUs"
+    table["machine"] = machine_name()
     return table
+
+
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (Linux), else what :mod:`platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine_name() -> str:
+    """The machine as the timings name it: CPU model, architecture and core count.
+
+    >>> "CPUs" in machine_name()
+    True
+    """
+    return f"{cpu_model()}, {platform.machine()} {os.cpu_count()} CPUs"
 
 
 def save_table(df: pd.DataFrame, table_id: str, paths: RunPaths, float_format: str = "%.6g") -> tuple[Path, Path]:

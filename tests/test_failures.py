@@ -351,3 +351,19 @@ def test_a_switch_that_is_not_a_bool_is_refused_by_name(bad):
         scorecam(net, torch.rand(1, 3, 8, 8), [0], fast=bad)
     with pytest.raises(ValueError, match="reuse must be a bool"):
         accelerate(net, (3, 8, 8), reuse=bad)
+
+
+def test_atomic_write_keeps_the_usual_file_mode(tmp_path: Path) -> None:
+    """A table written atomically is readable as a plain write's would be (0o666 less the umask), not 0o600."""
+    import os
+
+    from lwcam._utils import atomic_write_bytes
+
+    umask = os.umask(0o022)
+    try:
+        path = atomic_write_bytes(b"a,b\n1,2\n", tmp_path / "T.csv")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert path.read_bytes() == b"a,b\n1,2\n"
+    assert not list(tmp_path.glob(".T.csv.*"))  # no temporary file left behind
