@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -98,8 +99,20 @@ def _find_or_install_browser(log: Callable[[str], None]) -> tuple[str | None, li
     return (None, [*misses, why]) if why else (path, misses)
 
 
+#: What the browser set-up did, printed in pytest's summary (fixture output is captured, a summary is not).
+_BROWSER_NOTES: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Say which Chromium the browser tests used, and how it came to be there."""
+    if _BROWSER_NOTES:
+        terminalreporter.section("browser")
+        for line in _BROWSER_NOTES:
+            terminalreporter.write_line(line)
+
+
 @pytest.fixture(scope="session")
-def chromium(request: pytest.FixtureRequest) -> str:
+def chromium() -> str:
     """A headless Chromium for the browser tests (the path of its executable).
 
     Debian's ``/usr/bin/chromium`` or Playwright's own if either is installed; otherwise it is
@@ -107,14 +120,10 @@ def chromium(request: pytest.FixtureRequest) -> str:
     install chromium`` (``LWCAM_INSTALL_BROWSER=0`` forbids installing). Where none can be had the
     browser tests skip with the reasons, and on CI (``CI=true``) they fail instead.
     """
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-
-    def log(line: str) -> None:
-        if reporter is not None:
-            reporter.write_line(line)
-
-    path, misses = _find_or_install_browser(log)
+    path, misses = _find_or_install_browser(_BROWSER_NOTES.append)
     if path is not None:
+        _BROWSER_NOTES.append(f"browser tests: Chromium at {path}"
+                              + (" (installed by this run)" if misses else " (found installed)"))
         return path
     reason = "no headless Chromium for the browser tests: " + "; ".join(misses)
     if os.environ.get("CI") == "true":
