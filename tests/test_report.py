@@ -110,14 +110,19 @@ def test_the_landing_page_opens_with_the_answers_and_folds_the_long_tables(tmp_p
     assert page.count("<details>") >= 3 and "Every claim of T3_claim (2)" in page  # claims, T3, tables folded
 
 
-def test_the_answers_of_a_failed_notebook_are_flagged_and_missing_answers_are_said(tmp_path):
+def _failed_run_with_claims(tmp_path):
+    """A project whose notebook wrote T3_claim and then failed; the project root and its built landing page."""
     root = _project(tmp_path)
     path = root / "runs" / "tiny" / "notebooks" / "01_tiny.ipynb"
     nb = nbformat.read(path, as_version=4)
     nb.cells[-1].source += '\npipeline.save_table(claims, "T3_claim", paths)'
     nbformat.write(nb, path)
     _failed_run(root)
-    page = report.build("tiny", root).read_text()
+    return root, report.build("tiny", root).read_text()
+
+
+def test_the_answers_of_a_failed_notebook_are_flagged_and_missing_answers_are_said(tmp_path):
+    root, page = _failed_run_with_claims(tmp_path)
     opening = page[page.index('id="answers"'):page.index('id="claims"')]
     assert '<span class="stale">possibly stale: 01_tiny failed</span>' in opening
     (root / "reports" / "tiny" / "T3_claim.csv").unlink()
@@ -204,13 +209,7 @@ def test_a_failed_notebook_is_marked_on_the_landing_page_its_own_page_and_its_ta
 
 
 def test_claim_verdicts_of_a_failed_notebook_are_flagged(tmp_path):
-    root = _project(tmp_path)
-    path = root / "runs" / "tiny" / "notebooks" / "01_tiny.ipynb"
-    nb = nbformat.read(path, as_version=4)
-    nb.cells[-1].source += '\npipeline.save_table(claims, "T3_claim", paths)'
-    nbformat.write(nb, path)
-    _failed_run(root)
-    page = report.build("tiny", root).read_text()
+    _, page = _failed_run_with_claims(tmp_path)
     assert '<p class="stale">These verdicts may be stale or incomplete: 01_tiny raised RuntimeError' in page
 
 
