@@ -349,6 +349,50 @@ def cost_answer(tables: Tables) -> Answer:
     return Answer("cost", text, ("T3_methods", "T1_distillation", "timings"))
 
 
+#: The protocol's training floors (``PROTOCOL.md``): a column of ``bench_seeds`` and the least value that holds,
+#: on every training seed.
+TRAINING_FLOORS: dict[str, float] = {"teacher_test_acc": 0.97, "teacher_small_acc": 0.90, "agreement_probs": 0.97,
+                                     "agreement_topk": 0.97, "agreement_label": 0.97}
+_FLOOR_NAMES = {"teacher_test_acc": "the black box's test accuracy",
+                "teacher_small_acc": "its accuracy on the smallest objects",
+                "agreement_probs": "the `probs` student's agreement",
+                "agreement_topk": "the `topk` student's agreement",
+                "agreement_label": "the `label` student's agreement"}
+
+
+def floors_answer(tables: Tables, table_id: str = "bench_seeds") -> Answer:
+    """Do the training floors hold on every seed of ``benchmarks/bench_seeds.py``? Its worst margin, or each miss.
+
+    The margin of a floor is the least value over the seeds minus the floor (:data:`TRAINING_FLOORS`).
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     cols = ",".join(TRAINING_FLOORS)
+    ...     _ = Path(d, "bench_seeds.csv").write_text(f"seed,{cols}\\n0,0.98,0.95,0.98,0.99,0.975\\n"
+    ...                                               f"1,0.975,0.96,0.972,0.98,0.965\\nmin,0,0,0,0,0\\n")
+    ...     print(floors_answer(Tables(d)).text.replace(": ", ":\\n"))
+    **The training floors are not met** on 2 training seeds:
+    the `label` student's agreement reaches 0.965, below its floor of 0.97 (margin -0.005).
+    """
+    table = tables.get(table_id)
+    seeds = table[pd.to_numeric(table["seed"], errors="coerce").notna()]
+    if seeds.empty:
+        raise TableError(f"table {table_id}: no row of a training seed")
+    lows = {c: float(seeds[c].astype(float).min()) for c in TRAINING_FLOORS}
+    margins = {c: lows[c] - floor for c, floor in TRAINING_FLOORS.items()}
+    missed = [c for c in TRAINING_FLOORS if margins[c] < 0]
+    n = f"{len(seeds)} training seed{'s' if len(seeds) != 1 else ''}"
+    if not missed:
+        worst = min(margins, key=lambda c: margins[c])
+        text = (f"**Every training floor holds** on {n}; the closest is {_FLOOR_NAMES[worst]}, at least "
+                f"{lows[worst]:.3f} against its floor of {TRAINING_FLOORS[worst]:.2f} (margin {margins[worst]:+.3f}).")
+    else:
+        misses = "; ".join(f"{_FLOOR_NAMES[c]} reaches {lows[c]:.3f}, below its floor of {TRAINING_FLOORS[c]:.2f} "
+                           f"(margin {margins[c]:+.3f})" for c in missed)
+        text = f"**The training floors are not met** on {n}: {misses}."
+    return Answer("floors", text, (table_id,))
+
+
 def _bin_order(label: str) -> tuple[int, float]:
     """Size bins small to large: ``≤ x`` first, ``a–b`` by ``a``, ``> x`` last."""
     first = re.search(r"\d+(?:\.\d+)?", label)

@@ -27,6 +27,8 @@ Placeholders (``{{ ... }}``; parts separated by ``|``; a table id is a file stem
   (format ``range`` writes a two-number list as ``a–b``).
 * ``{{ claims T4_claims }}`` (or ``{{ claims T5_claims | student, size_bin }}``): per pair of methods,
   how many of its claims hold and on what (:func:`lwcam.answers.claim_summary`).
+* ``{{ floors }}`` (or ``{{ floors paper }}``): whether the training floors hold on every seed of
+  ``reports/bench_seeds.csv``, with the closest margin or each miss (:func:`lwcam.answers.floors_answer`).
 * ``{{ changes previous/T3_claim T3_claim }}``: the claims whose verdict differs between two claim
   tables, with both values (:func:`lwcam.answers.verdict_changes`).
 * ``{{ if T5_goals }} ... {{ else }} ... {{ endif }}`` (or ``if not``): a section shown only where the
@@ -61,6 +63,7 @@ from .answers import (
     TableError,
     Tables,
     claim_summary,
+    floors_answer,
     format_value,
     headline_answers,
     provenance,
@@ -262,6 +265,24 @@ def _answers(ctx: _Context, profile: str, parts: Sequence[str]) -> str:
     return "\n".join(f"- {a.text}" for a in found)
 
 
+def _floors(ctx: _Context, args: Sequence[str], parts: Sequence[str]) -> str:
+    if len(args) > 1 or parts:
+        raise ValueError("floors: {{ floors }} or {{ floors PROFILE }}")
+    return floors_answer(ctx.profile(args[0] if args else "default")).text
+
+
+def _changes(ctx: _Context, args: Sequence[str], parts: Sequence[str]) -> str:
+    if len(args) != 2 or parts:
+        raise ValueError("changes: {{ changes BEFORE_ID NOW_ID }}, two claim tables")
+    changed = verdict_changes(ctx.reports, args[0], args[1])
+    columns = [(c, "", c) for c in changed.columns]
+    return markdown_table(changed, columns) if len(changed) else "(no verdict changed)"
+
+
+#: Placeholders that read whole tables into prose: kind -> renderer ``(ctx, args, parts) -> text``.
+_WHOLE = {"changes": _changes, "floors": _floors}
+
+
 def render_placeholder(expr: str, ctx: _Context) -> str:
     """The text of one placeholder (without its braces); see the module's docstring for the forms."""
     head, *parts = _split(expr)
@@ -275,12 +296,8 @@ def render_placeholder(expr: str, ctx: _Context) -> str:
         return _table(ctx, args[0], parts)
     if kind == "claims":
         return _claims(ctx, args[0], parts)
-    if kind == "changes":
-        if len(args) != 2 or parts:
-            raise ValueError("changes: {{ changes BEFORE_ID NOW_ID }}, two claim tables")
-        changed = verdict_changes(ctx.reports, args[0], args[1])
-        columns = [(c, "", c) for c in changed.columns]
-        return markdown_table(changed, columns) if len(changed) else "(no verdict changed)"
+    if kind in _WHOLE:
+        return _WHOLE[kind](ctx, args, parts)
     if kind == "count":
         return str(len(ctx.reports.rows(args[0], parse_filters(parts[0]) if parts else {})))
     if kind == "param":

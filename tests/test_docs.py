@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from lwcam import docs
-from lwcam.answers import Tables, headline_answers
+from lwcam.answers import TRAINING_FLOORS, Tables, headline_answers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,6 +121,28 @@ def test_placeholders_render_values_tables_counts_and_sections(tmp_path):
     assert _render(tmp_path, text).splitlines() == [
         "0.30; 1; lwcam (paper)", "| method | AUC ↓ |", "|---|---:|", "| lwcam (paper) | 0.2 |", "| RISE | 0.3 |",
         "yes, none"]
+
+
+def _seeds(lows: dict[str, float]) -> str:
+    """A bench_seeds table of two seeds: the first at 0.99 everywhere, the second at ``lows`` (0.99 elsewhere)."""
+    cols = list(TRAINING_FLOORS)
+    second = [lows.get(c, 0.99) for c in cols]
+    return "\n".join([f"seed,{','.join(cols)}", "0," + ",".join(["0.99"] * len(cols)),
+                      "1," + ",".join(map(str, second)), "margin at min," + ",".join(["-1"] * len(cols))]) + "\n"
+
+
+@pytest.mark.parametrize(("lows", "expected"), [
+    ({"agreement_topk": 0.975}, "**Every training floor holds** on 2 training seeds; the closest is the `topk` "
+                                "student's agreement, at least 0.975 against its floor of 0.97 (margin +0.005)."),
+    ({"teacher_small_acc": 0.85, "agreement_label": 0.969},
+     "**The training floors are not met** on 2 training seeds: its accuracy on the smallest objects reaches 0.850, "
+     "below its floor of 0.90 (margin -0.050); the `label` student's agreement reaches 0.969, below its floor of "
+     "0.97 (margin -0.001)."),
+])
+def test_the_floors_placeholder_says_whether_every_floor_holds_on_every_seed(tmp_path, lows, expected):
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "bench_seeds.csv").write_text(_seeds(lows))
+    assert docs.render_text("{{ floors }}", tmp_path, "page.md") == expected
 
 
 def test_the_quick_tour_runs(monkeypatch, tmp_path):
