@@ -39,9 +39,8 @@ from lwcam.models import evaluate_accuracy  # noqa: E402
 from lwcam.profiles import Profile  # noqa: E402
 
 MODES = ("probs", "topk", "label")
-#: column -> floor; every other number is reported without one
-FLOORS = TRAINING_FLOORS
-HEADLINES = (*FLOORS, "deletion_lwcam", "deletion_gradcam")
+#: the floors' columns (lwcam.answers.TRAINING_FLOORS), then numbers reported without a floor
+HEADLINES = (*TRAINING_FLOORS, "deletion_lwcam", "deletion_gradcam")
 
 
 def paths_for(profile: Profile, seed: int, root: Path) -> pipeline.RunPaths:
@@ -95,7 +94,8 @@ def spread(rows: list[dict[str, float | str]]) -> pd.DataFrame:
     """Per-seed rows, then mean, std, min and max of each number, then each floor's margin at the minimum."""
     df = pd.DataFrame(rows)
     stats = df[list(HEADLINES)].agg(["mean", "std", "min", "max"])
-    margin = pd.DataFrame([{k: stats.loc["min", k] - floor for k, floor in FLOORS.items()}], index=["margin at min"])
+    margin = pd.DataFrame([{k: stats.loc["min", k] - floor for k, floor in TRAINING_FLOORS.items()}],
+                          index=["margin at min"])
     stats = pd.concat([stats, margin])
     stats.insert(0, "seed", stats.index)
     return pd.concat([df.astype({"seed": str}), stats.reset_index(drop=True)], ignore_index=True)
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     root = pipeline.project_root()
     profile = pipeline.load_profile(args.profile, root)
     rows = [one_seed(profile, s, root) for s in args.seeds]
-    floors = ", ".join(f"{k} >= {v}" for k, v in FLOORS.items())
+    floors = ", ".join(f"{k} >= {v}" for k, v in TRAINING_FLOORS.items())
     notes = (f"profile `{profile.profile}`, data_seed {profile.data_seed} for every seed; teacher {profile.teacher} "
              f"({profile.teacher_epochs} epochs), students {profile.student} ({profile.distill_epochs} epochs; "
              f"label smoothing {profile.label_smoothing} for `label`), channels_last training "
