@@ -47,6 +47,14 @@ def test_every_relative_link_of_the_readme_and_docs_resolves():
     assert docs.broken_links(pages) == []
 
 
+def test_every_test_the_failure_sweep_cites_exists():
+    """docs/failure_sweep.md is written by hand (it holds line numbers, not results): each test it cites must exist."""
+    cited = set(re.findall(r"`(test_\w+)`", (ROOT / "docs" / "failure_sweep.md").read_text()))
+    defined = set(re.findall(r"^def (test_\w+)", (ROOT / "tests" / "test_sweep_bad_inputs.py").read_text(), re.M))
+    assert cited, "docs/failure_sweep.md cites no test"
+    assert sorted(cited - defined) == []
+
+
 def test_no_number_is_typed_by_hand_into_a_template():
     typed = {p.name: [n for n in docs.loose_numbers(p.read_text()) if n not in ALLOWED_NUMBERS]
              for p in sorted((ROOT / docs.TEMPLATES).glob("*.md"))}
