@@ -19,6 +19,7 @@ run's settings, and :mod:`lwcam.pipeline` runs the notebooks with cached artefac
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from typing import Any
 
 __version__ = "0.1.0"
@@ -40,12 +41,14 @@ _EXPORTS = {
 
 __all__ = [*_EXPORTS, "__version__"]
 
+#: Every public submodule (and subpackage), read from the package folder so that no new one is missed.
+_SUBMODULES = frozenset(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+
 
 def __getattr__(name: str) -> Any:  # lazy: importing lwcam stays cheap
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    if name in ("data", "models", "baselines", "plots", "pipeline", "profiles", "metrics", "fusion", "layercam",
-                "distillation", "evaluation", "analysis", "blackbox", "measures", "scorecard"):
+    if name in _SUBMODULES:
         return importlib.import_module(f"lwcam.{name}")
     raise AttributeError(f"module 'lwcam' has no attribute {name!r}")
 
