@@ -42,7 +42,6 @@ from .distillation import DistillResult, distill
 from .fast import FastForward, accelerate
 from .models import build_model, load_checkpoint, predict_logits, save_checkpoint, train_teacher
 from .plots import save_figure as _save_png
-from .profiles import KEYS as PROFILE_KEYS
 from .profiles import Profile, as_profile, project_root
 from .profiles import load_profile as _load_profile
 
@@ -66,7 +65,6 @@ __all__ = [
     "t3_limits",
     "explain_t3",
     "accelerated",
-    "collect_params",
     "get_student",
     "save_scorecard_rows",
     "load_scorecard_rows",
@@ -86,6 +84,7 @@ __all__ = [
     "short_label",
     "save_table",
     "save_figure",
+    "show_figure",
     "run",
     "evaluate",
     "main",
@@ -94,9 +93,22 @@ __all__ = [
 NOTEBOOKS = ("01_distill", "02_explain", "03_layer_importance", "04_deletion_game", "05_scorecard", "06_resolution")
 
 
-def load_profile(name: str, root: str | os.PathLike | None = None) -> Profile:
-    """Read and validate ``params/<name>.yaml`` (see :func:`lwcam.profiles.load_profile`)."""
-    return _load_profile(name, root)
+def load_profile(name: str | Mapping[str, Any], root: str | os.PathLike | None = None) -> Profile:
+    """Read and validate ``params/<name>.yaml`` (see :func:`lwcam.profiles.load_profile`).
+
+    A notebook's ``parameters`` cell holds one line, ``profile = "quick"``, and its next cell calls this.
+    ``name`` may also be a mapping of profile keys, as :func:`run` injects for a profile that differs from
+    its file: the file its ``profile`` key names, with the other keys set (validated like the file).
+
+    >>> load_profile({"profile": "quick", "seed": 3}).seed, load_profile("quick").seed
+    (3, 0)
+    """
+    if isinstance(name, str):
+        return _load_profile(name, root)
+    values = dict(name)
+    if not isinstance(values.get("profile"), str):
+        raise ValueError(f"profile: a mapping of profile keys must name its profile file, got {dict(name)!r}")
+    return _load_profile(values.pop("profile"), root).replace(**values)
 
 
 @dataclass
@@ -541,15 +553,6 @@ def ablation_scorecard(params: Mapping[str, Any], paths: RunPaths, teacher: torc
     return result, last_map_cell_px(student, p.image_size)
 
 
-def collect_params(namespace: Mapping[str, Any]) -> Profile:
-    """The profile a notebook runs with: every :class:`Profile` key found in its namespace.
-
-    A notebook's ``parameters`` cell sets the keys (papermill overrides them); keys it does not
-    set take their declared defaults.
-    """
-    return Profile.from_dict({k: namespace[k] for k in PROFILE_KEYS if k in namespace}, source="notebook parameters")
-
-
 def get_student(params: Mapping[str, Any], paths: RunPaths, teacher: torch.nn.Module, output: str | None = None,
                 progress: bool | None = None, seed: int | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Load the distilled student for a black-box ``output`` mode, distilling it first if needed.
@@ -814,14 +817,27 @@ def save_figure(fig: Any, figure_id: str, paths: RunPaths, dpi: int = 120) -> Pa
     return _save_png(fig, paths.figures / f"{figure_id}.png", dpi=dpi)
 
 
-def _notebook_parameters(profile: Profile, notebook: Path) -> dict[str, Any]:
-    """What papermill injects: every key of the profile (each notebook's ``parameters`` cell declares them all)."""
+def show_figure(fig: Any, figure_id: str, paths: RunPaths, dpi: int = 120) -> None:
+    """A notebook's figure in one call: :func:`save_figure`, close ``fig``, then display the PNG as saved."""
+    from IPython.display import Image, display  # here: only a notebook displays
+    from matplotlib import pyplot
+
+    path = save_figure(fig, figure_id, paths, dpi=dpi)
+    pyplot.close(fig)  # a pyplot figure is freed; lwcam.plots' own figures were never pyplot's
+    display(Image(filename=str(path)))
+
+
+def _notebook_parameters(profile: Profile, notebook: Path) -> dict[str, str | dict[str, Any]]:
+    """What papermill injects: ``profile``, the profile's name, or with the keys where it differs from its file
+    a mapping that :func:`load_profile` reads back (each notebook's ``parameters`` cell declares ``profile`` alone)."""
     import papermill as pm  # here, not at the top: a notebook kernel importing lwcam.pipeline pays ~2 s less
 
-    missing = [k for k in PROFILE_KEYS if k not in pm.inspect_notebook(str(notebook))]
-    if missing:
-        raise ValueError(f"the parameters cell of {notebook.name} does not declare {missing}")
-    return profile.to_dict()
+    declared = list(pm.inspect_notebook(str(notebook)))
+    if declared != ["profile"]:
+        raise ValueError(f"the parameters cell of {notebook.name} must declare profile alone, not {declared}")
+    changed = {k: v for k, v in profile.to_dict().items()
+               if v != load_profile(profile.profile, notebook.parent)[k]}
+    return {"profile": {"profile": profile.profile, **changed} if changed else profile.profile}
 
 
 def _merge_timings(table: pd.DataFrame, paths: RunPaths) -> pd.DataFrame:
@@ -843,12 +859,15 @@ def _merge_timings(table: pd.DataFrame, paths: RunPaths) -> pd.DataFrame:
 
 
 def run(profile: str = "default", only: list[str] | None = None, root: str | os.PathLike | None = None,
-        log_output: bool = False) -> list[Path]:
-    """Execute the notebooks with papermill for ``profile``; executed copies go to ``runs/<profile>/notebooks``."""
+        log_output: bool = False, overrides: Mapping[str, Any] | None = None) -> list[Path]:
+    """Execute the notebooks with papermill for ``profile``; executed copies go to ``runs/<profile>/notebooks``.
+
+    ``overrides`` sets profile keys over the file's (the run keeps the profile's name and folders).
+    """
     import papermill as pm  # here, not at the top (see _notebook_parameters)
 
     base = project_root(root)
-    params = load_profile(profile, base)
+    params = load_profile(profile, base).replace(**(overrides or {}))
     names = list(NOTEBOOKS) if not only else list(only)
     unknown = [n for n in names if n not in NOTEBOOKS]
     if unknown:

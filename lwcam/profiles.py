@@ -4,9 +4,9 @@ A *profile* is a YAML file ``params/<name>.yaml`` (``quick``, ``default``, ``str
 ``imagenet``, ...). Its keys are the fields of :class:`Profile`, which declares each one once,
 with its type, its default and what it means (``Profile.describe()`` prints the table). Loading
 a file validates it: an unknown key or a value of the wrong type is an error that names the key
-and the file; a key the file leaves out takes the declared default. The same fields are the
-notebooks' papermill parameters: :meth:`Profile.to_dict` gives them, and
-:func:`lwcam.pipeline.collect_params` reads them back out of a notebook's namespace.
+and the file; a key the file leaves out takes the declared default. A notebook's one papermill
+parameter is the profile's name (``profile = "quick"``); its next cell reads the file with
+:func:`lwcam.pipeline.load_profile`.
 
 Example:
     >>> p = Profile(profile="demo", num_classes=4)

@@ -38,7 +38,7 @@ and reports console errors, images that did not load, links that do not resolve 
 that would leave the machine; it saves a screenshot of the landing page.
 
 :func:`publish` copies a run's outputs into the committed ``notebooks/*.ipynb``: each keeps its
-own ``parameters`` cell (the ``quick`` defaults that nbval runs on) and loses papermill's
+own ``parameters`` cell (``profile = "quick"``, what nbval runs on) and loses papermill's
 ``injected-parameters`` cell, so a reader browsing the repository sees the real run's numbers.
 
 Command line::
@@ -889,8 +889,8 @@ def publish(profile: str = "default", root: str | os.PathLike | None = None,
             dest: str | os.PathLike | None = None) -> list[Path]:
     """Copy the outputs of ``runs/<profile>/notebooks/*.ipynb`` into the committed notebooks.
 
-    Each committed notebook under ``notebooks/`` keeps its ``parameters`` cell (the ``quick``
-    defaults that nbval executes) and gets the run's outputs (see :func:`merge_outputs`). The
+    Each committed notebook under ``notebooks/`` keeps its ``parameters`` cell (``profile = "quick"``,
+    what nbval executes) and gets the run's outputs (see :func:`merge_outputs`). The
     results are written to ``dest`` (default: ``notebooks/`` itself); returns the paths written.
     """
     import nbformat

@@ -163,3 +163,22 @@ def test_doctests():
     import doctest
 
     assert doctest.testmod(plots).failed == 0
+
+
+def test_show_figure_saves_closes_and_displays_the_png_as_saved(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    from IPython import display as ipd
+
+    from lwcam import pipeline
+
+    (tmp_path / "pyproject.toml").touch()
+    (tmp_path / "params").mkdir()
+    paths = pipeline.RunPaths.for_profile("tiny", tmp_path)
+    shown = []
+    monkeypatch.setattr(ipd, "display", lambda obj: shown.append(obj))
+    fig = plt.figure()
+    fig.gca().plot([0, 1], [1, 0])
+    assert pipeline.show_figure(fig, "F0_line", paths) is None  # nothing for a notebook cell to echo
+    png = (tmp_path / "figures" / "tiny" / "F0_line.png").read_bytes()
+    assert [type(o) for o in shown] == [ipd.Image] and shown[0].data == png
+    assert not plt.fignum_exists(fig.number)

@@ -7,6 +7,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import nbformat
 import papermill
 import pytest
 
@@ -134,27 +135,38 @@ def test_keys_set_off_their_default_enter_the_fingerprint():
     assert base.replace(teacher_epochs=9).fingerprint(keys) != base.fingerprint(keys)
 
 
-def test_collect_params_round_trip():
-    profile = load_profile("stride32", ROOT)
-    namespace = {**profile.to_dict(), "plt": object(), "paths": None, "__name__": "__main__"}
-    assert pipeline.collect_params(namespace) == profile
-    assert pipeline.collect_params({"seed": 3}) == Profile(seed=3)  # absent keys: declared defaults
-    with pytest.raises(ProfileError, match="notebook parameters: profile key 'n_eval'"):
-        pipeline.collect_params({**namespace, "n_eval": "all"})
-
-
 @pytest.mark.parametrize("name", ["default", "quick", "stride32", "imagenet"])
 def test_papermill_parameters_rebuild_the_profile(name):
-    """What run() injects, over a notebook's own parameters cell, gives back the profile (and its fingerprints)."""
+    """What run() injects is the profile's name alone, or with the keys set over its file; either loads it back."""
     notebook = ROOT / "notebooks" / "01_distill.ipynb"
     profile = load_profile(name, ROOT)
-    injected = pipeline._notebook_parameters(profile, notebook)
-    quick = load_profile("quick", ROOT)  # the parameters cells hold the quick profile
-    cell = {k: quick[k] for k in papermill.inspect_notebook(str(notebook))}
-    rebuilt = pipeline.collect_params({**cell, **injected})
-    assert rebuilt == profile
+    assert pipeline._notebook_parameters(profile, notebook) == {"profile": name}
+    changed = profile.replace(seed=7, n_eval=3)
+    injected = pipeline._notebook_parameters(changed, notebook)
+    assert injected == {"profile": {"profile": name, "seed": 7, "n_eval": 3}}
+    rebuilt = pipeline.load_profile(injected["profile"], ROOT)
+    assert rebuilt == changed
     keys = pipeline.TEACHER_KEYS + pipeline.STUDENT_KEYS
-    assert rebuilt.fingerprint(keys) == profile.fingerprint(keys)
+    assert rebuilt.fingerprint(keys) == changed.fingerprint(keys)
+
+
+def test_a_mapping_of_profile_keys_is_validated_and_names_its_file():
+    with pytest.raises(ProfileError, match="overrides: profile key 'n_eval'"):
+        pipeline.load_profile({"profile": "quick", "n_eval": "all"}, ROOT)
+    with pytest.raises(ProfileError, match="unknown profile 'nope'"):
+        pipeline.load_profile({"profile": "nope", "seed": 1}, ROOT)
+    with pytest.raises(ValueError, match="must name its profile file"):
+        pipeline.load_profile({"seed": 1}, ROOT)
+
+
+def test_a_notebook_declaring_other_parameters_is_refused(tmp_path):
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell('profile = "quick"\nseed = 0',
+                                                                   metadata={"tags": ["parameters"]})],
+                                  metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                           "language": "python"}})
+    nbformat.write(nb, tmp_path / "01_x.ipynb")
+    with pytest.raises(ValueError, match="must declare profile alone, not \\['profile', 'seed'\\]"):
+        pipeline._notebook_parameters(load_profile("quick", ROOT), tmp_path / "01_x.ipynb")
 
 
 def test_profile_is_frozen_and_a_read_only_mapping():
@@ -183,12 +195,37 @@ def test_split_sizes_and_unknown_profiles(tmp_path):
 
 
 @pytest.mark.parametrize("notebook", sorted((ROOT / "notebooks").glob("0*.ipynb")), ids=lambda p: p.stem)
-def test_every_parameters_cell_declares_the_quick_profile(notebook):
-    """Each notebook's parameters cell sets every profile key to its quick value (papermill overrides them all)."""
-    quick = load_profile("quick", ROOT).to_dict()
-    declared = {k: v["default"] for k, v in papermill.inspect_notebook(str(notebook)).items()}
-    assert set(declared) == set(quick)
-    assert {k: eval(v) for k, v in declared.items()} == quick  # noqa: S307 (literals of a committed notebook)
+def test_every_parameters_cell_is_the_one_line_naming_the_quick_profile(notebook):
+    """The parameters cell names the profile and nothing else; the next code cell loads it (pipeline.load_profile)."""
+    code = [c for c in nbformat.read(notebook, as_version=4).cells if c.cell_type == "code"]
+    tagged = [i for i, c in enumerate(code) if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1
+    assert code[tagged[0]].source == 'profile = "quick"'
+    assert "params = pipeline.load_profile(profile)" in code[tagged[0] + 1].source
+
+
+@pytest.mark.slow
+def test_papermill_runs_a_notebook_for_another_profile(tmp_path):
+    """A notebook's opening cells under papermill, as run() drives them, read the named profile and its overrides."""
+    for name in ("pyproject.toml", "params/stride32.yaml"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text((ROOT / name).read_text())
+    source = nbformat.read(ROOT / "notebooks" / "02_explain.ipynb", as_version=4)
+    first = [i for i, c in enumerate(source.cells) if "parameters" in c.metadata.get("tags", [])][0]
+    show = nbformat.v4.new_code_cell("import json\nprint(json.dumps(params.to_dict()))")
+    notebook = tmp_path / "notebooks" / "02_explain.ipynb"
+    notebook.parent.mkdir()
+    nbformat.write(nbformat.v4.new_notebook(cells=[*source.cells[first:first + 2], show], metadata=source.metadata),
+                   notebook)
+    profile = load_profile("stride32", tmp_path).replace(seed=5)
+    papermill.execute_notebook(str(notebook), str(tmp_path / "out.ipynb"),
+                               parameters=pipeline._notebook_parameters(profile, notebook), cwd=str(notebook.parent),
+                               kernel_name="python3", progress_bar=False)
+    ran = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    printed = [o["text"] for c in ran.cells if c.cell_type == "code" for o in c.outputs if o.get("name") == "stdout"]
+    assert "profile=stride32  figures -> figures/stride32/  tables -> reports/stride32/\n" in printed
+    assert json.loads(printed[-1]) == json.loads(json.dumps(profile.to_dict()))
+    assert (tmp_path / "runs" / "stride32").is_dir()
 
 
 def test_a_run_of_some_notebooks_keeps_the_others_timings(tmp_path):
