@@ -26,11 +26,14 @@ reproduce: $(STAMP)
 	$(PY) -m lwcam.pipeline run --profile $(PROFILE)
 	$(PY) -m lwcam.docs
 
-## T3's explanations and games sharded over NPROC processes on this machine: the per-image rows, T3_methods and
-## T3_claim (notebook 04 makes the same rows and the figures). Across machines see docs/distributed.md.
+## A stage's per-image rows and tables sharded over NPROC processes on this machine. STAGE=t3 (the default):
+## T3's explanations and games, T3_methods and T3_claim (notebook 04's rows); STAGE=t2: T2's per-layer games,
+## T2_layers (notebook 03's rows); STAGE=all: both. The notebooks make the figures. Across machines see
+## docs/distributed.md.
 NPROC ?= 1
+STAGE ?= t3
 evaluate: $(STAMP)
-	$(PY) -m lwcam.pipeline evaluate --profile $(PROFILE) --nproc $(NPROC)
+	$(PY) -m lwcam.pipeline evaluate --profile $(PROFILE) --nproc $(NPROC) --stage $(STAGE)
 
 ## The README and docs/*.md, rendered from docs/templates/ and the tables under reports/ (every profile's).
 docs: $(STAMP)

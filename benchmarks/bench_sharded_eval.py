@@ -1,4 +1,5 @@
-"""T3's explanations and games sharded over processes (:mod:`lwcam.sharded`): wall time on 1 and 2 processes.
+"""T3's explanations and games, or T2's per-layer games, sharded over processes (:mod:`lwcam.sharded`): wall
+time on 1 and 2 processes.
 
 Side by side in one run, on the same task: ``--n-images`` images of ``--image-size`` px, an untrained
 black box (``mobilenet_v2_s8``, ``weights=None``) and student (``regnet_x_s8``), every T3 method on every
@@ -6,7 +7,9 @@ image (``n_eval_blackbox = n_eval_mp = n``, so each image costs the same), ``--r
 ``--lime-samples`` LIME samples, ``--game-steps`` game steps. Each process count runs under
 :func:`lwcam.sharded.launch` (127.0.0.1, a free port) with one torch thread per process; the time is
 rank 0's wall time of :func:`lwcam.sharded.evaluate_t3` (explain, score, gather, merge) from a barrier
-after the set-up, best of ``--rounds`` rounds, run in turn.
+after the set-up, best of ``--rounds`` rounds, run in turn. ``--stage t2`` times
+:func:`lwcam.sharded.evaluate_t2` instead (the student's per-layer Grad-CAM, every layer's map and the
+fused map without it scored on the black box) and writes ``reports/bench_sharded_eval_t2.csv``.
 
 * ``images_per_s`` = images / seconds;
 * ``efficiency`` = (seconds on one process) / (processes × seconds on this many processes): 1 is a perfect split;
@@ -14,6 +17,7 @@ after the set-up, best of ``--rounds`` rounds, run in turn.
 
 Usage:
     python benchmarks/bench_sharded_eval.py --n-images 8 --image-size 64 --nproc 1 2
+    python benchmarks/bench_sharded_eval.py --stage t2 --n-images 8 --nproc 1 2
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -58,11 +63,22 @@ def make_task(n: int, size: int, seed: int, rise_masks: int, lime_samples: int, 
             "chosen": {"weighting": "gradcam", "mode": "max", "normalize": "minmax"}}
 
 
+def _evaluate(stage: str, task: dict) -> Any:
+    """One sharded evaluation of ``task``: T3's (``t3``) or T2's (``t2``) rows; rank 0's merged rows, else ``None``."""
+    from lwcam.sharded import evaluate_t2, evaluate_t3
+
+    inputs = (task["params"], task["images"], task["targets"], task["masks"])
+    if stage == "t2":
+        return evaluate_t2(*inputs, scorer=task["scorer"], student=task["student"])
+    return evaluate_t3(*inputs, blackbox=task["blackbox"], scorer=task["scorer"], student=task["student"],
+                       teacher=task["teacher"], chosen=task["chosen"])
+
+
 def worker(args: argparse.Namespace) -> int:
     """One rank: set up, then time ``evaluate_t3`` ``--rounds`` times from a barrier; rank 0 writes the times."""
     import torch.distributed as dist
 
-    from lwcam.sharded import evaluate_t3, process_group
+    from lwcam.sharded import process_group
 
     torch.set_num_threads(1)
     with process_group() as (rank, world):
@@ -73,9 +89,7 @@ def worker(args: argparse.Namespace) -> int:
             if world > 1:
                 dist.barrier()
             t0 = time.perf_counter()
-            rows = evaluate_t3(task["params"], task["images"], task["targets"], task["masks"],
-                               blackbox=task["blackbox"], scorer=task["scorer"], student=task["student"],
-                               teacher=task["teacher"], chosen=task["chosen"])
+            rows = _evaluate(args.stage, task)
             times.append(time.perf_counter() - t0)
     if rank == 0 and rows is not None:
         Path(args.out).write_text(json.dumps({"seconds": times, "rows": len(rows.per_image)}))
@@ -84,6 +98,7 @@ def worker(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--stage", choices=["t2", "t3"], default="t3", help="what to time (T2's or T3's rows)")
     ap.add_argument("--n-images", type=int, default=8)
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--rise-masks", type=int, default=200)
@@ -94,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--context", default="", help="what else ran on the machine, for the notes")
     ap.add_argument("--out", default=None, help="(a rank's) file of times; set by the launch")
-    ap.add_argument("--csv", default=str(Path(__file__).resolve().parents[1] / "reports" / "bench_sharded_eval.csv"))
+    ap.add_argument("--csv", default=None, help="the report (default reports/bench_sharded_eval[_t2].csv)")
     args = ap.parse_args(argv)
     if args.out is not None:
         return worker(args)
@@ -107,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             launch([str(Path(__file__).resolve()), "--out", str(out), "--n-images", str(args.n_images),
                     "--image-size", str(args.image_size), "--rise-masks", str(args.rise_masks),
                     "--lime-samples", str(args.lime_samples), "--game-steps", str(args.game_steps),
-                    "--rounds", str(args.rounds), "--seed", str(args.seed)], nproc)
+                    "--rounds", str(args.rounds), "--seed", str(args.seed), "--stage", args.stage], nproc)
             seconds = min(json.loads(out.read_text())["seconds"])
             rows.append({"processes": nproc, "threads_per_process": 1, "images": args.n_images,
                          "seconds": seconds, "images_per_s": args.n_images / seconds})
@@ -116,14 +131,18 @@ def main(argv: list[str] | None = None) -> int:
     base = float(one.iloc[0]) if len(one) else float("nan")
     table["efficiency"] = base / (table["processes"] * table["seconds"])
     table["imagenet_hours"] = IMAGENET_VAL * table["seconds"] / table["images"] / 3600
-    notes = (f"{args.n_images} images of {args.image_size}x{args.image_size}, every T3 method on every image, "
-             f"{args.rise_masks} RISE masks, {args.lime_samples} LIME samples, {args.game_steps} game steps, "
+    work = (f"every T3 method on every image, {args.rise_masks} RISE masks, {args.lime_samples} LIME samples"
+            if args.stage == "t3" else "T2: every layer's map and the fused map without it")
+    notes = (f"{args.n_images} images of {args.image_size}x{args.image_size}, {work}, {args.game_steps} game steps, "
              f"best of {args.rounds} round(s), seed {args.seed}; untrained mobilenet_v2_s8 black box and regnet_x_s8 "
              f"student. `efficiency`: seconds on one process / (processes x seconds). `imagenet_hours`: "
              f"{IMAGENET_VAL} images at the measured seconds per image and these settings (ImageNet's 224 px "
              f"images and the paper's settings cost far more per image). Load average at the start "
              f"{info['load_1min']}: other work on the machine slows every column. {args.context}")
-    write_report(table, args.csv, title="T3 sharded over processes: wall time on 1 and 2 processes", notes=notes,
+    suffix = "" if args.stage == "t3" else "_t2"
+    csv = args.csv or str(Path(__file__).resolve().parents[1] / "reports" / f"bench_sharded_eval{suffix}.csv")
+    title = {"t3": "T3", "t2": "T2's per-layer games"}[args.stage]
+    write_report(table, csv, title=f"{title} sharded over processes: wall time on 1 and 2 processes", notes=notes,
                  info=info)
     return 0
 

@@ -62,6 +62,9 @@ __all__ = [
     "LWCAM_LABEL",
     "LWCAM_METHODS",
     "layer_maps_all_weightings",
+    "FUSED_LAYER",
+    "layer_rows",
+    "layer_table",
     "layer_importance",
     "layer_resolutions",
     "method_resolution",
@@ -241,6 +244,91 @@ def compare(per_image: pd.DataFrame, a: str, b: str, metric: str = "deletion_auc
             "ci_high": res.ci_high, "p_value": res.p_value, "alternative": alternative}
 
 
+#: T2's name for the fused map of every layer (its last row, at depth ``len(names)``).
+FUSED_LAYER = "fused (all layers)"
+
+
+def _nan_like(values: pd.Series) -> np.ndarray:
+    """NaNs of ``values``' dtype (a float32 AUC column stays float32 when rows are concatenated)."""
+    return np.full(len(values), np.nan, dtype=values.to_numpy().dtype)
+
+
+def layer_rows(scorer: Any, images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor | None,
+               names: Sequence[str], stack: torch.Tensor, *, mode: str = "sum", normalize: str = "minmax",
+               step: int | None = None, positions: torch.Tensor | None = None) -> pd.DataFrame:
+    """T2's per-image rows: each layer's map alone and the fused map without it, then the fused map.
+
+    One row per (layer, image), layers shallow to deep and then :data:`FUSED_LAYER`, images in order:
+    ``layer, depth, image, deletion_auc, insertion_auc[, pointing, mass], loo_deletion_auc,
+    loo_insertion_auc``. For layer ``l`` the AUCs, pointing and mass are those of its map alone and
+    ``loo_*`` those of ``fuse(stack without l)``; for the fused row they are the full fusion's and
+    ``loo_*`` is NaN. Every value depends on its own image only (maps are normalised per image), so
+    the rows of a slice of the images are the rows of the whole batch at those images.
+    ``positions`` (default ``0..B-1``) are the images' positions in the whole batch, for ``image``.
+    """
+    if stack.shape[1] != len(names):
+        raise ValueError(f"stack has {stack.shape[1]} layers but {len(names)} names were given")
+    image = np.arange(len(images)) if positions is None else torch.as_tensor(positions).numpy()
+    if len(image) != len(images):
+        raise ValueError(f"positions has {len(image)} entries for {len(images)} images")
+    full = fuse(stack, mode=mode, normalize=normalize)
+    full_df, _, _ = score_saliency(scorer, images, full, targets, masks, step=step)
+    frames = []
+    for i, name in enumerate(names):
+        alone, _, _ = score_saliency(scorer, images, stack[:, i], targets, masks, step=step)
+        keep = [j for j in range(len(names)) if j != i]
+        without = fuse(stack[:, keep], mode=mode, normalize=normalize) if keep else torch.zeros_like(full)
+        loo, _, _ = score_saliency(scorer, images, without, targets, None, step=step)
+        frames.append(alone.assign(loo_deletion_auc=loo["deletion_auc"], loo_insertion_auc=loo["insertion_auc"]))
+        frames[-1].insert(0, "image", image)
+        frames[-1].insert(0, "depth", i)
+        frames[-1].insert(0, "layer", name)
+    fused = full_df.assign(loo_deletion_auc=_nan_like(full_df["deletion_auc"]),
+                           loo_insertion_auc=_nan_like(full_df["insertion_auc"]))
+    fused.insert(0, "image", image)
+    fused.insert(0, "depth", len(names))
+    fused.insert(0, "layer", FUSED_LAYER)
+    return pd.concat([*frames, fused], ignore_index=True)
+
+
+def layer_table(rows: pd.DataFrame, *, resolutions: Mapping[str, Any] | None = None, seed: int = 0) -> pd.DataFrame:
+    """T2 from :func:`layer_rows`' per-image rows (of every image, in that order): one row per layer, then fused.
+
+    Per layer the means of its map's AUCs (and pointing and mass, where the rows hold them); the
+    leave-one-out effect ``loo_deletion_delta = mean(AUC_del(fused without l) − AUC_del(fused))``
+    (positive: the layer helps), its paired two-sided Wilcoxon p-value (``seed`` for the bootstrap), and
+    ``loo_insertion_delta = mean(AUC_ins(fused) − AUC_ins(fused without l))``.
+    """
+    _check_columns(rows, ["layer", "depth", "image", "deletion_auc", "insertion_auc", "loo_deletion_auc",
+                          "loo_insertion_auc"], "rows")
+    full = rows[rows["layer"] == FUSED_LAYER]
+    if full.empty:
+        raise ValueError(f"rows: no {FUSED_LAYER!r} row; pass the rows of layer_rows()")
+    with_masks = "pointing" in rows
+    out = []
+    for key, alone in rows[rows["layer"] != FUSED_LAYER].groupby("layer", sort=False):
+        name = str(key)
+        if not np.array_equal(alone["image"].to_numpy(), full["image"].to_numpy()):
+            raise ValueError(f"rows: layer {name!r} holds other images than {FUSED_LAYER!r}")
+        loo_del, full_del = alone["loo_deletion_auc"].to_numpy(), full["deletion_auc"].to_numpy()
+        d_ins = full["insertion_auc"].to_numpy() - alone["loo_insertion_auc"].to_numpy()
+        row = {"layer": name, "depth": int(alone["depth"].iloc[0]),
+               "resolution": "x".join(map(str, resolutions[name])) if resolutions else "",
+               "deletion_auc": alone["deletion_auc"].mean(), "insertion_auc": alone["insertion_auc"].mean()}
+        if with_masks:
+            row["pointing"], row["mass"] = alone["pointing"].mean(), alone["mass"].mean()
+        row.update({"loo_deletion_delta": float((loo_del - full_del).mean()),
+                    "loo_deletion_p": paired_test(loo_del, full_del, seed=seed).p_value,
+                    "loo_insertion_delta": float(d_ins.mean())})
+        out.append(row)
+    fused_row = {"layer": FUSED_LAYER, "depth": int(full["depth"].iloc[0]), "resolution": "",
+                 "deletion_auc": full["deletion_auc"].mean(), "insertion_auc": full["insertion_auc"].mean()}
+    if with_masks:
+        fused_row["pointing"], fused_row["mass"] = full["pointing"].mean(), full["mass"].mean()
+    out.append(fused_row)
+    return pd.DataFrame(out)
+
+
 def layer_importance(scorer: Any, images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor | None,
                      names: Sequence[str], stack: torch.Tensor, *, resolutions: Mapping[str, Any] | None = None,
                      mode: str = "sum", normalize: str = "minmax", step: int | None = None,
@@ -252,35 +340,10 @@ def layer_importance(scorer: Any, images: torch.Tensor, targets: torch.Tensor, m
     ``loo_deletion_delta = AUC_del(fused without l) − AUC_del(fused)`` (positive: the fused map
     deletes worse without the layer, so the layer helps), with a paired two-sided Wilcoxon p-value.
     Insertion likewise, with the sign flipped so that positive again means the layer helps.
+    It is :func:`layer_table` of :func:`layer_rows` (which :mod:`lwcam.sharded` splits over processes).
     """
-    if stack.shape[1] != len(names):
-        raise ValueError(f"stack has {stack.shape[1]} layers but {len(names)} names were given")
-    full = fuse(stack, mode=mode, normalize=normalize)
-    full_df, _, _ = score_saliency(scorer, images, full, targets, masks, step=step)
-    rows = []
-    for i, name in enumerate(names):
-        alone, _, _ = score_saliency(scorer, images, stack[:, i], targets, masks, step=step)
-        keep = [j for j in range(len(names)) if j != i]
-        without = fuse(stack[:, keep], mode=mode, normalize=normalize) if keep else torch.zeros_like(full)
-        loo, _, _ = score_saliency(scorer, images, without, targets, None, step=step)
-        d_del = loo["deletion_auc"].to_numpy() - full_df["deletion_auc"].to_numpy()
-        d_ins = full_df["insertion_auc"].to_numpy() - loo["insertion_auc"].to_numpy()
-        p_del = paired_test(loo["deletion_auc"].to_numpy(), full_df["deletion_auc"].to_numpy(), seed=seed).p_value
-        row = {"layer": name, "depth": i, "resolution": "x".join(map(str, resolutions[name])) if resolutions else "",
-               "deletion_auc": alone["deletion_auc"].mean(), "insertion_auc": alone["insertion_auc"].mean()}
-        if masks is not None:
-            row["pointing"] = alone["pointing"].mean()
-            row["mass"] = alone["mass"].mean()
-        row.update({"loo_deletion_delta": float(d_del.mean()), "loo_deletion_p": p_del,
-                    "loo_insertion_delta": float(d_ins.mean())})
-        rows.append(row)
-    fused_row = {"layer": "fused (all layers)", "depth": len(names), "resolution": "",
-                 "deletion_auc": full_df["deletion_auc"].mean(), "insertion_auc": full_df["insertion_auc"].mean()}
-    if masks is not None:
-        fused_row["pointing"] = full_df["pointing"].mean()
-        fused_row["mass"] = full_df["mass"].mean()
-    rows.append(fused_row)
-    return pd.DataFrame(rows)
+    rows = layer_rows(scorer, images, targets, masks, names, stack, mode=mode, normalize=normalize, step=step)
+    return layer_table(rows, resolutions=resolutions, seed=seed)
 
 
 #: Methods whose saliency is one layer map of a white-box model (the student's, or the teacher's for

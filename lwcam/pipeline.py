@@ -13,6 +13,7 @@ Command line::
     python -m lwcam.pipeline run --profile default      # every notebook, every figure and table
     python -m lwcam.pipeline run --profile quick --only 01_distill
     python -m lwcam.pipeline evaluate --profile quick --nproc 2   # T3's rows and tables, over 2 processes
+    python -m lwcam.pipeline evaluate --profile quick --nproc 2 --stage t2   # T2's (all: T2, then T3)
 """
 
 from __future__ import annotations
@@ -900,45 +901,61 @@ def run(profile: str = "default", only: list[str] | None = None, root: str | os.
 
 
 def evaluate(profile: str = "default", nproc: int = 1, root: str | os.PathLike | None = None,
-             timeout_s: float = 1800.0) -> list[Path]:
-    """T3's per-image rows, ``T3_methods`` and ``T3_claim`` for ``profile``, with the explanations and games
-    sharded over ``nproc`` processes on this machine (:mod:`lwcam.sharded`); returns the files written.
+             timeout_s: float = 1800.0, stage: str = "t3") -> list[Path]:
+    """A stage's per-image rows and tables for ``profile``, sharded over ``nproc`` processes on this machine
+    (:mod:`lwcam.sharded`); returns the files written.
 
-    The same rows as notebook 04 (which also draws the figures). The teacher, the student and the fusion
-    selected on ``val`` are made (or read from the run folder) here first, then the processes start;
-    ``timeout_s`` bounds each collective. A failed process raises :class:`lwcam.sharded.ShardedRunError`.
+    ``stage``: ``t3`` (the default) T3's explanations and games, ``per_image_methods.csv``, ``T3_methods`` and
+    ``T3_claim``, the rows notebook 04 makes; ``t2`` T2's per-layer games, ``per_image_layers.csv`` and
+    ``T2_layers``, those of notebook 03; ``all`` both, T2 first, in one launch. The notebooks also draw the
+    figures. The teacher, the student and the fusion selected on ``val`` are made (or read from the run
+    folder) here first, then the processes start; ``timeout_s`` bounds each collective. A failed process
+    raises :class:`lwcam.sharded.ShardedRunError`.
     """
     from . import sharded  # here: sharded imports this module
 
     base = project_root(root)
-    sharded.check_nproc(nproc, load_profile(profile, base).n_eval)
+    names = sharded.stage_names(stage)
+    params = load_profile(profile, base)
+    for name in names:
+        sharded.check_nproc(nproc, sharded.stage_images(params, name)[0])
     if nproc == 1:
-        return sharded.run_worker(profile, str(base), timeout_s)
-    inputs = sharded.prepare_t3(profile, base)
-    sharded.launch(["-m", "lwcam.sharded", "--profile", profile, "--root", str(base), "--timeout", str(timeout_s)],
-                   nproc)
-    return [inputs.paths.run / "per_image_methods.csv",
-            *(inputs.paths.reports / f"{t}.{ext}" for t in ("T3_methods", "T3_claim") for ext in ("csv", "md"))]
+        return sharded.run_worker(profile, str(base), timeout_s, stage)
+    prepare: dict[str, Any] = {"t2": sharded.prepare_t2, "t3": sharded.prepare_t3}
+    outputs = [path for name in names for path in sharded.stage_outputs(prepare[name](profile, base).paths, name)]
+    sharded.launch(["-m", "lwcam.sharded", "--profile", profile, "--root", str(base), "--timeout", str(timeout_s),
+                    "--stage", stage], nproc)
+    return outputs
+
+
+def _check_evaluate_nproc(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``parser.error`` naming ``--nproc`` when it is not a process count every stage of ``--stage`` can shard."""
+    from .sharded import check_nproc, stage_images, stage_names
+
+    params = load_profile(args.profile)
+    for name in stage_names(args.stage):
+        n_images, key = stage_images(params, name)
+        try:
+            check_nproc(args.nproc, n_images)
+        except (TypeError, ValueError) as err:
+            parser.error(f"argument --nproc: {err} (profile {args.profile}, stage {name}: {key}={n_images} images)")
 
 
 def _evaluate_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """``evaluate``: the arguments checked (an error names ``--nproc``), then :func:`evaluate`."""
-    from .sharded import ShardedRunError, check_nproc
+    from .sharded import ShardedRunError
 
-    n_images = load_profile(args.profile).n_eval
-    try:
-        check_nproc(args.nproc, n_images)
-    except (TypeError, ValueError) as err:
-        parser.error(f"argument --nproc: {err} (profile {args.profile} evaluates n_eval={n_images} images)")
+    _check_evaluate_nproc(parser, args)
     t0 = time.perf_counter()
     try:
-        written = evaluate(args.profile, args.nproc, timeout_s=args.timeout)
+        written = evaluate(args.profile, args.nproc, timeout_s=args.timeout, stage=args.stage)
     except ShardedRunError as err:
         print(f"[lwcam] evaluate failed: {err}", file=sys.stderr, flush=True)
         return 1
     for path in written if args.nproc == 1 else []:  # rank 0 names them itself
         print(f"[lwcam] {path}", flush=True)
-    print(f"[lwcam] profile {args.profile}: T3 over {args.nproc} processes in {time.perf_counter() - t0:.0f} s",
+    what = {"t2": "T2", "t3": "T3", "all": "T2 and T3"}[args.stage]
+    print(f"[lwcam] profile {args.profile}: {what} over {args.nproc} processes in {time.perf_counter() - t0:.0f} s",
           flush=True)
     return 0
 
@@ -950,9 +967,12 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--profile", default="default")
     p_run.add_argument("--only", nargs="*", default=None, help="notebook names, e.g. 01_distill")
     p_run.add_argument("--log-output", action="store_true", help="stream the notebooks' output")
-    p_eval = sub.add_parser("evaluate", help="T3's explanations and games, sharded over processes")
+    p_eval = sub.add_parser("evaluate", help="T2's or T3's rows and tables, sharded over processes")
     p_eval.add_argument("--profile", default="default")
-    p_eval.add_argument("--nproc", type=int, default=1, help="processes on this machine (at most n_eval)")
+    p_eval.add_argument("--stage", default="t3", choices=["t2", "t3", "all"],
+                        help="t2: per-layer games (T2); t3: explanations and games (T3, the default); all: both")
+    p_eval.add_argument("--nproc", type=int, default=1,
+                        help="processes on this machine (at most the stage's images: n_layer_eval, n_eval)")
     p_eval.add_argument("--timeout", type=float, default=1800.0, help="seconds a process waits for the others")
     args = parser.parse_args(argv)
     if args.cmd == "evaluate":

@@ -1,13 +1,27 @@
-"""T3's explanations and games sharded over the processes of a ``torch.distributed`` group.
+"""T2's per-layer games and T3's explanations and games sharded over the processes of a ``torch.distributed`` group.
 
-Each rank takes a contiguous slice of the evaluation images (:func:`shard_positions`: rank ``r`` of ``W``
-gets ``torch.tensor_split(arange(n), W)[r]``), explains it with every T3 method that explains those
-images (:func:`lwcam.pipeline.t3_limits`), scores the maps on the black box and returns its per-image
-rows (:class:`ShardRows`). Rank 0 gathers them with ``torch.distributed.gather_object`` and puts them
-back in the order one process writes them (method by method in :data:`~lwcam.pipeline.T3_METHODS`
-order, images ascending); only then does it write a table, so a run that loses a rank writes none.
+Each rank takes a contiguous slice of a stage's images (:func:`shard_positions`: rank ``r`` of ``W`` gets
+``torch.tensor_split(arange(n), W)[r]``), computes their per-image rows and hands them to rank 0
+(:func:`gather_to_rank0`, ``torch.distributed.gather_object``), which puts them back in the order one
+process writes them (:func:`ordered_rows`) and only then writes a table, so a run that loses a rank
+writes none.
 
-The rows are those of one process: every map depends on its own image only. RISE's masks and LIME's
+* **T2** (``--stage t2``, notebook 03's rows): the student's Grad-CAM per layer of the first
+  ``n_layer_eval`` test images, each layer's map and the fused map without it scored on the black box
+  (:func:`lwcam.evaluation.layer_rows`); rows layer by layer, shallow to deep, then the fused map, images
+  ascending; ``T2_layers`` is :func:`lwcam.evaluation.layer_table` of them, as notebook 03 writes it.
+  Every map is normalised per image, and the Wilcoxon p-values take the profile's seed over the
+  gathered rows, so the rows and table are those of one process.
+* **T3** (``--stage t3``, the default; notebook 04's rows): every T3 method that explains those images
+  (:func:`lwcam.pipeline.t3_limits`), the maps scored on the black box (:class:`ShardRows`); rows method
+  by method in :data:`~lwcam.pipeline.T3_METHODS` order, images ascending.
+
+T4 (the scorecard) is not sharded: its ROAD imputation noise and its max-sensitivity noise are drawn
+from one generator per call, scene after scene, and its random map once per chunk of scenes, so a
+scene's values depend on the scenes before it in the call (:func:`lwcam.measures.road`,
+:func:`lwcam.measures.max_sensitivity`, :func:`lwcam.baselines.simple.random_saliency`).
+
+T3's rows are those of one process: every map depends on its own image only. RISE's masks and LIME's
 samples come from the profile's seed, shared by every image, never from the rank; the random maps,
 drawn per chunk of :data:`~lwcam.pipeline.T3_CHUNK` images of the whole batch, are drawn by each rank
 for the chunks its images lie in, whole, and cut to its images. What may differ is the floating-point
@@ -26,9 +40,9 @@ this machine (127.0.0.1, a free port, no restart); a rank that fails ends the ru
 
 Command line::
 
-    python -m lwcam.pipeline evaluate --profile quick --nproc 2      # one machine
+    python -m lwcam.pipeline evaluate --profile quick --nproc 2      # one machine (--stage t2|t3|all)
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_id=lwcam --rdzv_backend=c10d \\
-        --rdzv_endpoint=HOST_OF_NODE0:29500 -m lwcam.sharded --profile default   # on each node
+        --rdzv_endpoint=HOST_OF_NODE0:29500 -m lwcam.sharded --profile default --stage all   # on each node
 """
 
 from __future__ import annotations
@@ -43,7 +57,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pandas as pd
 import torch
@@ -69,9 +83,13 @@ from .pipeline import (
 )
 from .profiles import as_profile
 
-__all__ = ["DEFAULT_TIMEOUT_S", "ShardedRunError", "ShardRows", "T3Inputs", "check_nproc", "shard_positions",
-           "explain_shard", "t3_shard", "merge_shards", "evaluate_t3", "process_group", "prepare_t3",
-           "t3_tables", "write_t3", "launch", "main"]
+__all__ = ["DEFAULT_TIMEOUT_S", "STAGES", "ShardedRunError", "ShardRows", "T3Inputs", "LayerRows", "T2Inputs",
+           "check_nproc", "shard_positions", "ordered_rows", "gather_to_rank0", "explain_shard", "t3_shard",
+           "merge_shards", "evaluate_t3", "process_group", "prepare_t3", "t3_tables", "write_t3", "t2_shard",
+           "merge_layer_shards", "evaluate_t2", "t2_images", "prepare_t2", "write_t2", "stage_names",
+           "stage_images", "stage_outputs", "run_worker", "launch", "main"]
+
+T = TypeVar("T")
 
 #: Seconds a collective (a gather, a barrier) may wait for the other ranks before it fails.
 DEFAULT_TIMEOUT_S = 1800.0
@@ -194,25 +212,62 @@ def t3_shard(params: Mapping[str, Any], images: torch.Tensor, targets: torch.Ten
     return ShardRows(per_image=per_image, costs=costs)
 
 
+def ordered_rows(frames: Sequence[pd.DataFrame], by: str, order: Sequence[Any]) -> pd.DataFrame:
+    """The ranks' per-image rows (``frames`` in rank order) in one process's order: the rows of each value of
+    column ``by`` in ``order`` (values no frame holds are skipped), each value's ``image`` ascending.
+
+    Raises ``ValueError`` when an image comes twice or out of order within a value (frames that are not the
+    contiguous slices of :func:`shard_positions`, in rank order) or a frame holds a value outside ``order``.
+
+    >>> a = pd.DataFrame({"m": ["x", "y"], "image": [0, 0]}); b = pd.DataFrame({"m": ["x", "y"], "image": [1, 1]})
+    >>> ordered_rows([a, b], "m", ["x", "y"]).values.tolist()
+    [['x', 0], ['x', 1], ['y', 0], ['y', 1]]
+    """
+    unknown = {v for f in frames for v in f[by].unique()} - set(order)
+    if unknown:
+        raise ValueError(f"the shards' rows hold {by} {sorted(map(str, unknown))} outside {list(order)}")
+    parts = []
+    for value in order:
+        mine = [part for f in frames if not (part := f[f[by] == value]).empty]
+        if not mine:
+            continue
+        rows = pd.concat(mine, ignore_index=True)
+        if not rows["image"].is_monotonic_increasing or not rows["image"].is_unique:
+            raise ValueError(f"the shards' rows of {value!r} repeat an image or are out of order; pass the "
+                             f"ranks' rows in rank order")
+        parts.append(rows)
+    if not parts:
+        raise ValueError("the shards hold no row")
+    return pd.concat(parts, ignore_index=True)
+
+
 def merge_shards(shards: Sequence[ShardRows]) -> ShardRows:
     """The ranks' rows (in rank order) as one process writes them: by method in T3 order, images ascending.
 
     Raises ``ValueError`` when an image comes twice or out of order (shards that are not the contiguous
     slices of :func:`shard_positions`, in rank order).
     """
-    frames, costs = [], {}
+    per_image = ordered_rows([s.per_image for s in shards], "method", T3_METHODS)
+    costs = {}
     for name in T3_METHODS:
-        parts = [s.per_image[s.per_image["method"] == name] for s in shards if name in s.costs]
-        if not parts:
-            continue
-        rows = pd.concat(parts, ignore_index=True)
-        if not rows["image"].is_monotonic_increasing or not rows["image"].is_unique:
-            raise ValueError(f"the shards' rows of {name!r} repeat an image or are out of order; pass the "
-                             f"ranks' rows in rank order")
-        frames.append(rows)
-        seconds, queries, n = zip(*(s.costs[name] for s in shards if name in s.costs), strict=True)
-        costs[name] = (float(sum(seconds)), float(sum(queries)), int(sum(n)))
-    return ShardRows(per_image=pd.concat(frames, ignore_index=True), costs=costs)
+        spent = [s.costs[name] for s in shards if name in s.costs]
+        if spent:
+            seconds, queries, n = zip(*spent, strict=True)
+            costs[name] = (float(sum(seconds)), float(sum(queries)), int(sum(n)))
+    return ShardRows(per_image=per_image, costs=costs)
+
+
+def gather_to_rank0(mine: T) -> list[T] | None:
+    """Every rank's ``mine`` on rank 0, in rank order (``gather_object``); ``None`` on the other ranks.
+
+    Without a process group (one process) the list is ``[mine]``. Every rank must call it.
+    """
+    rank, world = _world()
+    if world == 1:
+        return [mine]
+    gathered: list[Any] | None = [None] * world if rank == 0 else None
+    dist.gather_object(mine, gathered, dst=0)
+    return gathered
 
 
 def _world() -> tuple[int, int]:
@@ -233,10 +288,7 @@ def evaluate_t3(params: Mapping[str, Any], images: torch.Tensor, targets: torch.
     rank, world = _world()
     mine = t3_shard(params, images, targets, masks, shard_positions(len(images), rank, world), blackbox=blackbox,
                     scorer=scorer, student=student, teacher=teacher, chosen=chosen)
-    if world == 1:
-        return merge_shards([mine])
-    gathered: list[Any] | None = [None] * world if rank == 0 else None
-    dist.gather_object(mine, gathered, dst=0)
+    gathered = gather_to_rank0(mine)
     return merge_shards(gathered) if gathered is not None else None
 
 
@@ -334,25 +386,178 @@ def write_t3(rows: ShardRows, inputs: T3Inputs) -> list[Path]:
     return [per_image_path, *save_table(t3, "T3_methods", inputs.paths), *save_table(claims, "T3_claim", inputs.paths)]
 
 
-def _inputs_rank0_first(profile: str, root: str | None, rank: int, world: int) -> T3Inputs:
-    """:func:`prepare_t3` on rank 0 first (it may train, distil or select and cache), then on the other ranks."""
-    inputs = prepare_t3(profile, root) if rank == 0 else None
+# --------------------------------------------------------------------------- T2: the per-layer games
+@dataclass
+class LayerRows:
+    """Per-image T2 rows (:func:`lwcam.evaluation.layer_rows`) of some images, with the layers' names and
+    native resolutions (shallow to deep)."""
+
+    per_image: pd.DataFrame
+    names: list[str]
+    resolutions: dict[str, tuple[int, int]]
+
+
+def t2_shard(params: Mapping[str, Any], images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor,
+             positions: torch.Tensor, *, scorer: Any, student: torch.nn.Module) -> LayerRows:
+    """The per-image T2 rows of the images at ``positions``: the student's Grad-CAM per layer
+    (:func:`lwcam.evaluation.layer_maps_batched`), each layer and the fused maps scored on ``scorer``."""
+    from .evaluation import layer_maps_batched, layer_rows  # here: evaluation imports the baselines
+
+    p = as_profile(params)
+    positions = torch.as_tensor(positions, dtype=torch.long)
+    x, t, m = images[positions], targets[positions], masks[positions]
+    names, stack, resolutions = layer_maps_batched(student, x, t)
+    rows = layer_rows(scorer, x, t, m, names, stack, step=p.game_step(), positions=positions)
+    return LayerRows(per_image=rows, names=list(names), resolutions=dict(resolutions))
+
+
+def merge_layer_shards(shards: Sequence[LayerRows]) -> LayerRows:
+    """The ranks' T2 rows (in rank order) as one process writes them: layer by layer, shallow to deep, then the
+    fused map, images ascending. ``ValueError`` when the ranks saw other layers."""
+    from .evaluation import FUSED_LAYER
+
+    first = shards[0]
+    for r, shard in enumerate(shards):
+        if shard.names != first.names:
+            raise ValueError(f"rank {r} explained layers {shard.names}, rank 0 {first.names}")
+    per_image = ordered_rows([s.per_image for s in shards], "layer", [*first.names, FUSED_LAYER])
+    return LayerRows(per_image=per_image, names=list(first.names), resolutions=dict(first.resolutions))
+
+
+def evaluate_t2(params: Mapping[str, Any], images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor, *,
+                scorer: Any, student: torch.nn.Module) -> LayerRows | None:
+    """T2's per-image rows of ``images``, sharded over the default process group (one process without one).
+
+    Every rank passes the same arguments and scores its slice (:func:`shard_positions`); rank 0 returns
+    the merged rows of every image (:func:`merge_layer_shards`), the other ranks ``None``.
+    """
+    rank, world = _world()
+    mine = t2_shard(params, images, targets, masks, shard_positions(len(images), rank, world), scorer=scorer,
+                    student=student)
+    gathered = gather_to_rank0(mine)
+    return merge_layer_shards(gathered) if gathered is not None else None
+
+
+@dataclass
+class T2Inputs:
+    """What notebook 03 scores: the profile, its run folder, the student, the black box's probabilities and
+    the first ``n_layer_eval`` test images with the black box's labels."""
+
+    params: Any
+    paths: RunPaths
+    student: torch.nn.Module
+    scorer: Any
+    images: torch.Tensor
+    targets: torch.Tensor
+    masks: torch.Tensor
+
+
+def t2_images(params: Mapping[str, Any]) -> int:
+    """How many images T2 scores: ``n_layer_eval``, at most the profile's test images (as notebook 03 takes them)."""
+    p = as_profile(params)
+    n_test = p.split_size("test")
+    return p.n_layer_eval if n_test is None else min(p.n_layer_eval, n_test)
+
+
+def prepare_t2(profile: str, root: str | os.PathLike | None = None) -> T2Inputs:
+    """Notebook 03's inputs for ``profile``: the student (the teacher trained and the student distilled first
+    if missing), the black box's probabilities without answer cache and the first test images."""
+    p = load_profile(profile, root)
+    paths = RunPaths.for_profile(profile, root)
+    teacher, _ = get_teacher(p, paths, progress=False)
+    student, _ = get_student(p, paths, teacher, progress=False)
+    scorer = make_blackbox(teacher, p, paths, cache=False, output="probs")
+    test_x, _, test_m = load_split(p, "test", paths)
+    n = min(t2_images(p), len(test_x))
+    images, masks = test_x[:n], test_m[:n]
+    return T2Inputs(params=p, paths=paths, student=student, scorer=scorer, images=images,
+                    targets=blackbox_labels(scorer, images), masks=masks)
+
+
+def write_t2(rows: LayerRows, inputs: T2Inputs) -> list[Path]:
+    """Write the per-image rows (``per_image_layers.csv`` in the run folder) and ``T2_layers``, as notebook 03
+    writes T2 (:func:`lwcam.evaluation.layer_table`); every file atomically, and only from complete rows."""
+    from .evaluation import layer_table
+
+    t2 = layer_table(rows.per_image, resolutions=rows.resolutions, seed=inputs.params.seed)
+    per_image_path = inputs.paths.run / "per_image_layers.csv"
+    atomic_write_bytes(rows.per_image.to_csv(index=False).encode(), per_image_path)
+    return [per_image_path, *save_table(t2, "T2_layers", inputs.paths)]
+
+
+# --------------------------------------------------------------------------- stages and workers
+#: The stages ``evaluate --stage`` shards, in the order ``all`` runs them.
+STAGES = ("t2", "t3")
+
+
+def stage_names(which: str) -> tuple[str, ...]:
+    """The stages of ``--stage which``: one of :data:`STAGES`, or ``all`` for every one in order.
+
+    >>> stage_names("all"), stage_names("t2")
+    (('t2', 't3'), ('t2',))
+    """
+    if which == "all":
+        return STAGES
+    if which not in STAGES:
+        raise ValueError(f"stage must be one of {(*STAGES, 'all')}, got {which!r}")
+    return (which,)
+
+
+def stage_images(params: Mapping[str, Any], which: str) -> tuple[int, str]:
+    """How many images a stage shards, and the profile key that says so (``n_layer_eval`` or ``n_eval``)."""
+    p = as_profile(params)
+    if stage_names(which) == ("t2",):
+        return t2_images(p), "n_layer_eval"
+    return p.n_eval, "n_eval"
+
+
+def stage_outputs(paths: RunPaths, which: str) -> list[Path]:
+    """The files a stage writes: its per-image rows in the run folder and its tables (``.csv`` and ``.md``)."""
+    rows, tables = {"t2": ("per_image_layers.csv", ("T2_layers",)),
+                    "t3": ("per_image_methods.csv", ("T3_methods", "T3_claim"))}[which]
+    return [paths.run / rows, *(paths.reports / f"{t}.{ext}" for t in tables for ext in ("csv", "md"))]
+
+
+def _rank0_first(prepare: Any, profile: str, root: str | None, rank: int, world: int) -> Any:
+    """``prepare(profile, root)`` on rank 0 first (it may train, distil or select and cache), then on the others."""
+    inputs = prepare(profile, root) if rank == 0 else None
     if world > 1:
         dist.barrier()
-    return inputs if inputs is not None else prepare_t3(profile, root)
+    return inputs if inputs is not None else prepare(profile, root)
 
 
-def run_worker(profile: str, root: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[Path]:
-    """One rank of a sharded T3 run of ``profile`` (alone: the whole run); rank 0 returns the files it wrote."""
+def _run_t2(profile: str, root: str | None, rank: int, world: int) -> list[Path]:
+    """One rank's share of T2; rank 0 writes the rows and ``T2_layers``."""
+    inputs = _rank0_first(prepare_t2, profile, root, rank, world)
+    check_nproc(world, len(inputs.images), name="world size")
+    with stage(f"T2 sharded over {world} processes: per-layer games", inputs.paths if rank == 0 else None):
+        rows = evaluate_t2(inputs.params, inputs.images, inputs.targets, inputs.masks, scorer=inputs.scorer,
+                           student=inputs.student)
+    return write_t2(rows, inputs) if rows is not None else []
+
+
+def _run_t3(profile: str, root: str | None, rank: int, world: int) -> list[Path]:
+    """One rank's share of T3; rank 0 writes the rows, ``T3_methods`` and ``T3_claim``."""
+    inputs = _rank0_first(prepare_t3, profile, root, rank, world)
+    check_nproc(world, len(inputs.images), name="world size")
+    label = f"T3 sharded over {world} processes: explanations and games"
+    with stage(label, inputs.paths if rank == 0 else None):
+        rows = evaluate_t3(inputs.params, inputs.images, inputs.targets, inputs.masks, blackbox=inputs.blackbox,
+                           scorer=inputs.scorer, student=inputs.student, teacher=inputs.teacher,
+                           chosen=inputs.chosen)
+    return write_t3(rows, inputs) if rows is not None else []
+
+
+def run_worker(profile: str, root: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+               which: str = "t3") -> list[Path]:
+    """One rank of a sharded run of ``profile``'s stage ``which`` (``t2``, ``t3`` or ``all``; alone: the whole
+    run); rank 0 returns the files it wrote. Under ``all`` the stages run in :data:`STAGES` order in one group."""
+    runners = {"t2": _run_t2, "t3": _run_t3}
     with process_group(timeout_s) as (rank, world):
-        inputs = _inputs_rank0_first(profile, root, rank, world)
-        check_nproc(world, len(inputs.images), name="world size")
-        label = f"T3 sharded over {world} processes: explanations and games"
-        with stage(label, inputs.paths if rank == 0 else None):
-            rows = evaluate_t3(inputs.params, inputs.images, inputs.targets, inputs.masks, blackbox=inputs.blackbox,
-                               scorer=inputs.scorer, student=inputs.student, teacher=inputs.teacher,
-                               chosen=inputs.chosen)
-        return write_t3(rows, inputs) if rows is not None else []
+        written: list[Path] = []
+        for name in stage_names(which):
+            written += runners[name](profile, root, rank, world)
+        return written
 
 
 def _free_port(host: str = "127.0.0.1") -> int:
@@ -421,8 +626,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default=None, help="the project root (default: found from here)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
                         help="seconds a collective waits for the other ranks")
+    parser.add_argument("--stage", default="t3", choices=[*STAGES, "all"],
+                        help="t2 (per-layer games), t3 (explanations and games) or all (t2, then t3)")
     args = parser.parse_args(argv)
-    written = record(run_worker)(args.profile, args.root, args.timeout)
+    written = record(run_worker)(args.profile, args.root, args.timeout, args.stage)
     for path in written or []:
         print(f"[lwcam] {path}", flush=True)
     return 0

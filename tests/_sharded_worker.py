@@ -1,12 +1,13 @@
-"""A tiny T3 evaluation for the tests, and a script that runs it sharded (see lwcam.sharded).
+"""A tiny T2 and T3 evaluation for the tests, and a script that runs it sharded (see lwcam.sharded).
 
 The task: ``--num-images`` 32×32 noise images with a box mask each, an untrained ``mobilenet_v2_s8``
 black box and an untrained ``regnet_x_s8`` student (random weights from fixed seeds, BatchNorm made
 non-trivial), every T3 method at small settings (16 RISE masks, 12 LIME samples, 8 game steps).
 
 Run as a script under ``torchrun`` (or alone, as one process), it writes rank 0's merged rows to
-``--out``/``rows.csv`` and their costs to ``costs.json``. ``--die-rank R --die-after K`` makes rank R
-exit with code 17 at its K-th black-box forward pass (mid-run). ``--launch N`` starts the script in N
+``--out``/``rows.csv`` and their costs to ``costs.json`` (``--stage t3``, the default), or T2's per-layer
+rows to ``rows.csv`` and the layers' names to ``layers.json`` (``--stage t2``). ``--die-rank R --die-after K``
+makes rank R exit with code 17 at its K-th black-box forward pass (mid-run). ``--launch N`` starts the script in N
 processes with :func:`lwcam.sharded.launch` instead, and exits with 3 (the error on stderr) when a rank fails.
 """
 
@@ -71,18 +72,25 @@ def _die_at(teacher: torch.nn.Module, calls: int) -> None:
 
 def work(args: argparse.Namespace) -> int:
     from lwcam._utils import atomic_write_bytes
-    from lwcam.sharded import evaluate_t3, process_group
+    from lwcam.sharded import evaluate_t2, evaluate_t3, process_group
 
     torch.set_num_threads(1)
     with process_group(timeout_s=args.timeout) as (rank, _world):
         task = make_task(args.num_images)
         if rank == args.die_rank:
             _die_at(task["teacher"], args.die_after)
-        rows = evaluate_t3(task.pop("params"), task.pop("images"), task.pop("targets"), task.pop("masks"), **task)
+        inputs = [task.pop(k) for k in ("params", "images", "targets", "masks")]
+        if args.stage == "t2":
+            rows: Any = evaluate_t2(*inputs, scorer=task["scorer"], student=task["student"])
+        else:
+            rows = evaluate_t3(*inputs, **task)
     if rows is not None:
         out = Path(args.out)
         atomic_write_bytes(rows.per_image.to_csv(index=False, float_format="%.17g").encode(), out / "rows.csv")
-        atomic_write_bytes(json.dumps({k: list(v) for k, v in rows.costs.items()}).encode(), out / "costs.json")
+        extra = ({"layers.json": rows.names} if args.stage == "t2"
+                 else {"costs.json": {k: list(v) for k, v in rows.costs.items()}})
+        for name, value in extra.items():
+            atomic_write_bytes(json.dumps(value).encode(), out / name)
     return 0
 
 
@@ -93,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--die-rank", type=int, default=-1)
     ap.add_argument("--die-after", type=int, default=20)
     ap.add_argument("--timeout", type=float, default=60.0)
+    ap.add_argument("--stage", choices=["t2", "t3"], default="t3")
     ap.add_argument("--launch", type=int, default=0, help="start the script in this many processes")
     args = ap.parse_args(argv)
     if not args.launch:
@@ -102,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     from lwcam.sharded import ShardedRunError, launch
 
     forward = ["--out", args.out, "--num-images", str(args.num_images), "--die-rank", str(args.die_rank),
-               "--die-after", str(args.die_after), "--timeout", str(args.timeout)]
+               "--die-after", str(args.die_after), "--timeout", str(args.timeout), "--stage", args.stage]
     try:
         launch([str(Path(__file__).resolve()), *forward], args.launch)
     except ShardedRunError as err:

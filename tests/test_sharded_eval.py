@@ -1,4 +1,5 @@
-"""T3's explanations and games sharded over processes (lwcam.sharded): the rows of one process, in its order.
+"""T2's per-layer games and T3's explanations and games sharded over processes (lwcam.sharded): the rows of
+one process, in its order.
 
 The task is tests/_sharded_worker.py's: six 32×32 images, untrained small-input models, every T3 method.
 """
@@ -18,8 +19,27 @@ import pytest
 import torch
 
 from lwcam import pipeline
-from lwcam.evaluation import score_methods, summarize
-from lwcam.sharded import T3Inputs, check_nproc, evaluate_t3, shard_positions, t3_tables
+from lwcam.evaluation import (
+    FUSED_LAYER,
+    fuse,
+    layer_importance,
+    layer_maps_batched,
+    layer_table,
+    score_methods,
+    score_saliency,
+    summarize,
+)
+from lwcam.sharded import (
+    T3Inputs,
+    check_nproc,
+    evaluate_t2,
+    evaluate_t3,
+    merge_layer_shards,
+    ordered_rows,
+    shard_positions,
+    t2_shard,
+    t3_tables,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _sharded_worker import make_task  # noqa: E402
@@ -79,6 +99,35 @@ def test_cli_refuses_a_bad_nproc_before_any_work(value, words, capsys, monkeypat
     assert "--nproc" in err and words in err
 
 
+@pytest.mark.parametrize("stage, value, words", [("t2", "9", "nproc=9 processes for 8 images"),
+                                                 ("all", "9", "stage t2: n_layer_eval=8 images"),
+                                                 ("t2", "0", "must be at least 1")])
+def test_cli_checks_nproc_against_the_stages_images(stage, value, words, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as stop:
+        pipeline.main(["evaluate", "--profile", "quick", "--stage", stage, "--nproc", value])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "--nproc" in err and words in err
+
+
+def test_cli_refuses_an_unknown_stage(capsys, monkeypatch) -> None:
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as stop:
+        pipeline.main(["evaluate", "--profile", "quick", "--stage", "t5", "--nproc", "1"])
+    assert stop.value.code == 2
+    assert "--stage" in capsys.readouterr().err
+
+
+def test_rows_out_of_order_are_refused() -> None:
+    a = pd.DataFrame({"layer": ["x"], "image": [1]})
+    b = pd.DataFrame({"layer": ["x"], "image": [0]})
+    with pytest.raises(ValueError, match="repeat an image or are out of order"):
+        ordered_rows([a, b], "layer", ["x"])
+    with pytest.raises(ValueError, match=r"layer \['y'\] outside"):
+        ordered_rows([a.assign(layer="y")], "layer", ["x"])
+
+
 # --------------------------------------------------------------------------- one process: notebook 04's rows
 def test_one_process_gives_notebook_04s_rows_and_tables(tmp_path) -> None:
     task = make_task(6)
@@ -106,6 +155,54 @@ def test_one_process_gives_notebook_04s_rows_and_tables(tmp_path) -> None:
     from lwcam.analysis import claim_table
 
     pd.testing.assert_frame_equal(claims, claim_table(per_image, seed=p.seed), check_exact=True)
+
+
+# --------------------------------------------------------------------------- T2: notebook 03's rows and table
+def _t2_reference(task: dict) -> tuple[list[str], torch.Tensor, dict]:
+    """Notebook 03, cell 3: the student's per-layer maps of the whole batch."""
+    return layer_maps_batched(task["student"], task["images"], task["targets"])
+
+
+def test_t2_in_one_process_is_notebook_03s_table() -> None:
+    task = make_task(6)
+    p, images, targets, masks = task["params"], task["images"], task["targets"], task["masks"]
+    rows = evaluate_t2(p, images, targets, masks, scorer=task["scorer"], student=task["student"])
+    assert rows is not None
+    names, stack, resolutions = _t2_reference(task)
+    assert rows.names == names
+    # notebook 03, cell 4
+    t2 = layer_importance(task["scorer"], images, targets, masks, names, stack, resolutions=resolutions,
+                          step=p.game_step(), seed=p.seed)
+    pd.testing.assert_frame_equal(layer_table(rows.per_image, resolutions=rows.resolutions, seed=p.seed), t2,
+                                  check_exact=True)
+    assert t2["layer"].tolist() == [*names, FUSED_LAYER]
+    # the rows hold what T2 summarises: layer 0's map alone, and the fused map without it
+    step = p.game_step()
+    alone, _, _ = score_saliency(task["scorer"], images, stack[:, 0], targets, masks, step=step)
+    full, _, _ = score_saliency(task["scorer"], images, fuse(stack), targets, None, step=step)
+    loo, _, _ = score_saliency(task["scorer"], images, fuse(stack[:, 1:]), targets, None, step=step)
+    first = rows.per_image[rows.per_image["layer"] == names[0]]
+    assert first["image"].tolist() == list(range(6))
+    assert np.array_equal(first["deletion_auc"].to_numpy(), alone["deletion_auc"].to_numpy())
+    assert np.array_equal(first["loo_deletion_auc"].to_numpy(), loo["deletion_auc"].to_numpy())
+    delta = (loo["deletion_auc"].to_numpy() - full["deletion_auc"].to_numpy()).mean()
+    assert t2.loc[0, "loo_deletion_delta"] == float(delta)
+    assert t2.loc[0, "deletion_auc"] == alone["deletion_auc"].mean()
+
+
+def test_t2_shards_merged_give_the_rows_and_table_of_the_whole_batch() -> None:
+    task = make_task(6)
+    p, images, targets, masks = task["params"], task["images"], task["targets"], task["masks"]
+    whole = t2_shard(p, images, targets, masks, torch.arange(6), scorer=task["scorer"], student=task["student"])
+    parts = [t2_shard(p, images, targets, masks, shard_positions(6, r, 2), scorer=task["scorer"],
+                      student=task["student"]) for r in (1, 0)][::-1]  # rank 1 computed first: no shared state
+    merged = merge_layer_shards(parts)
+    pd.testing.assert_frame_equal(merged.per_image, whole.per_image, check_exact=False, atol=1e-6, rtol=0)
+    one = layer_table(whole.per_image, resolutions=whole.resolutions, seed=p.seed)
+    two = layer_table(merged.per_image, resolutions=merged.resolutions, seed=p.seed)
+    pd.testing.assert_frame_equal(one, two, check_exact=False, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="repeat an image or are out of order"):
+        merge_layer_shards(parts[::-1])
 
 
 # --------------------------------------------------------------------------- two processes
@@ -146,6 +243,39 @@ def test_more_ranks_than_images_fails_on_every_rank_with_the_reason(tmp_path) ->
     assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "world size=3 processes for 2 images" in proc.stderr
     assert not (tmp_path / "rows.csv").exists()
+
+
+T2_FLOATS = ["deletion_auc", "insertion_auc", "pointing", "mass", "loo_deletion_auc", "loo_insertion_auc"]
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_t2_rows_of_one(tmp_path) -> None:
+    frames, layers = {}, {}
+    for nproc in (1, 2):
+        out = tmp_path / f"nproc{nproc}"
+        proc, _ = _launch(out, nproc, "--stage", "t2")
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        frames[nproc] = pd.read_csv(out / "rows.csv")
+        layers[nproc] = json.loads((out / "layers.json").read_text())
+    one, two = frames[1], frames[2]
+    assert layers[1] == layers[2] and len(one) == len(two) == 6 * (len(layers[1]) + 1)
+    for col in ("layer", "depth", "image"):
+        assert one[col].tolist() == two[col].tolist(), col
+    assert list(one["layer"].unique()) == [*layers[1], FUSED_LAYER]
+    diff = np.nanmax(np.abs(one[T2_FLOATS].to_numpy(float) - two[T2_FLOATS].to_numpy(float)))
+    assert diff <= 1e-6, f"largest difference {diff}"
+    assert one[T2_FLOATS].isna().equals(two[T2_FLOATS].isna())
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_in_t2_ends_the_run_naming_it_and_writes_no_table(tmp_path) -> None:
+    proc, seconds = _launch(tmp_path, 2, "--stage", "t2", "--die-rank", "1", "--die-after", "10", "--timeout", "30",
+                            limit=180)
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "sharded run failed: rank 1 failed (exit code 17, no error reported" in proc.stderr
+    assert "no table was written" in proc.stderr
+    assert not (tmp_path / "rows.csv").exists() and not (tmp_path / "layers.json").exists()
+    assert seconds < 150
 
 
 # --------------------------------------------------------------------------- the command, end to end
