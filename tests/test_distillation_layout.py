@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _imports import cycles, import_graph
 
 import lwcam
 import lwcam.distillation as distillation
@@ -46,28 +47,8 @@ def test_every_module_opens_with_a_docstring_and_stays_small(path):
             assert code <= 50, f"{path.name}: {node.name} has {code} lines of code"
 
 
-def _lwcam_imports(path: Path, module: str, known: set[str]) -> set[str]:
-    """The lwcam modules that ``module`` imports anywhere in its code (lazy and TYPE_CHECKING imports included)."""
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = package
-            for _ in range(node.level - 1):
-                base = base.rpartition(".")[0]
-            target = (f"{base}.{node.module}" if node.module else base) if node.level else (node.module or "")
-            found.add(target)
-            found.update(f"{target}.{a.name}" for a in node.names)
-    return {m for m in found if m in known and m != module}
-
-
 def test_no_import_cycle_runs_through_the_package():
-    root = ROOT / "lwcam"
-    files = {".".join(("lwcam", *p.relative_to(root).with_suffix("").parts)).removesuffix(".__init__"): p
-             for p in root.rglob("*.py")}
-    graph = {m: _lwcam_imports(p, m, set(files)) for m, p in files.items()}
+    graph = import_graph()
 
     def reaches(start: str) -> set[str]:
         seen: set[str] = set()
@@ -96,3 +77,15 @@ def test_lwcam_reaches_every_public_submodule_lazily():
     with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
         lwcam.nonexistent  # noqa: B018
     assert importlib.import_module("lwcam.remote") is lwcam.remote
+
+
+#: the import cycles lwcam still has, each with its reason; a new one fails the test below
+KNOWN_CYCLES = [
+    # `python -m lwcam.pipeline evaluate` imports lwcam.sharded inside the command; sharded reads the pipeline
+    {"lwcam.pipeline", "lwcam.sharded"},
+]
+
+
+def test_no_import_cycle_in_lwcam_but_the_known_ones():
+    found = cycles(import_graph())
+    assert sorted(map(sorted, found)) == sorted(map(sorted, KNOWN_CYCLES))

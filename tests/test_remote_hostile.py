@@ -8,7 +8,6 @@ never a hang past ``timeout``, never a wrong answer returned or cached. Each cli
 
 from __future__ import annotations
 
-import ast
 import json
 import sqlite3
 import threading
@@ -20,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+from _imports import cycles, import_graph
 
 import lwcam
 from lwcam import _endpoint
@@ -467,62 +467,10 @@ def test_a_timeout_is_not_retried_and_a_correct_answer_still_comes_in_time(serve
 
 
 # ------------------------------------------------------------------------------------------ imports
-def _imports(path: Path, module: str, known: set[str]) -> set[str]:
-    """The lwcam modules that ``module`` (at ``path``) imports anywhere in its code, lazy imports included."""
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = package
-            for _ in range(node.level - 1):
-                base = base.rpartition(".")[0]
-            target = (f"{base}.{node.module}" if node.module else base) if node.level else (node.module or "")
-            found.add(target)
-            found.update(f"{target}.{a.name}" for a in node.names)
-    return {m for m in found if m in known and m != module}
-
-
-def _cycles(graph: dict[str, set[str]]) -> list[set[str]]:
-    """The strongly connected components of more than one module (Tarjan's algorithm)."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    out: list[set[str]] = []
-
-    def visit(v: str) -> None:
-        index[v] = low[v] = len(index)
-        stack.append(v)
-        for w in graph[v]:
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in stack:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            component = set()
-            while True:
-                w = stack.pop()
-                component.add(w)
-                if w == v:
-                    break
-            if len(component) > 1:
-                out.append(component)
-
-    for v in graph:
-        if v not in index:
-            visit(v)
-    return out
-
-
 def test_the_black_box_and_the_server_client_import_each_other_in_no_cycle():
-    root = Path(lwcam.__file__).resolve().parent
-    files = {".".join(("lwcam", *p.relative_to(root).with_suffix("").parts)).removesuffix(".__init__"): p
-             for p in root.rglob("*.py")}
-    graph = {m: _imports(p, m, set(files)) for m, p in files.items()}
+    graph = import_graph()
     assert "lwcam._endpoint" in graph["lwcam.blackbox"]  # from_endpoint needs the client...
     assert {"lwcam.blackbox", "lwcam.remote"} & graph["lwcam._endpoint"] == set()  # ...which needs no black box
     ours = {"lwcam.blackbox", "lwcam.remote", "lwcam._endpoint", "lwcam._errors"}
-    assert [c for c in _cycles(graph) if c & ours] == []
+    assert [c for c in cycles(graph) if c & ours] == []
     assert lwcam.remote.EndpointError is _endpoint.EndpointError and issubclass(EndpointError, BlackBoxError)
