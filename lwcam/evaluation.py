@@ -253,6 +253,12 @@ def _nan_like(values: pd.Series) -> np.ndarray:
     return np.full(len(values), np.nan, dtype=values.to_numpy().dtype)
 
 
+def _keyed(scores: pd.DataFrame, layer: str, depth: int, image: np.ndarray) -> pd.DataFrame:
+    """``scores`` (one row per image) with T2's key columns ``layer, depth, image`` in front."""
+    return pd.concat([pd.DataFrame({"layer": layer, "depth": depth, "image": image}, index=scores.index), scores],
+                     axis=1)
+
+
 def layer_rows(scorer: Any, images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor | None,
                names: Sequence[str], stack: torch.Tensor, *, mode: str = "sum", normalize: str = "minmax",
                step: int | None = None, positions: torch.Tensor | None = None) -> pd.DataFrame:
@@ -279,16 +285,11 @@ def layer_rows(scorer: Any, images: torch.Tensor, targets: torch.Tensor, masks: 
         keep = [j for j in range(len(names)) if j != i]
         without = fuse(stack[:, keep], mode=mode, normalize=normalize) if keep else torch.zeros_like(full)
         loo, _, _ = score_saliency(scorer, images, without, targets, None, step=step)
-        frames.append(alone.assign(loo_deletion_auc=loo["deletion_auc"], loo_insertion_auc=loo["insertion_auc"]))
-        frames[-1].insert(0, "image", image)
-        frames[-1].insert(0, "depth", i)
-        frames[-1].insert(0, "layer", name)
+        frames.append(_keyed(alone.assign(loo_deletion_auc=loo["deletion_auc"], loo_insertion_auc=loo["insertion_auc"]),
+                             name, i, image))
     fused = full_df.assign(loo_deletion_auc=_nan_like(full_df["deletion_auc"]),
                            loo_insertion_auc=_nan_like(full_df["insertion_auc"]))
-    fused.insert(0, "image", image)
-    fused.insert(0, "depth", len(names))
-    fused.insert(0, "layer", FUSED_LAYER)
-    return pd.concat([*frames, fused], ignore_index=True)
+    return pd.concat([*frames, _keyed(fused, FUSED_LAYER, len(names), image)], ignore_index=True)
 
 
 def layer_table(rows: pd.DataFrame, *, resolutions: Mapping[str, Any] | None = None, seed: int = 0) -> pd.DataFrame:
