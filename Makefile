@@ -22,15 +22,16 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 ## Regenerate every figure and table of a profile (default: the embedded default data set), then the README and docs/.
+## NPROC=2 shards T3's and T4's explanations and measures (notebooks 04 and 05) over 2 processes on this machine.
+NPROC ?= 1
 reproduce: $(STAMP)
-	$(PY) -m lwcam.pipeline run --profile $(PROFILE)
+	$(PY) -m lwcam.pipeline run --profile $(PROFILE) --nproc $(NPROC)
 	$(PY) -m lwcam.docs
 
 ## A stage's per-image rows and tables sharded over NPROC processes on this machine. STAGE=t3 (the default):
 ## T3's explanations and games, T3_methods and T3_claim (notebook 04's rows); STAGE=t2: T2's per-layer games,
-## T2_layers (notebook 03's rows); STAGE=all: both. The notebooks make the figures. Across machines see
+## T2_layers (notebook 03's rows); STAGE=t4: the scorecard's T4 tables (notebook 05's); STAGE=all: each in turn. The notebooks make the figures. Across machines see
 ## docs/distributed.md.
-NPROC ?= 1
 STAGE ?= t3
 evaluate: $(STAMP)
 	$(PY) -m lwcam.pipeline evaluate --profile $(PROFILE) --nproc $(NPROC) --stage $(STAGE)

@@ -1,5 +1,5 @@
-"""T3's explanations and games, or T2's per-layer games, sharded over processes (:mod:`lwcam.sharded`): wall
-time on 1 and 2 processes.
+"""T3's explanations and games, T2's per-layer games or T4's scorecard, sharded over processes
+(:mod:`lwcam.sharded`): wall time on 1 and 2 processes.
 
 Side by side in one run, on the same task: ``--n-images`` images of ``--image-size`` px, an untrained
 black box (``mobilenet_v2_s8``, ``weights=None``) and student (``regnet_x_s8``), every T3 method on every
@@ -9,7 +9,10 @@ image (``n_eval_blackbox = n_eval_mp = n``, so each image costs the same), ``--r
 rank 0's wall time of :func:`lwcam.sharded.evaluate_t3` (explain, score, gather, merge) from a barrier
 after the set-up, best of ``--rounds`` rounds, run in turn. ``--stage t2`` times
 :func:`lwcam.sharded.evaluate_t2` instead (the student's per-layer Grad-CAM, every layer's map and the
-fused map without it scored on the black box) and writes ``reports/bench_sharded_eval_t2.csv``.
+fused map without it scored on the black box) and writes ``reports/bench_sharded_eval_t2.csv``; ``--stage t4``
+times :func:`lwcam.sharded_t4.run_scorecard_sharded` on ``--n-images`` conflict scenes of ``size x 2 size`` px
+(two boxes of two classes each; every T4 method on every scene, ROAD on the first 4 scenes, randomisation in 2
+steps and robustness on the first 2, 2 noise samples) and writes ``reports/bench_sharded_eval_t4.csv``.
 
 * ``images_per_s`` = images / seconds;
 * ``efficiency`` = (seconds on one process) / (processes × seconds on this many processes): 1 is a perfect split;
@@ -18,6 +21,7 @@ fused map without it scored on the black box) and writes ``reports/bench_sharded
 Usage:
     python benchmarks/bench_sharded_eval.py --n-images 8 --image-size 64 --nproc 1 2
     python benchmarks/bench_sharded_eval.py --stage t2 --n-images 8 --nproc 1 2
+    python benchmarks/bench_sharded_eval.py --stage t4 --n-images 8 --nproc 1 2
 """
 
 from __future__ import annotations
@@ -63,10 +67,38 @@ def make_task(n: int, size: int, seed: int, rise_masks: int, lime_samples: int, 
             "chosen": {"weighting": "gradcam", "mode": "max", "normalize": "minmax"}}
 
 
-def _evaluate(stage: str, task: dict) -> Any:
-    """One sharded evaluation of ``task``: T3's (``t3``) or T2's (``t2``) rows; rank 0's merged rows, else ``None``."""
-    from lwcam.sharded import evaluate_t2, evaluate_t3
+def scene_task(task: dict, seed: int) -> tuple[tuple[torch.Tensor, ...], dict]:
+    """Conflict scenes for T4 of ``task``'s image size, twice as wide, and :func:`lwcam.scorecard.run_scorecard`'s
+    keyword arguments; a pure function of ``task`` and ``seed``."""
+    from lwcam import scorecard
 
+    n, _, size, _ = task["images"].shape
+    g = torch.Generator().manual_seed(seed + 1)
+    images = torch.randn(n, 3, size, 2 * size, generator=g)
+    labels = torch.stack([torch.randperm(10, generator=g)[:2] for _ in range(n)])
+    masks = torch.zeros(n, 2, size, 2 * size, dtype=torch.bool)
+    masks[:, 0, size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = True
+    masks[:, 1, size // 4 : 3 * size // 4, 5 * size // 4 : 7 * size // 4] = True
+    p = task["params"]
+    settings = scorecard.scene_method_params(size, 2 * size, rise_masks=p.rise_masks, lime_samples=p.lime_samples,
+                                             seed=seed, fusions={"lwcam_selected": task["chosen"],
+                                                                 "lwcam_conflict": task["chosen"]})
+    kwargs = dict(methods=scorecard.SCORECARD_METHODS, blackbox=task["blackbox"], scorer=task["scorer"],
+                  student=task["student"], teacher=task["teacher"], second_student=task["student"], n_expensive=n,
+                  n_road=min(4, n), n_randomisation=min(2, n), randomisation_steps=2, n_robustness=min(2, n),
+                  robustness_samples=2, step=max(1, 2 * size * size // p.game_steps), seed=seed,
+                  method_params=settings)
+    return (images, labels, masks), kwargs
+
+
+def _evaluate(stage: str, task: dict) -> Any:
+    """One sharded evaluation of ``task``: T3's (``t3``), T2's (``t2``) rows or T4's result (``t4``) on rank 0,
+    else ``None``."""
+    from lwcam.sharded import evaluate_t2, evaluate_t3
+    from lwcam.sharded_t4 import run_scorecard_sharded
+
+    if stage == "t4":
+        return run_scorecard_sharded(*task["scenes"], **task["scene_kwargs"])
     inputs = (task["params"], task["images"], task["targets"], task["masks"])
     if stage == "t2":
         return evaluate_t2(*inputs, scorer=task["scorer"], student=task["student"])
@@ -84,6 +116,8 @@ def worker(args: argparse.Namespace) -> int:
     with process_group() as (rank, world):
         task = make_task(args.n_images, args.image_size, args.seed, args.rise_masks, args.lime_samples,
                          args.game_steps)
+        if args.stage == "t4":
+            task["scenes"], task["scene_kwargs"] = scene_task(task, args.seed)
         times = []
         for _ in range(args.rounds):
             if world > 1:
@@ -92,13 +126,14 @@ def worker(args: argparse.Namespace) -> int:
             rows = _evaluate(args.stage, task)
             times.append(time.perf_counter() - t0)
     if rank == 0 and rows is not None:
-        Path(args.out).write_text(json.dumps({"seconds": times, "rows": len(rows.per_image)}))
+        table = rows.per_scene if args.stage == "t4" else rows.per_image
+        Path(args.out).write_text(json.dumps({"seconds": times, "rows": len(table)}))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--stage", choices=["t2", "t3"], default="t3", help="what to time (T2's or T3's rows)")
+    ap.add_argument("--stage", choices=["t2", "t3", "t4"], default="t3", help="what to time (T2's, T3's or T4's)")
     ap.add_argument("--n-images", type=int, default=8)
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--rise-masks", type=int, default=200)
@@ -131,17 +166,20 @@ def main(argv: list[str] | None = None) -> int:
     base = float(one.iloc[0]) if len(one) else float("nan")
     table["efficiency"] = base / (table["processes"] * table["seconds"])
     table["imagenet_hours"] = IMAGENET_VAL * table["seconds"] / table["images"] / 3600
-    work = (f"every T3 method on every image, {args.rise_masks} RISE masks, {args.lime_samples} LIME samples"
-            if args.stage == "t3" else "T2: every layer's map and the fused map without it")
+    work = {"t3": f"every T3 method on every image, {args.rise_masks} RISE masks, {args.lime_samples} LIME samples",
+            "t2": "T2: every layer's map and the fused map without it",
+            "t4": (f"T4 on conflict scenes twice as wide: every T4 method on every scene for both classes, "
+                   f"{args.rise_masks} RISE masks, {args.lime_samples} LIME samples, ROAD on the first 4 scenes, "
+                   f"randomisation (2 steps) and robustness (2 samples) on the first 2")}[args.stage]
     notes = (f"{args.n_images} images of {args.image_size}x{args.image_size}, {work}, {args.game_steps} game steps, "
              f"best of {args.rounds} round(s), seed {args.seed}; untrained mobilenet_v2_s8 black box and regnet_x_s8 "
              f"student. `efficiency`: seconds on one process / (processes x seconds). `imagenet_hours`: "
              f"{IMAGENET_VAL} images at the measured seconds per image and these settings (ImageNet's 224 px "
              f"images and the paper's settings cost far more per image). Load average at the start "
              f"{info['load_1min']}: other work on the machine slows every column. {args.context}")
-    suffix = "" if args.stage == "t3" else "_t2"
+    suffix = "" if args.stage == "t3" else f"_{args.stage}"
     csv = args.csv or str(Path(__file__).resolve().parents[1] / "reports" / f"bench_sharded_eval{suffix}.csv")
-    title = {"t3": "T3", "t2": "T2's per-layer games"}[args.stage]
+    title = {"t3": "T3", "t2": "T2's per-layer games", "t4": "T4, the scorecard,"}[args.stage]
     write_report(table, csv, title=f"{title} sharded over processes: wall time on 1 and 2 processes", notes=notes,
                  info=info)
     return 0

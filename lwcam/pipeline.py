@@ -12,8 +12,9 @@ Command line::
 
     python -m lwcam.pipeline run --profile default      # every notebook, every figure and table
     python -m lwcam.pipeline run --profile quick --only 01_distill
+    python -m lwcam.pipeline run --profile default --nproc 2   # T3 and T4 sharded over 2 processes
     python -m lwcam.pipeline evaluate --profile quick --nproc 2   # T3's rows and tables, over 2 processes
-    python -m lwcam.pipeline evaluate --profile quick --nproc 2 --stage t2   # T2's (all: T2, then T3)
+    python -m lwcam.pipeline evaluate --profile quick --nproc 2 --stage t2   # T2's; t4: T4's; all: each in turn
 """
 
 from __future__ import annotations
@@ -436,11 +437,184 @@ def explain_t3(params: Mapping[str, Any], images: torch.Tensor, targets: torch.T
     return {m: runs[m] for m in T3_METHODS}
 
 
-def save_scorecard_rows(paths: RunPaths, result: Any, fusions: Mapping[str, Mapping[str, Any]]) -> None:
-    """Keep T4's per-scene and per-object rows and the fusions chosen on ``val`` in the run folder (for T5)."""
-    result.per_scene.to_csv(paths.run / "per_scene_scorecard.csv", index=False)
-    result.per_object.to_csv(paths.run / "per_object_scorecard.csv", index=False)
-    (paths.run / "scorecard_fusions.json").write_text(json.dumps(fusions, indent=2, default=float) + "\n")
+#: The environment variable through which :func:`run` (``--nproc``) tells the notebooks' kernels over how many
+#: processes to shard T3 (notebook 04) and T4 (notebook 05); unset: one process, in the kernel.
+NPROC_ENV = "LWCAM_NPROC"
+
+
+def notebook_nproc() -> int:
+    """Processes over which a notebook shards its stage: ``$LWCAM_NPROC`` (set by :func:`run`), default 1."""
+    from .sharded import check_nproc  # here: sharded imports this module
+
+    raw = os.environ.get(NPROC_ENV, "1")
+    try:
+        return check_nproc(int(raw), name=NPROC_ENV)
+    except ValueError:
+        raise ValueError(f"{NPROC_ENV} must be a process count of at least 1, got {raw!r}") from None
+
+
+def sharded_result(params: Mapping[str, Any], paths: RunPaths, which: str, nproc: int) -> Any:
+    """Stage ``which`` (``t3`` or ``t4``) of the profile over ``nproc`` processes (:mod:`lwcam.sharded`), what
+    its notebook computes in one process, read back from the run folder.
+
+    The processes read the profile from its file: ``params`` must be that profile unchanged.
+    """
+    from . import sharded
+
+    p = as_profile(params)
+    if p.to_dict() != load_profile(p.profile, paths.root).to_dict():
+        raise ValueError(f"nproc={nproc}: the processes read params/{p.profile}.yaml as it is, but this profile "
+                         f"differs from it; run with nproc=1, or save the settings as a profile of their own")
+    result = paths.run / f"sharded_{which}.pt"
+    result.unlink(missing_ok=True)
+    before = os.environ.get("LWCAM_STAGE_LOG")
+    os.environ["LWCAM_STAGE_LOG"] = "off"  # the processes inherit it; this process times the stage whole
+    try:
+        sharded.launch(["-m", "lwcam.sharded", "--profile", p.profile, "--root", str(paths.root), "--stage", which,
+                        "--result", str(result)], nproc)
+    finally:
+        if before is None:
+            os.environ.pop("LWCAM_STAGE_LOG", None)
+        else:
+            os.environ["LWCAM_STAGE_LOG"] = before
+    try:
+        return torch.load(result, weights_only=False)  # written by this package's own processes just now
+    finally:
+        result.unlink(missing_ok=True)
+
+
+def t3_results(params: Mapping[str, Any], paths: RunPaths, images: torch.Tensor, targets: torch.Tensor,
+               masks: torch.Tensor, *, blackbox: Any, scorer: Any, student: torch.nn.Module,
+               teacher: torch.nn.Module, chosen: Mapping[str, Any]) -> tuple[dict[str, Any], pd.DataFrame, dict]:
+    """Notebook 04's T3: the explanations (:func:`explain_t3`) scored on ``scorer``
+    (:func:`lwcam.evaluation.score_methods`), ``(runs, per_image, games)``; over :func:`notebook_nproc`
+    processes when it is above 1 (the rows of one process, :mod:`lwcam.sharded`)."""
+    from .evaluation import score_methods
+
+    nproc = notebook_nproc()
+    if nproc > 1:
+        with stage(f"explanations and games over {nproc} processes (all methods)", paths):
+            out = sharded_result(params, paths, "t3", nproc)
+        return out["runs"], out["per_image"], out["games"]
+    with stage("explanations (all methods)", paths):
+        runs = explain_t3(params, images, targets, masks, blackbox=blackbox, student=student, teacher=teacher,
+                          chosen=chosen)
+    with stage("deletion and insertion games (all methods)", paths):
+        per_image, games = score_methods(scorer, images, targets, masks, runs, step=as_profile(params).game_step())
+    return runs, per_image, games
+
+
+def save_scorecard_rows(paths: RunPaths, result: Any, fusions: Mapping[str, Mapping[str, Any]]) -> list[Path]:
+    """Keep T4's per-scene and per-object rows and the fusions chosen on ``val`` in the run folder (for T5);
+    each file is written atomically. Returns the files."""
+    out = [paths.run / "per_scene_scorecard.csv", paths.run / "per_object_scorecard.csv",
+           paths.run / "scorecard_fusions.json"]
+    atomic_write_bytes(result.per_scene.to_csv(index=False).encode(), out[0])
+    atomic_write_bytes(result.per_object.to_csv(index=False).encode(), out[1])
+    atomic_write_bytes((json.dumps(fusions, indent=2, default=float) + "\n").encode(), out[2])
+    return out
+
+
+@dataclass
+class ScorecardInputs:
+    """What notebook 05 scores (:func:`scorecard_inputs`): the models, the test conflict scenes, the scene
+    black boxes and the fusions selected on ``val`` (by deletion, and conflict-aware on ``val`` scenes)."""
+
+    params: Profile
+    paths: RunPaths
+    teacher: torch.nn.Module
+    student: torch.nn.Module
+    second_student: torch.nn.Module
+    scenes: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    blackbox: BlackBox
+    scorer: BlackBox
+    fusion_table: pd.DataFrame
+    chosen: dict[str, Any]
+    chosen_conflict: dict[str, Any]
+
+    @property
+    def fusions(self) -> dict[str, dict[str, Any]]:
+        """The T4 rows' fusions: ``lwcam_selected`` and ``lwcam_conflict``."""
+        return {"lwcam_selected": self.chosen, "lwcam_conflict": self.chosen_conflict}
+
+    def run_kwargs(self) -> dict[str, Any]:
+        """:func:`lwcam.scorecard.run_scorecard`'s keyword arguments for these scenes, from the profile."""
+        from . import scorecard  # here: the scorecard imports the baselines, which pipeline does not need
+
+        p, shape = self.params, tuple(int(d) for d in self.scenes[0].shape[1:])
+        return dict(methods=scorecard.SCORECARD_METHODS, blackbox=self.blackbox, scorer=self.scorer,
+                    student=self.student, teacher=self.teacher, second_student=self.second_student,
+                    n_expensive=p.n_conflict_blackbox, n_road=p.n_road, n_randomisation=p.n_randomisation,
+                    randomisation_steps=p.randomisation_steps, n_robustness=p.n_robustness,
+                    robustness_samples=p.robustness_samples, second_seed=p.second_seed, seed=p.seed,
+                    method_params=scorecard.scene_method_params(shape[1], shape[2], rise_masks=p.rise_masks,
+                                                                lime_samples=p.lime_samples, seed=p.seed,
+                                                                fusions=self.fusions),
+                    wrap=_SceneWrap(p, cast(tuple[int, int, int], shape)))
+
+
+@dataclass
+class _SceneWrap:
+    """A randomised teacher as the scene black box (:func:`make_scene_blackbox`, no run folder)."""
+
+    params: Profile
+    shape: tuple[int, int, int]
+
+    def __call__(self, model: torch.nn.Module) -> BlackBox:
+        return make_scene_blackbox(model, self.params, None, self.shape)
+
+
+def scorecard_inputs(params: Mapping[str, Any], paths: RunPaths, progress: bool | None = None) -> ScorecardInputs:
+    """Notebook 05's inputs: teacher, student and the second-seed student (made first if missing), the first
+    test conflict scenes every T4 measure needs, the scene black boxes, and the fusions selected on ``val``
+    (:func:`fusion_selection`, then :func:`lwcam.scorecard.select_fusion_conflict` on ``val`` scenes)."""
+    from . import scorecard
+
+    p = as_profile(params)
+    teacher, _ = get_teacher(p, paths, progress=progress)
+    student, _ = get_student(p, paths, teacher, progress=progress)
+    second, _ = get_student(p, paths, teacher, seed=p.second_seed, progress=progress)
+    n = max(p.n_conflict, p.n_conflict_blackbox, p.n_road, p.n_randomisation, p.n_robustness)
+    scenes = load_conflict(p, "test", paths, n=n)
+    shape = cast(tuple[int, int, int], tuple(int(d) for d in scenes[0].shape[1:]))
+    probs = make_blackbox(teacher, p, paths, cache=False, output="probs")
+    selection, chosen = fusion_selection(p, paths, student, probs, progress=progress)
+    val_x, val_y, val_m = load_conflict(p, "val", paths, n=p.n_fusion_val)
+    with stage("conflict-aware fusion selection on val scenes", paths):
+        table, conflict = scorecard.select_fusion_conflict(student, selection, val_x, val_y, val_m)
+    return ScorecardInputs(params=p, paths=paths, teacher=teacher, student=student, second_student=second,
+                           scenes=scenes, blackbox=make_scene_blackbox(teacher, p, paths, shape),
+                           scorer=make_scene_blackbox(teacher, p, paths, shape, output="probs"), fusion_table=table,
+                           chosen=dict(chosen), chosen_conflict=dict(conflict))
+
+
+def scorecard_result(inputs: ScorecardInputs) -> Any:
+    """Notebook 05's T4 (:func:`lwcam.scorecard.run_scorecard` of ``inputs``), over :func:`notebook_nproc`
+    processes when it is above 1 (the result of one process, :mod:`lwcam.sharded_t4`)."""
+    from . import scorecard
+
+    nproc = notebook_nproc()
+    if nproc > 1:
+        with stage(f"T4: explanations and measures over {nproc} processes (all methods)", inputs.paths):
+            return sharded_result(inputs.params, inputs.paths, "t4", nproc)
+    with stage("T4: explanations and measures (all methods)", inputs.paths):
+        return scorecard.run_scorecard(*inputs.scenes, **inputs.run_kwargs())
+
+
+def scorecard_tables(result: Any, params: Mapping[str, Any]) -> dict[str, pd.DataFrame]:
+    """T4's tables of a :class:`~lwcam.scorecard.ScorecardResult`: ``T4_scorecard`` (bootstrap CIs),
+    ``T4_randomisation`` (each cascade step), ``T4_claims`` (paired tests) and ``T4_separation``."""
+    from . import scorecard
+
+    seed = as_profile(params).seed
+    t4 = scorecard.scorecard_table(result, seed=seed)
+    steps = (result.randomisation.groupby(["method", "step"], sort=False)
+             .agg(layers=("layer", "first"), rank_correlation=("rank_correlation", "mean"),
+                  n_scenes=("image", "nunique")).reset_index())
+    steps["label"] = steps["method"].map(t4.set_index("method")["label"])
+    return {"T4_scorecard": t4, "T4_randomisation": steps,
+            "T4_claims": scorecard.scorecard_claims(result.per_scene, seed=seed),
+            "T4_separation": scorecard.separation_table(result.per_scene, t4)}
 
 
 def load_scorecard_rows(paths: RunPaths) -> tuple[pd.DataFrame, dict[str, dict[str, Any]]]:
@@ -734,7 +908,10 @@ def stage(name: str, paths: RunPaths | None) -> Iterator[None]:
 
 
 def record_stage(name: str, seconds: float, paths: RunPaths) -> None:
-    """Append one stage's wall time to the run's stage log (see :func:`stage`)."""
+    """Append one stage's wall time to the run's stage log (see :func:`stage`); nothing where ``LWCAM_STAGE_LOG``
+    is ``off`` (the processes a notebook hands a stage to: the notebook times the stage as a whole)."""
+    if os.environ.get("LWCAM_STAGE_LOG") == "off":
+        return
     row = {"notebook": os.environ.get("LWCAM_NOTEBOOK", ""), "stage": name, "seconds": round(float(seconds), 2)}
     with paths.stage_log.open("a") as f:
         f.write(json.dumps(row) + "\n")
@@ -860,13 +1037,21 @@ def _merge_timings(table: pd.DataFrame, paths: RunPaths) -> pd.DataFrame:
 
 
 def run(profile: str = "default", only: list[str] | None = None, root: str | os.PathLike | None = None,
-        log_output: bool = False, overrides: Mapping[str, Any] | None = None) -> list[Path]:
+        log_output: bool = False, overrides: Mapping[str, Any] | None = None, nproc: int = 1) -> list[Path]:
     """Execute the notebooks with papermill for ``profile``; executed copies go to ``runs/<profile>/notebooks``.
 
-    ``overrides`` sets profile keys over the file's (the run keeps the profile's name and folders).
+    ``overrides`` sets profile keys over the file's (the run keeps the profile's name and folders). ``nproc``
+    above 1 shards T3 (notebook 04) and T4 (notebook 05) over that many processes on this machine
+    (:func:`t3_results`, :func:`scorecard_result`); the tables are those of one process.
     """
     import papermill as pm  # here, not at the top (see _notebook_parameters)
 
+    from .sharded import check_nproc
+
+    nproc = check_nproc(nproc)
+    if nproc > 1 and overrides:
+        raise ValueError(f"nproc={nproc} shards over processes that read params/{profile}.yaml as it is; "
+                         f"overrides= needs nproc=1")
     base = project_root(root)
     params = load_profile(profile, base).replace(**(overrides or {}))
     names = list(NOTEBOOKS) if not only else list(only)
@@ -884,12 +1069,14 @@ def run(profile: str = "default", only: list[str] | None = None, root: str | os.
         t0 = time.perf_counter()
         print(f"[lwcam] {name} (profile {profile}) ...", flush=True)
         os.environ["LWCAM_NOTEBOOK"] = name  # the kernel inherits it: stage() labels its rows with it
+        os.environ[NPROC_ENV] = str(nproc)  # and this: notebook_nproc()
         try:
             pm.execute_notebook(str(src), str(out_dir / f"{name}.ipynb"), parameters=_notebook_parameters(params, src),
                                 cwd=str(base / "notebooks"), log_output=log_output, progress_bar=False,
                                 kernel_name="python3")
         finally:
             os.environ.pop("LWCAM_NOTEBOOK", None)
+            os.environ.pop(NPROC_ENV, None)
         timings[name] = round(time.perf_counter() - t0, 1)
         print(f"[lwcam] {name} done in {timings[name]:.0f} s; run so far {time.perf_counter() - start:.0f} s",
               flush=True)
@@ -907,10 +1094,11 @@ def evaluate(profile: str = "default", nproc: int = 1, root: str | os.PathLike |
 
     ``stage``: ``t3`` (the default) T3's explanations and games, ``per_image_methods.csv``, ``T3_methods`` and
     ``T3_claim``, the rows notebook 04 makes; ``t2`` T2's per-layer games, ``per_image_layers.csv`` and
-    ``T2_layers``, those of notebook 03; ``all`` both, T2 first, in one launch. The notebooks also draw the
-    figures. The teacher, the student and the fusion selected on ``val`` are made (or read from the run
-    folder) here first, then the processes start; ``timeout_s`` bounds each collective. A failed process
-    raises :class:`lwcam.sharded.ShardedRunError`.
+    ``T2_layers``, those of notebook 03; ``t4`` the scorecard's rows (those notebook 06 reads) and ``T4_scorecard``,
+    ``T4_randomisation``, ``T4_claims``, ``T4_separation``, those of notebook 05 (:mod:`lwcam.sharded_t4`); ``all``
+    each, in that order, in one launch. The notebooks also draw the figures. The teacher, the students and the
+    fusions selected on ``val`` are made (or read from the run folder) here first, then the processes start;
+    ``timeout_s`` bounds each collective. A failed process raises :class:`lwcam.sharded.ShardedRunError`.
     """
     from . import sharded  # here: sharded imports this module
 
@@ -921,7 +1109,9 @@ def evaluate(profile: str = "default", nproc: int = 1, root: str | os.PathLike |
         sharded.check_nproc(nproc, sharded.stage_images(params, name)[0])
     if nproc == 1:
         return sharded.run_worker(profile, str(base), timeout_s, stage)
-    prepare: dict[str, Any] = {"t2": sharded.prepare_t2, "t3": sharded.prepare_t3}
+    from .sharded_t4 import prepare_t4
+
+    prepare: dict[str, Any] = {"t2": sharded.prepare_t2, "t3": sharded.prepare_t3, "t4": prepare_t4}
     outputs = [path for name in names for path in sharded.stage_outputs(prepare[name](profile, base).paths, name)]
     sharded.launch(["-m", "lwcam.sharded", "--profile", profile, "--root", str(base), "--timeout", str(timeout_s),
                     "--stage", stage], nproc)
@@ -967,18 +1157,23 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--profile", default="default")
     p_run.add_argument("--only", nargs="*", default=None, help="notebook names, e.g. 01_distill")
     p_run.add_argument("--log-output", action="store_true", help="stream the notebooks' output")
+    p_run.add_argument("--nproc", type=int, default=1,
+                       help="processes on this machine over which notebooks 04 and 05 shard T3 and T4 (default 1)")
     p_eval = sub.add_parser("evaluate", help="T2's or T3's rows and tables, sharded over processes")
     p_eval.add_argument("--profile", default="default")
-    p_eval.add_argument("--stage", default="t3", choices=["t2", "t3", "all"],
-                        help="t2: per-layer games (T2); t3: explanations and games (T3, the default); all: both")
+    p_eval.add_argument("--stage", default="t3", choices=["t2", "t3", "t4", "all"],
+                        help="t2: per-layer games (T2); t3: explanations and games (T3, the default); t4: the "
+                             "scorecard (T4); all: each in turn")
     p_eval.add_argument("--nproc", type=int, default=1,
-                        help="processes on this machine (at most the stage's images: n_layer_eval, n_eval)")
+                        help="processes on this machine (at most the stage's images: n_layer_eval, n_eval, n_conflict)")
     p_eval.add_argument("--timeout", type=float, default=1800.0, help="seconds a process waits for the others")
     args = parser.parse_args(argv)
     if args.cmd == "evaluate":
         return _evaluate_command(parser, args)
+    if args.nproc < 1:
+        parser.error(f"argument --nproc: must be at least 1, got {args.nproc}")
     t0 = time.perf_counter()
-    run(args.profile, args.only, log_output=args.log_output)
+    run(args.profile, args.only, log_output=args.log_output, nproc=args.nproc)
     print(f"[lwcam] profile {args.profile}: all done in {time.perf_counter() - t0:.0f} s", flush=True)
     return 0
 

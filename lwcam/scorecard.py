@@ -101,12 +101,14 @@ __all__ = [
     "scene_table",
     "explain_scenes",
     "score_objects",
+    "road_values",
     "scene_means",
     "score_scenes",
     "cascade_groups",
     "randomisation_check",
     "robustness",
     "run_scorecard",
+    "finish_scorecard",
     "scorecard_table",
     "scorecard_claims",
     "separation_table",
@@ -377,28 +379,42 @@ def score_objects(scorer: Any, images: torch.Tensor, labels: torch.Tensor, masks
                   seed: int = 0, progress: bool | None = None) -> pd.DataFrame:
     """Localisation, ROAD and complexity of every method's maps, scored on the black box, one row per object.
 
-    Columns ``method``, ``image`` (scene), ``object`` (0: ``a``, 1: ``b``) and the measures of the map
-    asked for that object; ``class_sensitivity`` is its scene's, on both of the scene's rows. ROAD
-    (MoRF and LeRF, :func:`~lwcam.measures.road_score` over ``road_percentages``) is taken on the map of
-    object ``a`` with ``a`` as the target, on the first ``n_road`` scenes of each method (NaN elsewhere).
+    Columns ``method``, ``image`` (scene: the run's ``indices`` into ``images``), ``object`` (0: ``a``,
+    1: ``b``) and the measures of the map asked for that object; ``class_sensitivity`` is its scene's, on
+    both of the scene's rows. ROAD (MoRF and LeRF, :func:`road_values`) is taken on the map of object ``a``
+    with ``a`` as the target, on the first ``n_road`` scenes of each method (NaN elsewhere).
     """
+    n_road = check_positive_int(n_road, "n_road", minimum=0)
     frames = []
     for name, run in track(runs.items(), total=len(runs), desc="score scenes", enabled=progress):
         idx = run.indices
-        x, y, m = images[idx], labels[idx], masks[idx]
-        df = pd.DataFrame(_localisation(scorer, x, y, m, run.saliency, step))
+        df = pd.DataFrame(_localisation(scorer, images[idx], labels[idx], masks[idx], run.saliency, step))
         df.insert(0, "object", np.repeat([0, 1], len(idx)))
         df.insert(0, "image", np.tile(idx.numpy(), 2))
         df.insert(0, "method", name)
         df["road_morf"] = df["road_lerf"] = np.nan
-        r = min(check_positive_int(n_road, "n_road", minimum=0), len(idx))
-        if r:
-            for order in ("morf", "lerf"):
-                curve = road(scorer, x[:r], run.saliency[:r, 0], y[:r, 0], percentages=road_percentages,
-                             order=order, seed=seed)
-                df.loc[: r - 1, f"road_{order}"] = road_score(curve).double().numpy()
+        if min(n_road, len(idx)):
+            values = road_values(scorer, images, labels, run, n_road, road_percentages=road_percentages, seed=seed)
+            df.loc[: len(values) - 1, ["road_morf", "road_lerf"]] = values[["road_morf", "road_lerf"]].to_numpy()
         frames.append(df)
     return pd.concat(frames, ignore_index=True)
+
+
+def road_values(scorer: Any, images: torch.Tensor, labels: torch.Tensor, run: MethodRun, n_road: int, *,
+                road_percentages: Sequence[float] = SCORECARD_ROAD_PERCENTAGES, seed: int = 0) -> pd.DataFrame:
+    """ROAD MoRF and LeRF (:func:`~lwcam.measures.road_score`) of ``run``'s map of object ``a``, with ``a`` as
+    the target, on its first ``n_road`` scenes: columns ``image``, ``road_morf``, ``road_lerf``.
+
+    The imputation noise comes from ``seed`` afresh on every call, so one method's values do not depend on
+    which other methods were scored before it.
+    """
+    idx = run.indices[: check_positive_int(n_road, "n_road", minimum=0)]
+    out: dict[str, Any] = {"image": idx.numpy()}
+    for order in ("morf", "lerf"):
+        curve = road(scorer, images[idx], run.saliency[: len(idx), 0], labels[idx, 0], percentages=road_percentages,
+                     order=order, seed=seed)
+        out[f"road_{order}"] = road_score(curve).double().numpy()
+    return pd.DataFrame(out)
 
 
 def scene_means(per_object: pd.DataFrame) -> pd.DataFrame:
@@ -631,25 +647,40 @@ def run_scorecard(images: torch.Tensor, labels: torch.Tensor, masks: torch.Tenso
     common = min(len(r.indices) for r in runs.values())
     per_object = score_objects(scorer, images, labels, masks, runs, n_road=min(n_road, common),
                                road_percentages=road_percentages, step=step, seed=seed, progress=progress)
-    per_scene = scene_means(per_object)
-    r = min(n_randomisation, common)
-    rand = pd.DataFrame(columns=["method", "step", "layer", "image", "rank_correlation"])
-    final = pd.DataFrame({"method": pd.Series(dtype=str), "image": pd.Series(dtype=int),
-                          "randomisation": pd.Series(dtype=float)})
+    r, k = min(n_randomisation, common), min(n_robustness, common)
+    rand = robust = None
     if r:  # n_randomisation=0 skips the check: the column stays NaN
         rand = randomisation_check(images[:r], labels[:r], masks[:r], methods=list(runs), student=student,
                                    teacher=teacher, wrap=wrap, steps=randomisation_steps, method_params=method_params,
                                    num_classes=int(getattr(blackbox, "num_classes", labels.max().item() + 1)),
                                    seed=seed, progress=progress)
-        final = rand[rand["step"] == rand.groupby("method")["step"].transform("max")]
-        final = final.rename(columns={"rank_correlation": "randomisation"})[["method", "image", "randomisation"]]
-    k = min(n_robustness, common)
-    robust = pd.DataFrame({"method": pd.Series(dtype=str), "image": pd.Series(dtype=int),
-                           "max_sensitivity": pd.Series(dtype=float), "two_run_correlation": pd.Series(dtype=float)})
     if k:  # n_robustness=0 skips both robustness measures
         robust = robustness(images[:k], labels[:k], masks[:k], runs, blackbox=blackbox, student=student,
                             teacher=teacher, second_student=second_student, n_samples=robustness_samples,
                             second_seed=second_seed, seed=seed, progress=progress)
+    return finish_scorecard(per_object, runs, rand, robust)
+
+
+def finish_scorecard(per_object: pd.DataFrame, runs: dict[str, MethodRun], randomisation: pd.DataFrame | None,
+                     robust: pd.DataFrame | None) -> ScorecardResult:
+    """The :class:`ScorecardResult` of per-object rows (:func:`score_objects`), the runs, the randomisation
+    rows (:func:`randomisation_check`) and the robustness rows (:func:`robustness`); ``None``: not taken.
+
+    Each method's value after its last cascade step is its ``randomisation``; the randomisation and
+    robustness values stand on the scene's row and on its object ``a``'s row.
+    """
+    per_scene = scene_means(per_object)
+    rand = pd.DataFrame(columns=["method", "step", "layer", "image", "rank_correlation"])
+    final = pd.DataFrame({"method": pd.Series(dtype=str), "image": pd.Series(dtype=int),
+                          "randomisation": pd.Series(dtype=float)})
+    if randomisation is not None:
+        rand = randomisation
+        final = rand[rand["step"] == rand.groupby("method")["step"].transform("max")]
+        final = final.rename(columns={"rank_correlation": "randomisation"})[["method", "image", "randomisation"]]
+    if robust is None:
+        robust = pd.DataFrame({"method": pd.Series(dtype=str), "image": pd.Series(dtype=int),
+                               "max_sensitivity": pd.Series(dtype=float),
+                               "two_run_correlation": pd.Series(dtype=float)})
     per_scene = per_scene.merge(final, on=["method", "image"], how="left").merge(robust, on=["method", "image"],
                                                                                   how="left")
     on_a = final.merge(robust, on=["method", "image"], how="outer").assign(object=0)

@@ -16,10 +16,9 @@ writes none.
   (:func:`lwcam.pipeline.t3_limits`), the maps scored on the black box (:class:`ShardRows`); rows method
   by method in :data:`~lwcam.pipeline.T3_METHODS` order, images ascending.
 
-T4 (the scorecard) is not sharded: its ROAD imputation noise and its max-sensitivity noise are drawn
-from one generator per call, scene after scene, and its random map once per chunk of scenes, so a
-scene's values depend on the scenes before it in the call (:func:`lwcam.measures.road`,
-:func:`lwcam.measures.max_sensitivity`, :func:`lwcam.baselines.simple.random_saliency`).
+* **T4** (``--stage t4``, notebook 05's rows): the scorecard, sharded by scene for the explanations and the
+  localisation measures and by method for the measures taken on the first scenes only (ROAD, randomisation,
+  robustness), whose noise is drawn scene after scene (:mod:`lwcam.sharded_t4`).
 
 T3's rows are those of one process: every map depends on its own image only. RISE's masks and LIME's
 samples come from the profile's seed, shared by every image, never from the rank; the random maps,
@@ -40,7 +39,7 @@ this machine (127.0.0.1, a free port, no restart); a rank that fails ends the ru
 
 Command line::
 
-    python -m lwcam.pipeline evaluate --profile quick --nproc 2      # one machine (--stage t2|t3|all)
+    python -m lwcam.pipeline evaluate --profile quick --nproc 2      # one machine (--stage t2|t3|t4|all)
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_id=lwcam --rdzv_backend=c10d \\
         --rdzv_endpoint=HOST_OF_NODE0:29500 -m lwcam.sharded --profile default --stage all   # on each node
 """
@@ -52,9 +51,9 @@ import numbers
 import os
 import socket
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -85,9 +84,9 @@ from .profiles import as_profile
 
 __all__ = ["DEFAULT_TIMEOUT_S", "STAGES", "ShardedRunError", "ShardRows", "T3Inputs", "LayerRows", "T2Inputs",
            "check_nproc", "shard_positions", "ordered_rows", "gather_to_rank0", "explain_shard", "t3_shard",
-           "merge_shards", "evaluate_t3", "process_group", "prepare_t3", "t3_tables", "write_t3", "t2_shard",
-           "merge_layer_shards", "evaluate_t2", "t2_images", "prepare_t2", "write_t2", "stage_names",
-           "stage_images", "stage_outputs", "run_worker", "launch", "main"]
+           "merge_shards", "merge_method_runs", "evaluate_t3", "process_group", "prepare_t3", "t3_tables", "write_t3",
+           "t2_shard", "merge_layer_shards", "evaluate_t2", "t2_images", "prepare_t2", "write_t2", "stage_names",
+           "stage_images", "stage_outputs", "save_result", "run_worker", "launch", "main"]
 
 T = TypeVar("T")
 
@@ -142,10 +141,14 @@ class ShardRows:
         per_image: one row per (method, image): ``method, image, deletion_auc, insertion_auc, pointing, mass,
             agrees``, ``image`` the position in the whole evaluation batch.
         costs: ``method -> (seconds, black-box queries, images explained)``, summed over the rank's calls.
+        runs, games: with ``keep``, the maps (``method -> MethodRun``) and the games (``method -> (deletion,
+            insertion)`` :class:`~lwcam.metrics.GameResult`) of those images; else ``None``.
     """
 
     per_image: pd.DataFrame
     costs: dict[str, tuple[float, float, int]]
+    runs: dict[str, Any] | None = None
+    games: dict[str, Any] | None = None
 
 
 def _explain_layout(name: str, images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor,
@@ -194,22 +197,23 @@ def explain_shard(params: Mapping[str, Any], images: torch.Tensor, targets: torc
 
 def t3_shard(params: Mapping[str, Any], images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor,
              positions: torch.Tensor, *, blackbox: Any, scorer: Any, student: torch.nn.Module,
-             teacher: torch.nn.Module, chosen: Mapping[str, Any]) -> ShardRows:
+             teacher: torch.nn.Module, chosen: Mapping[str, Any], keep: bool = False) -> ShardRows:
     """The per-image T3 rows of the images at ``positions``: explained (:func:`explain_shard`), scored on
-    ``scorer`` (the games' access), with ``agrees`` (does the student's class equal ``targets``)."""
+    ``scorer`` (the games' access), with ``agrees`` (does the student's class equal ``targets``); with ``keep``
+    also the maps and the games."""
     from .evaluation import score_methods  # here: evaluation imports the baselines
 
     p = as_profile(params)
     positions = torch.as_tensor(positions, dtype=torch.long)
     runs = explain_shard(p, images, targets, masks, positions, blackbox=blackbox, student=student,
                          teacher=teacher, chosen=chosen)
-    per_image, _ = score_methods(scorer, images, targets, masks, runs, step=p.game_step())
+    per_image, games = score_methods(scorer, images, targets, masks, runs, step=p.game_step())
     agree = torch.zeros(len(images), dtype=torch.bool)
     agree[positions] = student_agreement(student, images[positions], targets[positions])
     per_image["agrees"] = agree[torch.from_numpy(per_image["image"].to_numpy(copy=True))].numpy()
     costs = {name: (r.seconds_per_image * len(r.indices), r.queries_per_image * len(r.indices), len(r.indices))
              for name, r in runs.items()}
-    return ShardRows(per_image=per_image, costs=costs)
+    return ShardRows(per_image=per_image, costs=costs, runs=runs if keep else None, games=games if keep else None)
 
 
 def ordered_rows(frames: Sequence[pd.DataFrame], by: str, order: Sequence[Any]) -> pd.DataFrame:
@@ -254,7 +258,31 @@ def merge_shards(shards: Sequence[ShardRows]) -> ShardRows:
         if spent:
             seconds, queries, n = zip(*spent, strict=True)
             costs[name] = (float(sum(seconds)), float(sum(queries)), int(sum(n)))
-    return ShardRows(per_image=per_image, costs=costs)
+    if any(s.runs is None or s.games is None for s in shards):
+        return ShardRows(per_image=per_image, costs=costs)
+    runs = {name: merge_method_runs([s.runs[name] for s in shards if name in s.runs]) for name in costs}  # type: ignore[index,operator]
+    games = {name: tuple(_merge_game([s.games[name][i] for s in shards if name in s.games])  # type: ignore[index,operator]
+                         for i in (0, 1)) for name in costs}
+    return ShardRows(per_image=per_image, costs=costs, runs=runs, games=games)
+
+
+def merge_method_runs(parts: Sequence[Any]) -> Any:
+    """One method's :class:`~lwcam.evaluation.MethodRun` of each rank (in rank order) as one: maps and indices
+    concatenated, seconds and queries per image averaged over every image."""
+    n = sum(len(r.indices) for r in parts)
+    seconds = sum(r.seconds_per_image * len(r.indices) for r in parts) / n
+    queries = sum(r.queries_per_image * len(r.indices) for r in parts) / n
+    return replace(parts[0], indices=torch.cat([r.indices for r in parts]),
+                   saliency=torch.cat([r.saliency for r in parts]), seconds_per_image=seconds,
+                   queries_per_image=queries)
+
+
+def _merge_game(parts: Sequence[Any]) -> Any:
+    """One game's results of the ranks (in rank order) as one :class:`~lwcam.metrics.GameResult`."""
+    counted = [g.blackbox_queries for g in parts]
+    return replace(parts[0], curves=torch.cat([g.curves for g in parts]), auc=torch.cat([g.auc for g in parts]),
+                   targets=torch.cat([g.targets for g in parts]), queries=sum(g.queries for g in parts),
+                   blackbox_queries=None if None in counted else sum(counted))
 
 
 def gather_to_rank0(mine: T) -> list[T] | None:
@@ -279,15 +307,16 @@ def _world() -> tuple[int, int]:
 
 def evaluate_t3(params: Mapping[str, Any], images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor, *,
                 blackbox: Any, scorer: Any, student: torch.nn.Module, teacher: torch.nn.Module,
-                chosen: Mapping[str, Any]) -> ShardRows | None:
+                chosen: Mapping[str, Any], keep: bool = False) -> ShardRows | None:
     """T3's per-image rows of ``images``, sharded over the default process group (one process without one).
 
     Every rank passes the same arguments; each explains and scores its slice (:func:`shard_positions`).
-    Rank 0 returns the merged rows of every image (:func:`merge_shards`); the other ranks return ``None``.
+    Rank 0 returns the merged rows of every image (:func:`merge_shards`), with ``keep`` also the maps and
+    games; the other ranks return ``None``.
     """
     rank, world = _world()
     mine = t3_shard(params, images, targets, masks, shard_positions(len(images), rank, world), blackbox=blackbox,
-                    scorer=scorer, student=student, teacher=teacher, chosen=chosen)
+                    scorer=scorer, student=student, teacher=teacher, chosen=chosen, keep=keep)
     gathered = gather_to_rank0(mine)
     return merge_shards(gathered) if gathered is not None else None
 
@@ -487,14 +516,14 @@ def write_t2(rows: LayerRows, inputs: T2Inputs) -> list[Path]:
 
 # --------------------------------------------------------------------------- stages and workers
 #: The stages ``evaluate --stage`` shards, in the order ``all`` runs them.
-STAGES = ("t2", "t3")
+STAGES = ("t2", "t3", "t4")
 
 
 def stage_names(which: str) -> tuple[str, ...]:
     """The stages of ``--stage which``: one of :data:`STAGES`, or ``all`` for every one in order.
 
     >>> stage_names("all"), stage_names("t2")
-    (('t2', 't3'), ('t2',))
+    (('t2', 't3', 't4'), ('t2',))
     """
     if which == "all":
         return STAGES
@@ -504,18 +533,21 @@ def stage_names(which: str) -> tuple[str, ...]:
 
 
 def stage_images(params: Mapping[str, Any], which: str) -> tuple[int, str]:
-    """How many images a stage shards, and the profile key that says so (``n_layer_eval`` or ``n_eval``)."""
+    """How many images (or scenes) a stage shards, and the profile key that says so; under ``all`` the fewest."""
     p = as_profile(params)
-    if stage_names(which) == ("t2",):
-        return t2_images(p), "n_layer_eval"
-    return p.n_eval, "n_eval"
+    counts = {"t2": (t2_images(p), "n_layer_eval"), "t3": (p.n_eval, "n_eval"),
+              "t4": (max(p.n_conflict, p.n_conflict_blackbox, p.n_road, p.n_randomisation, p.n_robustness),
+                     "n_conflict")}
+    return min(counts[name] for name in stage_names(which))
 
 
 def stage_outputs(paths: RunPaths, which: str) -> list[Path]:
-    """The files a stage writes: its per-image rows in the run folder and its tables (``.csv`` and ``.md``)."""
-    rows, tables = {"t2": ("per_image_layers.csv", ("T2_layers",)),
-                    "t3": ("per_image_methods.csv", ("T3_methods", "T3_claim"))}[which]
-    return [paths.run / rows, *(paths.reports / f"{t}.{ext}" for t in tables for ext in ("csv", "md"))]
+    """The files a stage writes: its per-image (per-scene) rows in the run folder and its tables (``.csv``, ``.md``)."""
+    rows, tables = {"t2": (("per_image_layers.csv",), ("T2_layers",)),
+                    "t3": (("per_image_methods.csv",), ("T3_methods", "T3_claim")),
+                    "t4": (("per_scene_scorecard.csv", "per_object_scorecard.csv", "scorecard_fusions.json"),
+                           ("T4_scorecard", "T4_randomisation", "T4_claims", "T4_separation"))}[which]
+    return [*(paths.run / r for r in rows), *(paths.reports / f"{t}.{ext}" for t in tables for ext in ("csv", "md"))]
 
 
 def _rank0_first(prepare: Any, profile: str, root: str | None, rank: int, world: int) -> Any:
@@ -536,24 +568,47 @@ def _run_t2(profile: str, root: str | None, rank: int, world: int) -> list[Path]
     return write_t2(rows, inputs) if rows is not None else []
 
 
-def _run_t3(profile: str, root: str | None, rank: int, world: int) -> list[Path]:
-    """One rank's share of T3; rank 0 writes the rows, ``T3_methods`` and ``T3_claim``."""
+def _run_t3(profile: str, root: str | None, rank: int, world: int, result: Path | None = None) -> list[Path]:
+    """One rank's share of T3; rank 0 writes the rows, ``T3_methods`` and ``T3_claim``, or with ``result`` only
+    saves ``{"runs", "per_image", "games"}`` there (:func:`save_result`), what notebook 04 computes."""
     inputs = _rank0_first(prepare_t3, profile, root, rank, world)
     check_nproc(world, len(inputs.images), name="world size")
     label = f"T3 sharded over {world} processes: explanations and games"
-    with stage(label, inputs.paths if rank == 0 else None):
+    with stage(label, inputs.paths if rank == 0 and result is None else None):
         rows = evaluate_t3(inputs.params, inputs.images, inputs.targets, inputs.masks, blackbox=inputs.blackbox,
                            scorer=inputs.scorer, student=inputs.student, teacher=inputs.teacher,
-                           chosen=inputs.chosen)
-    return write_t3(rows, inputs) if rows is not None else []
+                           chosen=inputs.chosen, keep=result is not None)
+    if rows is None:
+        return []
+    if result is not None:
+        return save_result({"runs": rows.runs, "per_image": rows.per_image, "games": rows.games}, result)
+    return write_t3(rows, inputs)
+
+
+def save_result(value: Any, path: Path) -> list[Path]:
+    """``torch.save`` of a stage's result to ``path``, atomically (a reader never sees half a file)."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    atomic_write_bytes(buffer.getvalue(), Path(path))
+    return [Path(path)]
 
 
 def run_worker(profile: str, root: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-               which: str = "t3") -> list[Path]:
-    """One rank of a sharded run of ``profile``'s stage ``which`` (``t2``, ``t3`` or ``all``; alone: the whole
-    run); rank 0 returns the files it wrote. Under ``all`` the stages run in :data:`STAGES` order in one group."""
-    runners = {"t2": _run_t2, "t3": _run_t3}
+               which: str = "t3", result: str | os.PathLike | None = None) -> list[Path]:
+    """One rank of a sharded run of ``profile``'s stage ``which`` (``t2``, ``t3``, ``t4`` or ``all``; alone: the
+    whole run); rank 0 returns the files it wrote. Under ``all`` the stages run in :data:`STAGES` order in one
+    group. With ``result`` (stage ``t3`` or ``t4`` only) rank 0 writes no table: it saves what the stage's
+    notebook computes to that file (:func:`save_result`), for the notebook to read."""
+    from .sharded_t4 import run_t4  # here: it imports this module
+
+    runners: dict[str, Callable[..., list[Path]]] = {"t2": _run_t2, "t3": _run_t3, "t4": run_t4}
+    if result is not None and which not in ("t3", "t4"):
+        raise ValueError(f"result= is for stage t3 or t4, not {which!r}")
     with process_group(timeout_s) as (rank, world):
+        if result is not None:
+            return runners[which](profile, root, rank, world, Path(result))
         written: list[Path] = []
         for name in stage_names(which):
             written += runners[name](profile, root, rank, world)
@@ -626,10 +681,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default=None, help="the project root (default: found from here)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
                         help="seconds a collective waits for the other ranks")
+    parser.add_argument("--result", default=None,
+                        help="stage t3 or t4: save what its notebook computes to this file, write no table")
     parser.add_argument("--stage", default="t3", choices=[*STAGES, "all"],
-                        help="t2 (per-layer games), t3 (explanations and games) or all (t2, then t3)")
+                        help="t2 (per-layer games), t3 (explanations and games), t4 (the scorecard) or all (in turn)")
     args = parser.parse_args(argv)
-    written = record(run_worker)(args.profile, args.root, args.timeout, args.stage)
+    written = record(run_worker)(args.profile, args.root, args.timeout, args.stage, args.result)
     for path in written or []:
         print(f"[lwcam] {path}", flush=True)
     return 0

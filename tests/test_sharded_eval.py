@@ -238,6 +238,25 @@ def test_a_rank_that_dies_ends_the_run_naming_it_and_writes_no_table(tmp_path) -
 
 
 @pytest.mark.slow
+def test_a_rerun_after_a_dead_rank_reuses_the_cached_answers(tmp_path) -> None:
+    """The black box's answer cache, shared by the ranks, keeps what the failed run asked: a rerun runs the
+    black box on fewer images than a run from an empty cache, and gives the same rows."""
+    cache = tmp_path / "cache"
+    dead, _ = _launch(tmp_path / "dead", 2, "--die-rank", "1", "--die-after", "20", "--timeout", "30",
+                      "--cache", str(cache), limit=180)
+    assert dead.returncode == 3 and "rank 1 failed" in dead.stderr, dead.stderr[-3000:]
+    assert not (tmp_path / "dead" / "rows.csv").exists()
+    for name, folder in (("rerun", cache), ("cold", tmp_path / "empty-cache")):
+        proc, _ = _launch(tmp_path / name, 2, "--cache", str(folder))
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    seen = {name: sum(json.loads((tmp_path / name / f"forwards{r}.json").read_text()) for r in (0, 1))
+            for name in ("rerun", "cold")}
+    assert 0 < seen["rerun"] < seen["cold"], seen
+    rows = [pd.read_csv(tmp_path / name / "rows.csv") for name in ("rerun", "cold")]
+    pd.testing.assert_frame_equal(rows[0], rows[1], check_exact=False, atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
 def test_more_ranks_than_images_fails_on_every_rank_with_the_reason(tmp_path) -> None:
     proc, _ = _launch(tmp_path, 3, "--num-images", "2", limit=180)
     assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]

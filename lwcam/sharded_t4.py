@@ -1,0 +1,221 @@
+"""T4, the scorecard, sharded over the processes of a ``torch.distributed`` group (``--stage t4``).
+
+:func:`lwcam.scorecard.run_scorecard` in two shardings, each chosen so that every value is the one a single
+process computes:
+
+* **by scene**: the explanations (both classes of every scene) and the localisation measures
+  (:func:`lwcam.scorecard.score_objects`): each rank takes its contiguous slice of the scenes
+  (:func:`lwcam.sharded.shard_positions`). A scene's maps and measures depend on that scene only; the one
+  exception, the random map, drawn per chunk of scenes, is drawn by every rank for all the scenes it draws
+  in one process (it costs nothing) and cut to the rank's scenes;
+* **by method**: ROAD, the randomisation check and the robustness measures, taken on the first scenes
+  only (``n_road``, ``n_randomisation``, ``n_robustness``). Their noise is drawn from the seed afresh for each
+  method but scene after scene within one, so a method's values on those scenes are computed by one rank:
+  rank ``r`` of ``W`` takes ``torch.tensor_split(methods, W)[r]``, after every rank has shared its maps of the
+  first scenes (``all_gather_object``).
+
+Rank 0 gathers every piece (``gather_object``), puts the rows in one process's order and finishes the result
+(:func:`lwcam.scorecard.finish_scorecard`); it alone writes tables, and only once every rank has answered.
+What may differ from one process is the rounding of a forward pass over a batch of another size (well below
+1e-6).
+
+Command line: ``python -m lwcam.pipeline evaluate --profile quick --stage t4 --nproc 2`` (``make evaluate STAGE=t4
+NPROC=2``), or ``torchrun ... -m lwcam.sharded --stage t4`` on each node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import scorecard as sc
+from ._checks import check_positive_int
+from .evaluation import MethodRun
+from .pipeline import (
+    RunPaths,
+    ScorecardInputs,
+    load_profile,
+    save_scorecard_rows,
+    save_table,
+    scorecard_inputs,
+    scorecard_tables,
+    stage,
+)
+from .sharded import (
+    LAYOUT_METHODS,
+    _rank0_first,
+    _world,
+    check_nproc,
+    gather_to_rank0,
+    merge_method_runs,
+    save_result,
+    shard_positions,
+)
+
+__all__ = ["T4Shard", "scorecard_limits", "explain_shard_t4", "run_scorecard_sharded", "prepare_t4", "run_t4",
+           "write_t4"]
+
+
+@dataclass
+class T4Shard:
+    """One rank's part of T4: the per-object rows and runs of its scenes, and the first-scene measures of its
+    methods (ROAD values, randomisation rows and robustness rows)."""
+
+    per_object: pd.DataFrame
+    runs: dict[str, MethodRun]
+    road: dict[str, pd.DataFrame]
+    randomisation: pd.DataFrame | None
+    robust: pd.DataFrame | None
+
+
+def scorecard_limits(methods: Sequence[str], n: int, n_expensive: int | None) -> dict[str, int]:
+    """How many scenes (the first ones) each method explains in one process: ``n``, or ``n_expensive`` for
+    :data:`~lwcam.scorecard.EXPENSIVE_METHODS`.
+
+    >>> scorecard_limits(["gradcam", "rise"], 10, 4)
+    {'gradcam': 10, 'rise': 4}
+    """
+    costly = n if n_expensive is None else min(n, check_positive_int(n_expensive, "n_expensive"))
+    return {m: costly if sc.VARIANTS.get(m, (m,))[0] in sc.EXPENSIVE_METHODS else n for m in methods}
+
+
+def explain_shard_t4(images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, positions: torch.Tensor, *,
+                     methods: Sequence[str], limits: Mapping[str, int], **kwargs: Any) -> dict[str, MethodRun]:
+    """:func:`~lwcam.scorecard.explain_scenes` of the scenes at ``positions`` (of the whole batch), each run's
+    ``indices`` positions in the whole batch; a method with none of its scenes here is left out.
+
+    ``kwargs`` go to :func:`~lwcam.scorecard.explain_scenes` (models, ``method_params``, ``progress``).
+    """
+    runs: dict[str, MethodRun] = {}
+    for name in methods:
+        mine = positions[positions < limits[name]]
+        if mine.numel() == 0:
+            continue
+        if name in LAYOUT_METHODS:  # drawn for every scene it draws in one process, then cut
+            whole = torch.arange(limits[name])
+            run = sc.explain_scenes(images[whole], labels[whole], masks[whole], methods=[name], **kwargs)[name]
+            runs[name] = replace(run, indices=mine.clone(), saliency=run.saliency[mine])
+            continue
+        run = sc.explain_scenes(images[mine], labels[mine], masks[mine], methods=[name], **kwargs)[name]
+        runs[name] = replace(run, indices=mine.clone())
+    return runs
+
+
+def _first_scenes(runs: Mapping[str, MethodRun], methods: Sequence[str], k: int) -> dict[str, MethodRun]:
+    """Every rank's maps of the first ``k`` scenes, method by method, on every rank (``all_gather_object``)."""
+    mine = {name: replace(r, indices=r.indices[r.indices < k], saliency=r.saliency[r.indices < k])
+            for name, r in runs.items() if bool((r.indices < k).any())}
+    _, world = _world()
+    pieces: list[Any] = [mine] if world == 1 else [None] * world
+    if world > 1:
+        dist.all_gather_object(pieces, mine)
+    return _merge_runs(pieces, [m for m in methods if any(m in p for p in pieces)])
+
+
+def _my_methods(methods: Sequence[str]) -> list[str]:
+    """This rank's share of ``methods`` for the first-scene measures (contiguous, in order)."""
+    rank, world = _world()
+    return [methods[int(i)] for i in torch.tensor_split(torch.arange(len(methods)), world)[rank]]
+
+
+def _merge_runs(parts: Sequence[Mapping[str, MethodRun]], methods: Sequence[str]) -> dict[str, MethodRun]:
+    """The ranks' runs (in rank order) as one per method (:func:`lwcam.sharded.merge_method_runs`)."""
+    return {name: merge_method_runs([p[name] for p in parts if name in p]) for name in methods}
+
+
+def _merge(shards: Sequence[T4Shard], methods: Sequence[str]) -> sc.ScorecardResult:
+    """Rank 0's result from every rank's :class:`T4Shard`, with the rows in one process's order."""
+    order = {m: i for i, m in enumerate(methods)}
+    per_object = pd.concat([s.per_object for s in shards], ignore_index=True)
+    per_object = (per_object.assign(_m=per_object["method"].map(order))
+                  .sort_values(["_m", "object", "image"], kind="stable").drop(columns="_m").reset_index(drop=True))
+    for shard in shards:
+        for name, values in shard.road.items():
+            at = ((per_object["method"] == name) & (per_object["object"] == 0)
+                  & per_object["image"].isin(values["image"]))
+            per_object.loc[at, ["road_morf", "road_lerf"]] = values[["road_morf", "road_lerf"]].to_numpy()
+    rand = [s.randomisation for s in shards if s.randomisation is not None]
+    robust = [s.robust for s in shards if s.robust is not None]
+    return sc.finish_scorecard(per_object, _merge_runs([s.runs for s in shards], methods),
+                               pd.concat(rand, ignore_index=True) if rand else None,
+                               pd.concat(robust, ignore_index=True) if robust else None)
+
+
+def run_scorecard_sharded(images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, *,
+                          methods: Sequence[str], blackbox: Any, student: nn.Module, teacher: nn.Module | None = None,
+                          second_student: nn.Module | None = None, scorer: Any = None,
+                          n_expensive: int | None = None, n_road: int = 5, n_randomisation: int = 2,
+                          randomisation_steps: int = 3, n_robustness: int = 2, robustness_samples: int = 3,
+                          second_seed: int = 1, method_params: Mapping[str, Mapping[str, Any]] | None = None,
+                          wrap: Callable[[nn.Module], Any] | None = None,
+                          road_percentages: Sequence[float] = sc.SCORECARD_ROAD_PERCENTAGES, step: int | None = None,
+                          seed: int = 0) -> sc.ScorecardResult | None:
+    """:func:`~lwcam.scorecard.run_scorecard` over the default process group (one process without one).
+
+    Every rank passes the same arguments; rank 0 returns the result of every scene, the others ``None``.
+    """
+    for name, value in (("n_road", n_road), ("n_randomisation", n_randomisation), ("n_robustness", n_robustness)):
+        check_positive_int(value, name, minimum=0)
+    rank, world = _world()
+    n, methods = len(images), list(methods)
+    check_nproc(world, n, name="world size")
+    scorer = blackbox if scorer is None else scorer
+    method_params = method_params or {}
+    limits = scorecard_limits(methods, n, n_expensive)
+    models = {"blackbox": blackbox, "student": student, "teacher": teacher}
+    runs = explain_shard_t4(images, labels, masks, shard_positions(n, rank, world), methods=methods, limits=limits,
+                            method_params=method_params, progress=False, **models)
+    per_object = sc.score_objects(scorer, images, labels, masks, runs, step=step, progress=False)
+    common = min(limits.values())
+    first = _first_scenes(runs, methods, min(max(n_road, n_randomisation, n_robustness), common))
+    mine = {name: first[name] for name in _my_methods(methods) if name in first}
+    road = {name: sc.road_values(scorer, images, labels, run, min(n_road, common), road_percentages=road_percentages,
+                                 seed=seed) for name, run in mine.items()} if min(n_road, common) else {}
+    r, k = min(n_randomisation, common), min(n_robustness, common)
+    rand = robust = None
+    if r and mine:
+        rand = sc.randomisation_check(images[:r], labels[:r], masks[:r], methods=list(mine), student=student,
+                                      teacher=teacher, wrap=wrap, steps=randomisation_steps,
+                                      method_params=method_params, seed=seed, progress=False,
+                                      num_classes=int(getattr(blackbox, "num_classes", labels.max().item() + 1)))
+    if k and mine:
+        robust = sc.robustness(images[:k], labels[:k], masks[:k], mine, blackbox=blackbox, student=student,
+                               teacher=teacher, second_student=second_student, n_samples=robustness_samples,
+                               second_seed=second_seed, seed=seed, progress=False)
+    gathered = gather_to_rank0(T4Shard(per_object=per_object, runs=runs, road=road, randomisation=rand, robust=robust))
+    return _merge(gathered, methods) if gathered is not None else None
+
+
+def prepare_t4(profile: str, root: str | None = None) -> ScorecardInputs:
+    """Notebook 05's inputs for ``profile`` (:func:`lwcam.pipeline.scorecard_inputs`), models made first if missing."""
+    return scorecard_inputs(load_profile(profile, root), RunPaths.for_profile(profile, root), progress=False)
+
+
+def run_t4(profile: str, root: str | None, rank: int, world: int, result: Path | None = None) -> list[Path]:
+    """One rank's share of T4 of ``profile``; rank 0 writes the rows and T4's tables (those of notebook 05), or
+    with ``result`` only saves the :class:`~lwcam.scorecard.ScorecardResult` there (notebook 05 reads it)."""
+    inputs = _rank0_first(prepare_t4, profile, root, rank, world)
+    check_nproc(world, len(inputs.scenes[0]), name="world size")
+    label = f"T4 sharded over {world} processes: explanations and measures"
+    with stage(label, inputs.paths if rank == 0 and result is None else None):
+        out = run_scorecard_sharded(*inputs.scenes, **inputs.run_kwargs())
+    if out is None:
+        return []
+    return save_result(out, result) if result is not None else write_t4(out, inputs)
+
+
+def write_t4(result: sc.ScorecardResult, inputs: ScorecardInputs) -> list[Path]:
+    """T4's rows (those notebook 06 reads, :func:`lwcam.pipeline.save_scorecard_rows`) and tables, each
+    written atomically, as notebook 05 writes them."""
+    paths = inputs.paths
+    written = save_scorecard_rows(paths, result, inputs.fusions)
+    for table_id, table in scorecard_tables(result, inputs.params).items():
+        written += save_table(table, table_id, paths)
+    return written
