@@ -1144,7 +1144,7 @@ def _evaluate_command(parser: argparse.ArgumentParser, args: argparse.Namespace)
         return 1
     for path in written if args.nproc == 1 else []:  # rank 0 names them itself
         print(f"[lwcam] {path}", flush=True)
-    what = {"t2": "T2", "t3": "T3", "all": "T2 and T3"}[args.stage]
+    what = {"t2": "T2", "t3": "T3", "t4": "T4", "all": "T2, T3 and T4"}[args.stage]
     print(f"[lwcam] profile {args.profile}: {what} over {args.nproc} processes in {time.perf_counter() - t0:.0f} s",
           flush=True)
     return 0

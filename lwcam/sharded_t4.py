@@ -10,9 +10,10 @@ process computes:
   in one process (it costs nothing) and cut to the rank's scenes;
 * **by method**: ROAD, the randomisation check and the robustness measures, taken on the first scenes
   only (``n_road``, ``n_randomisation``, ``n_robustness``). Their noise is drawn from the seed afresh for each
-  method but scene after scene within one, so a method's values on those scenes are computed by one rank:
-  rank ``r`` of ``W`` takes ``torch.tensor_split(methods, W)[r]``, after every rank has shared its maps of the
-  first scenes (``all_gather_object``).
+  method but scene after scene within one, so a method's values on those scenes are computed by one rank,
+  after every rank has shared its maps of the first scenes (``all_gather_object``); the methods are shared
+  by the cost of their maps (:func:`share_methods`: RISE, LIME and occlusion re-explain under noise and under
+  randomised models, and would otherwise load one rank).
 
 Rank 0 gathers every piece (``gather_object``), puts the rows in one process's order and finishes the result
 (:func:`lwcam.scorecard.finish_scorecard`); it alone writes tables, and only once every rank has answered.
@@ -59,8 +60,8 @@ from .sharded import (
     shard_positions,
 )
 
-__all__ = ["T4Shard", "scorecard_limits", "explain_shard_t4", "run_scorecard_sharded", "prepare_t4", "run_t4",
-           "write_t4"]
+__all__ = ["T4Shard", "scorecard_limits", "share_methods", "explain_shard_t4", "run_scorecard_sharded", "prepare_t4",
+           "run_t4", "write_t4"]
 
 
 @dataclass
@@ -119,15 +120,34 @@ def _first_scenes(runs: Mapping[str, MethodRun], methods: Sequence[str], k: int)
     return _merge_runs(pieces, [m for m in methods if any(m in p for p in pieces)])
 
 
-def _my_methods(methods: Sequence[str]) -> list[str]:
-    """This rank's share of ``methods`` for the first-scene measures (contiguous, in order)."""
-    rank, world = _world()
-    return [methods[int(i)] for i in torch.tensor_split(torch.arange(len(methods)), world)[rank]]
+def share_methods(costs: Mapping[str, float], world: int) -> list[list[str]]:
+    """The methods of the first-scene measures shared among ``world`` ranks by cost: each method in turn, the
+    costliest first (ties in the given order), goes to the rank with the least cost so far (ties: the lowest rank).
+
+    Every rank computes the same shares from the same costs; which rank measures a method changes no value.
+
+    >>> share_methods({"rise": 5.0, "lime": 3.0, "gradcam": 0.1, "cam": 0.1}, 2)
+    [['rise'], ['lime', 'gradcam', 'cam']]
+    """
+    order = sorted(costs, key=lambda m: -costs[m])  # stable: ties keep the given order
+    shares: list[list[str]] = [[] for _ in range(world)]
+    load = [0.0] * world
+    for name in order:
+        r = min(range(world), key=lambda i: (load[i], i))
+        shares[r].append(name)
+        load[r] += costs[name]
+    return shares
 
 
 def _merge_runs(parts: Sequence[Mapping[str, MethodRun]], methods: Sequence[str]) -> dict[str, MethodRun]:
     """The ranks' runs (in rank order) as one per method (:func:`lwcam.sharded.merge_method_runs`)."""
     return {name: merge_method_runs([p[name] for p in parts if name in p]) for name in methods}
+
+
+def _by_method(rows: pd.DataFrame, order: Mapping[str, int]) -> pd.DataFrame:
+    """``rows`` method by method in ``order``, each method's rows in the order they came (a stable sort)."""
+    return (rows.assign(_m=rows["method"].map(order)).sort_values("_m", kind="stable").drop(columns="_m")
+            .reset_index(drop=True))
 
 
 def _merge(shards: Sequence[T4Shard], methods: Sequence[str]) -> sc.ScorecardResult:
@@ -143,6 +163,8 @@ def _merge(shards: Sequence[T4Shard], methods: Sequence[str]) -> sc.ScorecardRes
             per_object.loc[at, ["road_morf", "road_lerf"]] = values[["road_morf", "road_lerf"]].to_numpy()
     rand = [s.randomisation for s in shards if s.randomisation is not None]
     robust = [s.robust for s in shards if s.robust is not None]
+    rand = [_by_method(pd.concat(rand, ignore_index=True), order)] if rand else []
+    robust = [_by_method(pd.concat(robust, ignore_index=True), order)] if robust else []
     return sc.finish_scorecard(per_object, _merge_runs([s.runs for s in shards], methods),
                                pd.concat(rand, ignore_index=True) if rand else None,
                                pd.concat(robust, ignore_index=True) if robust else None)
@@ -175,7 +197,8 @@ def run_scorecard_sharded(images: torch.Tensor, labels: torch.Tensor, masks: tor
     per_object = sc.score_objects(scorer, images, labels, masks, runs, step=step, progress=False)
     common = min(limits.values())
     first = _first_scenes(runs, methods, min(max(n_road, n_randomisation, n_robustness), common))
-    mine = {name: first[name] for name in _my_methods(methods) if name in first}
+    shares = share_methods({name: run.seconds_per_image for name, run in first.items()}, world)
+    mine = {name: first[name] for name in shares[rank]}
     road = {name: sc.road_values(scorer, images, labels, run, min(n_road, common), road_percentages=road_percentages,
                                  seed=seed) for name, run in mine.items()} if min(n_road, common) else {}
     r, k = min(n_randomisation, common), min(n_robustness, common)

@@ -181,3 +181,12 @@ def test_a_notebook_reads_its_process_count_from_the_environment(monkeypatch) ->
         monkeypatch.setenv(pipeline.NPROC_ENV, bad)
         with pytest.raises(ValueError, match="LWCAM_NPROC must be a process count"):
             pipeline.notebook_nproc()
+
+
+@pytest.mark.parametrize("stage, what", [("t4", "T4"), ("all", "T2, T3 and T4")])
+def test_the_evaluate_command_names_the_t4_stage(stage, what, capsys, monkeypatch) -> None:
+    calls = []
+    monkeypatch.setattr(pipeline, "evaluate", lambda *a, **k: calls.append((a, k)) or [])
+    assert pipeline.main(["evaluate", "--profile", "quick", "--stage", stage, "--nproc", "1"]) == 0
+    assert calls[0][1]["stage"] == stage
+    assert f"profile quick: {what} over 1 processes" in capsys.readouterr().out
