@@ -1109,9 +1109,7 @@ def evaluate(profile: str = "default", nproc: int = 1, root: str | os.PathLike |
         sharded.check_nproc(nproc, sharded.stage_images(params, name)[0])
     if nproc == 1:
         return sharded.run_worker(profile, str(base), timeout_s, stage)
-    from .sharded_t4 import prepare_t4
-
-    prepare: dict[str, Any] = {"t2": sharded.prepare_t2, "t3": sharded.prepare_t3, "t4": prepare_t4}
+    prepare: dict[str, Any] = {"t2": sharded.prepare_t2, "t3": sharded.prepare_t3, "t4": sharded.prepare_t4}
     outputs = [path for name in names for path in sharded.stage_outputs(prepare[name](profile, base).paths, name)]
     sharded.launch(["-m", "lwcam.sharded", "--profile", profile, "--root", str(base), "--timeout", str(timeout_s),
                     "--stage", stage], nproc)

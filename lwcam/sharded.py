@@ -47,7 +47,6 @@ Command line::
 from __future__ import annotations
 
 import argparse
-import numbers
 import os
 import socket
 import sys
@@ -56,17 +55,27 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pandas as pd
 import torch
 import torch.distributed as dist
 
+from ._shards import (
+    LAYOUT_METHODS,
+    check_nproc,
+    gather_to_rank0,
+    merge_method_runs,
+    rank_and_world,
+    save_result,
+    shard_positions,
+)
 from ._utils import atomic_write_bytes
 from .pipeline import (
     T3_CHUNK,
     T3_METHODS,
     RunPaths,
+    ScorecardInputs,
     blackbox_labels,
     fusion_selection,
     get_student,
@@ -74,7 +83,10 @@ from .pipeline import (
     load_profile,
     load_split,
     make_blackbox,
+    save_scorecard_rows,
     save_table,
+    scorecard_inputs,
+    scorecard_tables,
     stage,
     student_agreement,
     t3_limits,
@@ -85,52 +97,15 @@ from .profiles import as_profile
 __all__ = ["DEFAULT_TIMEOUT_S", "STAGES", "ShardedRunError", "ShardRows", "T3Inputs", "LayerRows", "T2Inputs",
            "check_nproc", "shard_positions", "ordered_rows", "gather_to_rank0", "explain_shard", "t3_shard",
            "merge_shards", "merge_method_runs", "evaluate_t3", "process_group", "prepare_t3", "t3_tables", "write_t3",
-           "t2_shard", "merge_layer_shards", "evaluate_t2", "t2_images", "prepare_t2", "write_t2", "stage_names",
+           "t2_shard", "merge_layer_shards", "evaluate_t2", "t2_images", "prepare_t2", "write_t2", "prepare_t4",
+           "write_t4", "stage_names",
            "stage_images", "stage_outputs", "save_result", "run_worker", "launch", "main"]
-
-T = TypeVar("T")
 
 #: Seconds a collective (a gather, a barrier) may wait for the other ranks before it fails.
 DEFAULT_TIMEOUT_S = 1800.0
 
-#: T3 methods whose maps depend on where an image lies in its chunk (one noise draw per chunk).
-LAYOUT_METHODS = ("random",)
-
-
 class ShardedRunError(RuntimeError):
     """A sharded run failed: a rank ended with an error or was killed; the message names the rank."""
-
-
-def check_nproc(nproc: Any, n_images: int | None = None, name: str = "nproc") -> int:
-    """``nproc`` as an int: at least 1 and, given ``n_images``, at most one process per image.
-
-    >>> check_nproc(2, 16)
-    2
-    >>> check_nproc(3, 2)
-    Traceback (most recent call last):
-    ...
-    ValueError: nproc=3 processes for 2 images: at most one process per image
-    """
-    if isinstance(nproc, bool) or not isinstance(nproc, numbers.Integral):
-        raise TypeError(f"{name} must be an int (the number of processes), got {nproc!r}")
-    count = int(nproc)
-    if count < 1:
-        raise ValueError(f"{name} must be at least 1, got {count}")
-    if n_images is not None and count > n_images:
-        raise ValueError(f"{name}={count} processes for {n_images} images: at most one process per image")
-    return count
-
-
-def shard_positions(n: int, rank: int, world: int) -> torch.Tensor:
-    """Rank ``rank``'s contiguous share of the positions ``0..n-1`` among ``world`` ranks.
-
-    >>> [shard_positions(5, r, 2).tolist() for r in range(2)]
-    [[0, 1, 2], [3, 4]]
-    """
-    world = check_nproc(world, n, name="world size")
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 0 <= rank < world:
-        raise ValueError(f"rank must be an int in [0, {world}), got {rank!r}")
-    return torch.tensor_split(torch.arange(n), world)[int(rank)]
 
 
 @dataclass
@@ -266,43 +241,12 @@ def merge_shards(shards: Sequence[ShardRows]) -> ShardRows:
     return ShardRows(per_image=per_image, costs=costs, runs=runs, games=games)
 
 
-def merge_method_runs(parts: Sequence[Any]) -> Any:
-    """One method's :class:`~lwcam.evaluation.MethodRun` of each rank (in rank order) as one: maps and indices
-    concatenated, seconds and queries per image averaged over every image."""
-    n = sum(len(r.indices) for r in parts)
-    seconds = sum(r.seconds_per_image * len(r.indices) for r in parts) / n
-    queries = sum(r.queries_per_image * len(r.indices) for r in parts) / n
-    return replace(parts[0], indices=torch.cat([r.indices for r in parts]),
-                   saliency=torch.cat([r.saliency for r in parts]), seconds_per_image=seconds,
-                   queries_per_image=queries)
-
-
 def _merge_game(parts: Sequence[Any]) -> Any:
     """One game's results of the ranks (in rank order) as one :class:`~lwcam.metrics.GameResult`."""
     counted = [g.blackbox_queries for g in parts]
     return replace(parts[0], curves=torch.cat([g.curves for g in parts]), auc=torch.cat([g.auc for g in parts]),
                    targets=torch.cat([g.targets for g in parts]), queries=sum(g.queries for g in parts),
                    blackbox_queries=None if None in counted else sum(counted))
-
-
-def gather_to_rank0(mine: T) -> list[T] | None:
-    """Every rank's ``mine`` on rank 0, in rank order (``gather_object``); ``None`` on the other ranks.
-
-    Without a process group (one process) the list is ``[mine]``. Every rank must call it.
-    """
-    rank, world = _world()
-    if world == 1:
-        return [mine]
-    gathered: list[Any] | None = [None] * world if rank == 0 else None
-    dist.gather_object(mine, gathered, dst=0)
-    return gathered
-
-
-def _world() -> tuple[int, int]:
-    """``(rank, world size)`` of the default process group, ``(0, 1)`` without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def evaluate_t3(params: Mapping[str, Any], images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor, *,
@@ -314,7 +258,7 @@ def evaluate_t3(params: Mapping[str, Any], images: torch.Tensor, targets: torch.
     Rank 0 returns the merged rows of every image (:func:`merge_shards`), with ``keep`` also the maps and
     games; the other ranks return ``None``.
     """
-    rank, world = _world()
+    rank, world = rank_and_world()
     mine = t3_shard(params, images, targets, masks, shard_positions(len(images), rank, world), blackbox=blackbox,
                     scorer=scorer, student=student, teacher=teacher, chosen=chosen, keep=keep)
     gathered = gather_to_rank0(mine)
@@ -346,7 +290,7 @@ def process_group(timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[tuple[int, i
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
         created = True
     try:
-        yield _world()
+        yield rank_and_world()
     finally:
         if created and dist.is_initialized():
             dist.destroy_process_group()
@@ -460,7 +404,7 @@ def evaluate_t2(params: Mapping[str, Any], images: torch.Tensor, targets: torch.
     Every rank passes the same arguments and scores its slice (:func:`shard_positions`); rank 0 returns
     the merged rows of every image (:func:`merge_layer_shards`), the other ranks ``None``.
     """
-    rank, world = _world()
+    rank, world = rank_and_world()
     mine = t2_shard(params, images, targets, masks, shard_positions(len(images), rank, world), scorer=scorer,
                     student=student)
     gathered = gather_to_rank0(mine)
@@ -512,6 +456,38 @@ def write_t2(rows: LayerRows, inputs: T2Inputs) -> list[Path]:
     per_image_path = inputs.paths.run / "per_image_layers.csv"
     atomic_write_bytes(rows.per_image.to_csv(index=False).encode(), per_image_path)
     return [per_image_path, *save_table(t2, "T2_layers", inputs.paths)]
+
+
+# --------------------------------------------------------------------------- T4: the scorecard
+def prepare_t4(profile: str, root: str | os.PathLike | None = None) -> ScorecardInputs:
+    """Notebook 05's inputs for ``profile`` (:func:`lwcam.pipeline.scorecard_inputs`), models made first if missing."""
+    return scorecard_inputs(load_profile(profile, root), RunPaths.for_profile(profile, root), progress=False)
+
+
+def _run_t4(profile: str, root: str | None, rank: int, world: int, result: Path | None = None) -> list[Path]:
+    """One rank's share of T4 (:func:`lwcam.sharded_t4.run_scorecard_sharded`); rank 0 writes the rows and T4's
+    tables (:func:`write_t4`), or with ``result`` only saves the :class:`~lwcam.scorecard.ScorecardResult` there
+    (notebook 05 reads it)."""
+    from .sharded_t4 import run_scorecard_sharded  # here: it imports the scorecard and the baselines
+
+    inputs = _rank0_first(prepare_t4, profile, root, rank, world)
+    check_nproc(world, len(inputs.scenes[0]), name="world size")
+    label = f"T4 sharded over {world} processes: explanations and measures"
+    with stage(label, inputs.paths if rank == 0 and result is None else None):
+        out = run_scorecard_sharded(*inputs.scenes, **inputs.run_kwargs())
+    if out is None:
+        return []
+    return save_result(out, result) if result is not None else write_t4(out, inputs)
+
+
+def write_t4(result: Any, inputs: ScorecardInputs) -> list[Path]:
+    """T4's rows (those notebook 06 reads, :func:`lwcam.pipeline.save_scorecard_rows`) and tables, each
+    written atomically, as notebook 05 writes them."""
+    paths = inputs.paths
+    written = save_scorecard_rows(paths, result, inputs.fusions)
+    for table_id, table in scorecard_tables(result, inputs.params).items():
+        written += save_table(table, table_id, paths)
+    return written
 
 
 # --------------------------------------------------------------------------- stages and workers
@@ -585,25 +561,13 @@ def _run_t3(profile: str, root: str | None, rank: int, world: int, result: Path 
     return write_t3(rows, inputs)
 
 
-def save_result(value: Any, path: Path) -> list[Path]:
-    """``torch.save`` of a stage's result to ``path``, atomically (a reader never sees half a file)."""
-    import io
-
-    buffer = io.BytesIO()
-    torch.save(value, buffer)
-    atomic_write_bytes(buffer.getvalue(), Path(path))
-    return [Path(path)]
-
-
 def run_worker(profile: str, root: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
                which: str = "t3", result: str | os.PathLike | None = None) -> list[Path]:
     """One rank of a sharded run of ``profile``'s stage ``which`` (``t2``, ``t3``, ``t4`` or ``all``; alone: the
     whole run); rank 0 returns the files it wrote. Under ``all`` the stages run in :data:`STAGES` order in one
     group. With ``result`` (stage ``t3`` or ``t4`` only) rank 0 writes no table: it saves what the stage's
     notebook computes to that file (:func:`save_result`), for the notebook to read."""
-    from .sharded_t4 import run_t4  # here: it imports this module
-
-    runners: dict[str, Callable[..., list[Path]]] = {"t2": _run_t2, "t3": _run_t3, "t4": run_t4}
+    runners: dict[str, Callable[..., list[Path]]] = {"t2": _run_t2, "t3": _run_t3, "t4": _run_t4}
     if result is not None and which not in ("t3", "t4"):
         raise ValueError(f"result= is for stage t3 or t4, not {which!r}")
     with process_group(timeout_s) as (rank, world):

@@ -20,15 +20,15 @@ Rank 0 gathers every piece (``gather_object``), puts the rows in one process's o
 What may differ from one process is the rounding of a forward pass over a batch of another size (well below
 1e-6).
 
-Command line: ``python -m lwcam.pipeline evaluate --profile quick --stage t4 --nproc 2`` (``make evaluate STAGE=t4
-NPROC=2``), or ``torchrun ... -m lwcam.sharded --stage t4`` on each node.
+The T4 stage of a profile (its inputs, the launch, the tables) is :mod:`lwcam.sharded`'s: ``python -m
+lwcam.pipeline evaluate --profile quick --stage t4 --nproc 2`` (``make evaluate STAGE=t4 NPROC=2``), or
+``torchrun ... -m lwcam.sharded --stage t4`` on each node.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -38,30 +38,17 @@ from torch import nn
 
 from . import scorecard as sc
 from ._checks import check_positive_int
-from .evaluation import MethodRun
-from .pipeline import (
-    RunPaths,
-    ScorecardInputs,
-    load_profile,
-    save_scorecard_rows,
-    save_table,
-    scorecard_inputs,
-    scorecard_tables,
-    stage,
-)
-from .sharded import (
+from ._shards import (
     LAYOUT_METHODS,
-    _rank0_first,
-    _world,
     check_nproc,
     gather_to_rank0,
     merge_method_runs,
-    save_result,
+    rank_and_world,
     shard_positions,
 )
+from .evaluation import MethodRun
 
-__all__ = ["T4Shard", "scorecard_limits", "share_methods", "explain_shard_t4", "run_scorecard_sharded", "prepare_t4",
-           "run_t4", "write_t4"]
+__all__ = ["T4Shard", "scorecard_limits", "share_methods", "explain_shard_t4", "run_scorecard_sharded"]
 
 
 @dataclass
@@ -113,7 +100,7 @@ def _first_scenes(runs: Mapping[str, MethodRun], methods: Sequence[str], k: int)
     """Every rank's maps of the first ``k`` scenes, method by method, on every rank (``all_gather_object``)."""
     mine = {name: replace(r, indices=r.indices[r.indices < k], saliency=r.saliency[r.indices < k])
             for name, r in runs.items() if bool((r.indices < k).any())}
-    _, world = _world()
+    _, world = rank_and_world()
     pieces: list[Any] = [mine] if world == 1 else [None] * world
     if world > 1:
         dist.all_gather_object(pieces, mine)
@@ -185,7 +172,7 @@ def run_scorecard_sharded(images: torch.Tensor, labels: torch.Tensor, masks: tor
     """
     for name, value in (("n_road", n_road), ("n_randomisation", n_randomisation), ("n_robustness", n_robustness)):
         check_positive_int(value, name, minimum=0)
-    rank, world = _world()
+    rank, world = rank_and_world()
     n, methods = len(images), list(methods)
     check_nproc(world, n, name="world size")
     scorer = blackbox if scorer is None else scorer
@@ -214,31 +201,3 @@ def run_scorecard_sharded(images: torch.Tensor, labels: torch.Tensor, masks: tor
                                second_seed=second_seed, seed=seed, progress=False)
     gathered = gather_to_rank0(T4Shard(per_object=per_object, runs=runs, road=road, randomisation=rand, robust=robust))
     return _merge(gathered, methods) if gathered is not None else None
-
-
-def prepare_t4(profile: str, root: str | None = None) -> ScorecardInputs:
-    """Notebook 05's inputs for ``profile`` (:func:`lwcam.pipeline.scorecard_inputs`), models made first if missing."""
-    return scorecard_inputs(load_profile(profile, root), RunPaths.for_profile(profile, root), progress=False)
-
-
-def run_t4(profile: str, root: str | None, rank: int, world: int, result: Path | None = None) -> list[Path]:
-    """One rank's share of T4 of ``profile``; rank 0 writes the rows and T4's tables (those of notebook 05), or
-    with ``result`` only saves the :class:`~lwcam.scorecard.ScorecardResult` there (notebook 05 reads it)."""
-    inputs = _rank0_first(prepare_t4, profile, root, rank, world)
-    check_nproc(world, len(inputs.scenes[0]), name="world size")
-    label = f"T4 sharded over {world} processes: explanations and measures"
-    with stage(label, inputs.paths if rank == 0 and result is None else None):
-        out = run_scorecard_sharded(*inputs.scenes, **inputs.run_kwargs())
-    if out is None:
-        return []
-    return save_result(out, result) if result is not None else write_t4(out, inputs)
-
-
-def write_t4(result: sc.ScorecardResult, inputs: ScorecardInputs) -> list[Path]:
-    """T4's rows (those notebook 06 reads, :func:`lwcam.pipeline.save_scorecard_rows`) and tables, each
-    written atomically, as notebook 05 writes them."""
-    paths = inputs.paths
-    written = save_scorecard_rows(paths, result, inputs.fusions)
-    for table_id, table in scorecard_tables(result, inputs.params).items():
-        written += save_table(table, table_id, paths)
-    return written
