@@ -37,6 +37,7 @@ from typing import Any, cast
 import pandas as pd
 import torch
 
+from ._shards import check_nproc
 from ._utils import atomic_write_bytes
 from .blackbox import BlackBox, Output
 from .data import DEFAULT_OBJECT_RADIUS, ConflictScenes, SyntheticTextures, get_dataset, load_tensors
@@ -437,6 +438,21 @@ def explain_t3(params: Mapping[str, Any], images: torch.Tensor, targets: torch.T
     return {m: runs[m] for m in T3_METHODS}
 
 
+@contextmanager
+def environ(**values: str) -> Iterator[None]:
+    """Set environment variables (which child processes inherit) for the ``with`` body, then restore them."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 #: The environment variable through which :func:`run` (``--nproc``) tells the notebooks' kernels over how many
 #: processes to shard T3 (notebook 04) and T4 (notebook 05); unset: one process, in the kernel.
 NPROC_ENV = "LWCAM_NPROC"
@@ -444,8 +460,6 @@ NPROC_ENV = "LWCAM_NPROC"
 
 def notebook_nproc() -> int:
     """Processes over which a notebook shards its stage: ``$LWCAM_NPROC`` (set by :func:`run`), default 1."""
-    from .sharded import check_nproc  # here: sharded imports this module
-
     raw = os.environ.get(NPROC_ENV, "1")
     try:
         return check_nproc(int(raw), name=NPROC_ENV)
@@ -467,16 +481,9 @@ def sharded_result(params: Mapping[str, Any], paths: RunPaths, which: str, nproc
                          f"differs from it; run with nproc=1, or save the settings as a profile of their own")
     result = paths.run / f"sharded_{which}.pt"
     result.unlink(missing_ok=True)
-    before = os.environ.get("LWCAM_STAGE_LOG")
-    os.environ["LWCAM_STAGE_LOG"] = "off"  # the processes inherit it; this process times the stage whole
-    try:
+    with environ(LWCAM_STAGE_LOG="off"):  # the processes inherit it; this process times the stage whole
         sharded.launch(["-m", "lwcam.sharded", "--profile", p.profile, "--root", str(paths.root), "--stage", which,
                         "--result", str(result)], nproc)
-    finally:
-        if before is None:
-            os.environ.pop("LWCAM_STAGE_LOG", None)
-        else:
-            os.environ["LWCAM_STAGE_LOG"] = before
     try:
         return torch.load(result, weights_only=False)  # written by this package's own processes just now
     finally:
@@ -564,6 +571,12 @@ class _SceneWrap:
         return make_scene_blackbox(model, self.params, None, self.shape)
 
 
+def scorecard_scenes(params: Mapping[str, Any]) -> int:
+    """How many test conflict scenes T4 reads: enough for every measure's first scenes."""
+    p = as_profile(params)
+    return max(p.n_conflict, p.n_conflict_blackbox, p.n_road, p.n_randomisation, p.n_robustness)
+
+
 def scorecard_inputs(params: Mapping[str, Any], paths: RunPaths, progress: bool | None = None) -> ScorecardInputs:
     """Notebook 05's inputs: teacher, student and the second-seed student (made first if missing), the first
     test conflict scenes every T4 measure needs, the scene black boxes, and the fusions selected on ``val``
@@ -574,8 +587,7 @@ def scorecard_inputs(params: Mapping[str, Any], paths: RunPaths, progress: bool 
     teacher, _ = get_teacher(p, paths, progress=progress)
     student, _ = get_student(p, paths, teacher, progress=progress)
     second, _ = get_student(p, paths, teacher, seed=p.second_seed, progress=progress)
-    n = max(p.n_conflict, p.n_conflict_blackbox, p.n_road, p.n_randomisation, p.n_robustness)
-    scenes = load_conflict(p, "test", paths, n=n)
+    scenes = load_conflict(p, "test", paths, n=scorecard_scenes(p))
     shape = cast(tuple[int, int, int], tuple(int(d) for d in scenes[0].shape[1:]))
     probs = make_blackbox(teacher, p, paths, cache=False, output="probs")
     selection, chosen = fusion_selection(p, paths, student, probs, progress=progress)
@@ -1046,8 +1058,6 @@ def run(profile: str = "default", only: list[str] | None = None, root: str | os.
     """
     import papermill as pm  # here, not at the top (see _notebook_parameters)
 
-    from .sharded import check_nproc
-
     nproc = check_nproc(nproc)
     if nproc > 1 and overrides:
         raise ValueError(f"nproc={nproc} shards over processes that read params/{profile}.yaml as it is; "
@@ -1068,15 +1078,11 @@ def run(profile: str = "default", only: list[str] | None = None, root: str | os.
         src = base / "notebooks" / f"{name}.ipynb"
         t0 = time.perf_counter()
         print(f"[lwcam] {name} (profile {profile}) ...", flush=True)
-        os.environ["LWCAM_NOTEBOOK"] = name  # the kernel inherits it: stage() labels its rows with it
-        os.environ[NPROC_ENV] = str(nproc)  # and this: notebook_nproc()
-        try:
+        # the kernel inherits both: stage() labels its rows with the notebook, notebook_nproc() reads the count
+        with environ(LWCAM_NOTEBOOK=name, **{NPROC_ENV: str(nproc)}):
             pm.execute_notebook(str(src), str(out_dir / f"{name}.ipynb"), parameters=_notebook_parameters(params, src),
                                 cwd=str(base / "notebooks"), log_output=log_output, progress_bar=False,
                                 kernel_name="python3")
-        finally:
-            os.environ.pop("LWCAM_NOTEBOOK", None)
-            os.environ.pop(NPROC_ENV, None)
         timings[name] = round(time.perf_counter() - t0, 1)
         print(f"[lwcam] {name} done in {timings[name]:.0f} s; run so far {time.perf_counter() - start:.0f} s",
               flush=True)
@@ -1168,8 +1174,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cmd == "evaluate":
         return _evaluate_command(parser, args)
-    if args.nproc < 1:
-        parser.error(f"argument --nproc: must be at least 1, got {args.nproc}")
+    try:
+        check_nproc(args.nproc, name="--nproc")
+    except ValueError as err:
+        parser.error(f"argument --nproc: {err}")
     t0 = time.perf_counter()
     run(args.profile, args.only, log_output=args.log_output, nproc=args.nproc)
     print(f"[lwcam] profile {args.profile}: all done in {time.perf_counter() - t0:.0f} s", flush=True)

@@ -99,6 +99,7 @@ __all__ = [
     "top_two_hits",
     "object_size_table",
     "scene_table",
+    "scene_limits",
     "explain_scenes",
     "score_objects",
     "road_values",
@@ -108,6 +109,8 @@ __all__ = [
     "randomisation_check",
     "robustness",
     "run_scorecard",
+    "FirstSceneMeasures",
+    "first_scene_measures",
     "finish_scorecard",
     "scorecard_table",
     "scorecard_claims",
@@ -311,6 +314,17 @@ def _run_twice(name: str, images: torch.Tensor, labels: torch.Tensor, masks: tor
                      queries_per_image=sum(r.queries_per_image for r in per_class), params=dict(params))
 
 
+def scene_limits(methods: Sequence[str], n: int, n_expensive: int | None) -> dict[str, int]:
+    """How many scenes (the first ones) each method explains: ``n``, or ``n_expensive`` for
+    :data:`EXPENSIVE_METHODS` (default all).
+
+    >>> scene_limits(["gradcam", "rise"], 10, 4)
+    {'gradcam': 10, 'rise': 4}
+    """
+    costly = n if n_expensive is None else min(n, check_positive_int(n_expensive, "n_expensive"))
+    return {m: costly if VARIANTS.get(m, (m,))[0] in EXPENSIVE_METHODS else n for m in methods}
+
+
 def explain_scenes(images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, *, methods: Sequence[str],
                    blackbox: Any = None, student: nn.Module | None = None, teacher: nn.Module | None = None,
                    n_expensive: int | None = None, method_params: Mapping[str, Mapping[str, Any]] | None = None,
@@ -333,14 +347,12 @@ def explain_scenes(images: torch.Tensor, labels: torch.Tensor, masks: torch.Tens
     unknown = [m for m in methods if m not in METHODS and m not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown method {unknown[0]!r}; expected one of {sorted([*METHODS, *VARIANTS])}")
-    n = len(images)
-    cheap_idx = torch.arange(n)
-    costly_idx = cheap_idx[: n if n_expensive is None else check_positive_int(n_expensive, "n_expensive")]
+    limits = scene_limits(methods, len(images), n_expensive)
     method_params = method_params or {}
     models = _models(blackbox, student, teacher)
     runs: dict[str, MethodRun] = {}
     for name in track(methods, total=len(methods), desc="explain scenes (both classes)", enabled=progress):
-        idx = costly_idx if VARIANTS.get(name, (name,))[0] in EXPENSIVE_METHODS else cheap_idx
+        idx = torch.arange(limits[name])
         params = dict(method_params.get(name, {}))
         if name == "rise" and isinstance(blackbox, BlackBox):
             runs[name] = _rise_both(images, labels, idx, blackbox, params)
@@ -644,39 +656,82 @@ def run_scorecard(images: torch.Tensor, labels: torch.Tensor, masks: torch.Tenso
     method_params = method_params or {}
     runs = explain_scenes(images, labels, masks, methods=methods, blackbox=blackbox, student=student, teacher=teacher,
                           n_expensive=n_expensive, method_params=method_params, progress=progress)
-    common = min(len(r.indices) for r in runs.values())
-    per_object = score_objects(scorer, images, labels, masks, runs, n_road=min(n_road, common),
-                               road_percentages=road_percentages, step=step, seed=seed, progress=progress)
-    r, k = min(n_randomisation, common), min(n_robustness, common)
-    rand = robust = None
-    if r:  # n_randomisation=0 skips the check: the column stays NaN
-        rand = randomisation_check(images[:r], labels[:r], masks[:r], methods=list(runs), student=student,
-                                   teacher=teacher, wrap=wrap, steps=randomisation_steps, method_params=method_params,
-                                   num_classes=int(getattr(blackbox, "num_classes", labels.max().item() + 1)),
-                                   seed=seed, progress=progress)
-    if k:  # n_robustness=0 skips both robustness measures
-        robust = robustness(images[:k], labels[:k], masks[:k], runs, blackbox=blackbox, student=student,
-                            teacher=teacher, second_student=second_student, n_samples=robustness_samples,
-                            second_seed=second_seed, seed=seed, progress=progress)
-    return finish_scorecard(per_object, runs, rand, robust)
+    per_object = score_objects(scorer, images, labels, masks, runs, step=step, progress=progress)
+    first = first_scene_measures(
+        images, labels, masks, runs, scorer=scorer, blackbox=blackbox, student=student, teacher=teacher,
+        second_student=second_student, n_road=n_road, n_randomisation=n_randomisation,
+        randomisation_steps=randomisation_steps, n_robustness=n_robustness, robustness_samples=robustness_samples,
+        second_seed=second_seed, method_params=method_params, wrap=wrap, road_percentages=road_percentages, seed=seed,
+        progress=progress)
+    return finish_scorecard(per_object, runs, first)
 
 
-def finish_scorecard(per_object: pd.DataFrame, runs: dict[str, MethodRun], randomisation: pd.DataFrame | None,
-                     robust: pd.DataFrame | None) -> ScorecardResult:
-    """The :class:`ScorecardResult` of per-object rows (:func:`score_objects`), the runs, the randomisation
-    rows (:func:`randomisation_check`) and the robustness rows (:func:`robustness`); ``None``: not taken.
+@dataclass
+class FirstSceneMeasures:
+    """The measures taken on the first scenes only (:func:`first_scene_measures`); ``None`` or empty: not taken.
 
-    Each method's value after its last cascade step is its ``randomisation``; the randomisation and
-    robustness values stand on the scene's row and on its object ``a``'s row.
+    Attributes:
+        road: method -> its ROAD values (:func:`road_values`).
+        randomisation: the rows of :func:`randomisation_check`.
+        robust: the rows of :func:`robustness`.
     """
+
+    road: dict[str, pd.DataFrame] = field(default_factory=dict)
+    randomisation: pd.DataFrame | None = None
+    robust: pd.DataFrame | None = None
+
+
+def first_scene_measures(images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
+                         runs: Mapping[str, MethodRun], *, scorer: Any, blackbox: Any, student: nn.Module | None,
+                         teacher: nn.Module | None, second_student: nn.Module | None, n_road: int,
+                         n_randomisation: int, randomisation_steps: int, n_robustness: int, robustness_samples: int,
+                         second_seed: int, method_params: Mapping[str, Mapping[str, Any]],
+                         wrap: Callable[[nn.Module], Any] | None,
+                         road_percentages: Sequence[float] = SCORECARD_ROAD_PERCENTAGES, seed: int = 0,
+                         progress: bool | None = None) -> FirstSceneMeasures:
+    """ROAD, the randomisation check and the robustness measures of ``runs``' maps of object ``a`` on the first
+    ``n_road``, ``n_randomisation`` and ``n_robustness`` scenes (at most those every run explained; 0 skips).
+
+    Every method's values are drawn from ``seed`` afresh, so they do not depend on the other methods in ``runs``.
+    """
+    if not runs:
+        return FirstSceneMeasures()
+    common = min(len(r.indices) for r in runs.values())
+    r_road, r, k = min(n_road, common), min(n_randomisation, common), min(n_robustness, common)
+    out = FirstSceneMeasures()
+    if r_road:
+        out.road = {name: road_values(scorer, images, labels, run, r_road, road_percentages=road_percentages,
+                                      seed=seed) for name, run in runs.items()}
+    if r:
+        out.randomisation = randomisation_check(
+            images[:r], labels[:r], masks[:r], methods=list(runs), student=student, teacher=teacher, wrap=wrap,
+            steps=randomisation_steps, method_params=method_params, seed=seed, progress=progress,
+            num_classes=int(getattr(blackbox, "num_classes", labels.max().item() + 1)))
+    if k:
+        out.robust = robustness(images[:k], labels[:k], masks[:k], runs, blackbox=blackbox, student=student,
+                                teacher=teacher, second_student=second_student, n_samples=robustness_samples,
+                                second_seed=second_seed, seed=seed, progress=progress)
+    return out
+
+
+def finish_scorecard(per_object: pd.DataFrame, runs: dict[str, MethodRun],
+                     first: FirstSceneMeasures) -> ScorecardResult:
+    """The :class:`ScorecardResult` of per-object rows (:func:`score_objects`), the runs and the first-scene
+    measures: each method's ROAD values on its object ``a`` rows; its value after the last cascade step as
+    its ``randomisation``; the randomisation and robustness values on the scene's row and its object ``a``'s.
+    """
+    for name, values in first.road.items():
+        at = (per_object["method"] == name) & (per_object["object"] == 0) & per_object["image"].isin(values["image"])
+        per_object.loc[at, ["road_morf", "road_lerf"]] = values[["road_morf", "road_lerf"]].to_numpy()
     per_scene = scene_means(per_object)
     rand = pd.DataFrame(columns=["method", "step", "layer", "image", "rank_correlation"])
     final = pd.DataFrame({"method": pd.Series(dtype=str), "image": pd.Series(dtype=int),
                           "randomisation": pd.Series(dtype=float)})
-    if randomisation is not None:
-        rand = randomisation
+    if first.randomisation is not None:
+        rand = first.randomisation
         final = rand[rand["step"] == rand.groupby("method")["step"].transform("max")]
         final = final.rename(columns={"rank_correlation": "randomisation"})[["method", "image", "randomisation"]]
+    robust = first.robust
     if robust is None:
         robust = pd.DataFrame({"method": pd.Series(dtype=str), "image": pd.Series(dtype=int),
                                "max_sensitivity": pd.Series(dtype=float),

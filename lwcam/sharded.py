@@ -86,6 +86,7 @@ from .pipeline import (
     save_scorecard_rows,
     save_table,
     scorecard_inputs,
+    scorecard_scenes,
     scorecard_tables,
     stage,
     student_agreement,
@@ -98,11 +99,11 @@ __all__ = ["DEFAULT_TIMEOUT_S", "STAGES", "ShardedRunError", "ShardRows", "T3Inp
            "check_nproc", "shard_positions", "ordered_rows", "gather_to_rank0", "explain_shard", "t3_shard",
            "merge_shards", "merge_method_runs", "evaluate_t3", "process_group", "prepare_t3", "t3_tables", "write_t3",
            "t2_shard", "merge_layer_shards", "evaluate_t2", "t2_images", "prepare_t2", "write_t2", "prepare_t4",
-           "write_t4", "stage_names",
-           "stage_images", "stage_outputs", "save_result", "run_worker", "launch", "main"]
+           "write_t4", "stage_names", "stage_images", "stage_outputs", "save_result", "run_worker", "launch", "main"]
 
 #: Seconds a collective (a gather, a barrier) may wait for the other ranks before it fails.
 DEFAULT_TIMEOUT_S = 1800.0
+
 
 class ShardedRunError(RuntimeError):
     """A sharded run failed: a rank ended with an error or was killed; the message names the rank."""
@@ -233,11 +234,11 @@ def merge_shards(shards: Sequence[ShardRows]) -> ShardRows:
         if spent:
             seconds, queries, n = zip(*spent, strict=True)
             costs[name] = (float(sum(seconds)), float(sum(queries)), int(sum(n)))
-    if any(s.runs is None or s.games is None for s in shards):
+    kept = [(s.runs, s.games) for s in shards if s.runs is not None and s.games is not None]
+    if len(kept) < len(shards):
         return ShardRows(per_image=per_image, costs=costs)
-    runs = {name: merge_method_runs([s.runs[name] for s in shards if name in s.runs]) for name in costs}  # type: ignore[index,operator]
-    games = {name: tuple(_merge_game([s.games[name][i] for s in shards if name in s.games])  # type: ignore[index,operator]
-                         for i in (0, 1)) for name in costs}
+    runs = {name: merge_method_runs([r[name] for r, _ in kept if name in r]) for name in costs}
+    games = {name: tuple(_merge_game([g[name][i] for _, g in kept if name in g]) for i in (0, 1)) for name in costs}
     return ShardRows(per_image=per_image, costs=costs, runs=runs, games=games)
 
 
@@ -509,12 +510,11 @@ def stage_names(which: str) -> tuple[str, ...]:
 
 
 def stage_images(params: Mapping[str, Any], which: str) -> tuple[int, str]:
-    """How many images (or scenes) a stage shards, and the profile key that says so; under ``all`` the fewest."""
+    """How many images (or scenes) a stage shards, and the profile key that says so."""
     p = as_profile(params)
     counts = {"t2": (t2_images(p), "n_layer_eval"), "t3": (p.n_eval, "n_eval"),
-              "t4": (max(p.n_conflict, p.n_conflict_blackbox, p.n_road, p.n_randomisation, p.n_robustness),
-                     "n_conflict")}
-    return min(counts[name] for name in stage_names(which))
+              "t4": (scorecard_scenes(p), "n_conflict")}
+    return counts[stage_names(which)[0]] if which != "all" else min(counts.values())
 
 
 def stage_outputs(paths: RunPaths, which: str) -> list[Path]:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 import torch
@@ -48,36 +48,24 @@ from ._shards import (
 )
 from .evaluation import MethodRun
 
-__all__ = ["T4Shard", "scorecard_limits", "share_methods", "explain_shard_t4", "run_scorecard_sharded"]
+__all__ = ["T4Shard", "share_methods", "explain_shard_t4", "run_scorecard_sharded"]
 
 
 @dataclass
 class T4Shard:
     """One rank's part of T4: the per-object rows and runs of its scenes, and the first-scene measures of its
-    methods (ROAD values, randomisation rows and robustness rows)."""
+    methods."""
 
     per_object: pd.DataFrame
     runs: dict[str, MethodRun]
-    road: dict[str, pd.DataFrame]
-    randomisation: pd.DataFrame | None
-    robust: pd.DataFrame | None
-
-
-def scorecard_limits(methods: Sequence[str], n: int, n_expensive: int | None) -> dict[str, int]:
-    """How many scenes (the first ones) each method explains in one process: ``n``, or ``n_expensive`` for
-    :data:`~lwcam.scorecard.EXPENSIVE_METHODS`.
-
-    >>> scorecard_limits(["gradcam", "rise"], 10, 4)
-    {'gradcam': 10, 'rise': 4}
-    """
-    costly = n if n_expensive is None else min(n, check_positive_int(n_expensive, "n_expensive"))
-    return {m: costly if sc.VARIANTS.get(m, (m,))[0] in sc.EXPENSIVE_METHODS else n for m in methods}
+    first: sc.FirstSceneMeasures
 
 
 def explain_shard_t4(images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, positions: torch.Tensor, *,
                      methods: Sequence[str], limits: Mapping[str, int], **kwargs: Any) -> dict[str, MethodRun]:
     """:func:`~lwcam.scorecard.explain_scenes` of the scenes at ``positions`` (of the whole batch), each run's
-    ``indices`` positions in the whole batch; a method with none of its scenes here is left out.
+    ``indices`` positions in the whole batch; a method with none of its scenes here is left out. ``limits``:
+    the scenes each method explains (:func:`~lwcam.scorecard.scene_limits`).
 
     ``kwargs`` go to :func:`~lwcam.scorecard.explain_scenes` (models, ``method_params``, ``progress``).
     """
@@ -127,34 +115,30 @@ def share_methods(costs: Mapping[str, float], world: int) -> list[list[str]]:
 
 
 def _merge_runs(parts: Sequence[Mapping[str, MethodRun]], methods: Sequence[str]) -> dict[str, MethodRun]:
-    """The ranks' runs (in rank order) as one per method (:func:`lwcam.sharded.merge_method_runs`)."""
+    """The ranks' runs (in rank order) as one per method (:func:`lwcam._shards.merge_method_runs`)."""
     return {name: merge_method_runs([p[name] for p in parts if name in p]) for name in methods}
 
 
-def _by_method(rows: pd.DataFrame, order: Mapping[str, int]) -> pd.DataFrame:
-    """``rows`` method by method in ``order``, each method's rows in the order they came (a stable sort)."""
-    return (rows.assign(_m=rows["method"].map(order)).sort_values("_m", kind="stable").drop(columns="_m")
+def _in_order(frames: Sequence[pd.DataFrame | None], methods: Sequence[str], then: Sequence[str] = ()
+              ) -> pd.DataFrame | None:
+    """The ranks' rows as one frame, method by method in ``methods`` order, then by ``then`` (a stable sort:
+    rows that tie keep the order they came in); ``None`` where no rank has any."""
+    present = [f for f in frames if f is not None]
+    if not present:
+        return None
+    rows = pd.concat(present, ignore_index=True)
+    order = {m: i for i, m in enumerate(methods)}
+    return (rows.assign(_m=rows["method"].map(order)).sort_values(["_m", *then], kind="stable").drop(columns="_m")
             .reset_index(drop=True))
 
 
 def _merge(shards: Sequence[T4Shard], methods: Sequence[str]) -> sc.ScorecardResult:
     """Rank 0's result from every rank's :class:`T4Shard`, with the rows in one process's order."""
-    order = {m: i for i, m in enumerate(methods)}
-    per_object = pd.concat([s.per_object for s in shards], ignore_index=True)
-    per_object = (per_object.assign(_m=per_object["method"].map(order))
-                  .sort_values(["_m", "object", "image"], kind="stable").drop(columns="_m").reset_index(drop=True))
-    for shard in shards:
-        for name, values in shard.road.items():
-            at = ((per_object["method"] == name) & (per_object["object"] == 0)
-                  & per_object["image"].isin(values["image"]))
-            per_object.loc[at, ["road_morf", "road_lerf"]] = values[["road_morf", "road_lerf"]].to_numpy()
-    rand = [s.randomisation for s in shards if s.randomisation is not None]
-    robust = [s.robust for s in shards if s.robust is not None]
-    rand = [_by_method(pd.concat(rand, ignore_index=True), order)] if rand else []
-    robust = [_by_method(pd.concat(robust, ignore_index=True), order)] if robust else []
-    return sc.finish_scorecard(per_object, _merge_runs([s.runs for s in shards], methods),
-                               pd.concat(rand, ignore_index=True) if rand else None,
-                               pd.concat(robust, ignore_index=True) if robust else None)
+    per_object = _in_order([s.per_object for s in shards], methods, then=("object", "image"))
+    first = sc.FirstSceneMeasures(road={k: v for s in shards for k, v in s.first.road.items()},
+                                  randomisation=_in_order([s.first.randomisation for s in shards], methods),
+                                  robust=_in_order([s.first.robust for s in shards], methods))
+    return sc.finish_scorecard(cast(pd.DataFrame, per_object), _merge_runs([s.runs for s in shards], methods), first)
 
 
 def run_scorecard_sharded(images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, *,
@@ -177,27 +161,18 @@ def run_scorecard_sharded(images: torch.Tensor, labels: torch.Tensor, masks: tor
     check_nproc(world, n, name="world size")
     scorer = blackbox if scorer is None else scorer
     method_params = method_params or {}
-    limits = scorecard_limits(methods, n, n_expensive)
+    limits = sc.scene_limits(methods, n, n_expensive)
     models = {"blackbox": blackbox, "student": student, "teacher": teacher}
     runs = explain_shard_t4(images, labels, masks, shard_positions(n, rank, world), methods=methods, limits=limits,
                             method_params=method_params, progress=False, **models)
     per_object = sc.score_objects(scorer, images, labels, masks, runs, step=step, progress=False)
-    common = min(limits.values())
-    first = _first_scenes(runs, methods, min(max(n_road, n_randomisation, n_robustness), common))
+    first = _first_scenes(runs, methods, min(max(n_road, n_randomisation, n_robustness), min(limits.values())))
     shares = share_methods({name: run.seconds_per_image for name, run in first.items()}, world)
-    mine = {name: first[name] for name in shares[rank]}
-    road = {name: sc.road_values(scorer, images, labels, run, min(n_road, common), road_percentages=road_percentages,
-                                 seed=seed) for name, run in mine.items()} if min(n_road, common) else {}
-    r, k = min(n_randomisation, common), min(n_robustness, common)
-    rand = robust = None
-    if r and mine:
-        rand = sc.randomisation_check(images[:r], labels[:r], masks[:r], methods=list(mine), student=student,
-                                      teacher=teacher, wrap=wrap, steps=randomisation_steps,
-                                      method_params=method_params, seed=seed, progress=False,
-                                      num_classes=int(getattr(blackbox, "num_classes", labels.max().item() + 1)))
-    if k and mine:
-        robust = sc.robustness(images[:k], labels[:k], masks[:k], mine, blackbox=blackbox, student=student,
-                               teacher=teacher, second_student=second_student, n_samples=robustness_samples,
-                               second_seed=second_seed, seed=seed, progress=False)
-    gathered = gather_to_rank0(T4Shard(per_object=per_object, runs=runs, road=road, randomisation=rand, robust=robust))
+    measures = sc.first_scene_measures(
+        images, labels, masks, {name: first[name] for name in shares[rank]}, scorer=scorer,
+        second_student=second_student, n_road=n_road, n_randomisation=n_randomisation,
+        randomisation_steps=randomisation_steps, n_robustness=n_robustness, robustness_samples=robustness_samples,
+        second_seed=second_seed, method_params=method_params, wrap=wrap, road_percentages=road_percentages, seed=seed,
+        progress=False, **models)
+    gathered = gather_to_rank0(T4Shard(per_object=per_object, runs=runs, first=measures))
     return _merge(gathered, methods) if gathered is not None else None

@@ -19,7 +19,7 @@ import torch
 
 from lwcam import pipeline, scorecard
 from lwcam.sharded import stage_images, stage_names, stage_outputs
-from lwcam.sharded_t4 import explain_shard_t4, run_scorecard_sharded, scorecard_limits
+from lwcam.sharded_t4 import explain_shard_t4, run_scorecard_sharded
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _sharded_worker import make_scorecard_task  # noqa: E402
@@ -55,7 +55,7 @@ def test_one_process_is_run_scorecard(task) -> None:
 def test_a_shard_explains_its_scenes_and_cuts_the_random_map_from_the_whole_draw(task) -> None:
     (images, labels, masks), kwargs = task
     methods = ["gradcam", "rise", "random"]
-    limits = scorecard_limits(methods, len(images), kwargs["n_expensive"])
+    limits = scorecard.scene_limits(methods, len(images), kwargs["n_expensive"])
     models = {k: kwargs[k] for k in ("blackbox", "student", "teacher")}
     params = kwargs["method_params"]
     whole = scorecard.explain_scenes(images, labels, masks, methods=methods, n_expensive=3, method_params=params,
@@ -68,9 +68,9 @@ def test_a_shard_explains_its_scenes_and_cuts_the_random_map_from_the_whole_draw
         torch.testing.assert_close(late[name].saliency, whole[name].saliency[3:], rtol=0, atol=1e-6)
 
 
-def test_scorecard_limits_refuse_a_bad_n_expensive() -> None:
+def test_scene_limits_refuse_a_bad_n_expensive() -> None:
     with pytest.raises(ValueError, match="n_expensive"):
-        scorecard_limits(["rise"], 4, 0)
+        scorecard.scene_limits(["rise"], 4, 0)
 
 
 def test_the_t4_stage_is_named_and_counts_its_scenes() -> None:
@@ -165,7 +165,7 @@ def test_run_with_two_processes_gives_notebooks_04_and_05_the_tables_of_one(tmp_
 def test_run_refuses_a_bad_nproc_by_name(capsys) -> None:
     with pytest.raises(SystemExit):
         pipeline.main(["run", "--profile", "quick", "--nproc", "0"])
-    assert "argument --nproc: must be at least 1" in capsys.readouterr().err
+    assert "argument --nproc: --nproc must be at least 1, got 0" in capsys.readouterr().err
     with pytest.raises(ValueError, match="overrides= needs nproc=1"):
         pipeline.run("quick", nproc=2, overrides={"n_eval": 4})
     with pytest.raises(TypeError, match="nproc must be an int"):
