@@ -27,6 +27,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sized
 from contextlib import contextmanager
@@ -469,7 +470,7 @@ def notebook_nproc() -> int:
 
 def sharded_result(params: Mapping[str, Any], paths: RunPaths, which: str, nproc: int) -> Any:
     """Stage ``which`` (``t3`` or ``t4``) of the profile over ``nproc`` processes (:mod:`lwcam.sharded`), what
-    its notebook computes in one process, read back from the run folder.
+    its notebook computes in one process, read back from a private temporary folder.
 
     The processes read the profile from its file: ``params`` must be that profile unchanged.
     """
@@ -479,15 +480,13 @@ def sharded_result(params: Mapping[str, Any], paths: RunPaths, which: str, nproc
     if p.to_dict() != load_profile(p.profile, paths.root).to_dict():
         raise ValueError(f"nproc={nproc}: the processes read params/{p.profile}.yaml as it is, but this profile "
                          f"differs from it; run with nproc=1, or save the settings as a profile of their own")
-    result = paths.run / f"sharded_{which}.pt"
-    result.unlink(missing_ok=True)
-    with environ(LWCAM_STAGE_LOG="off"):  # the processes inherit it; this process times the stage whole
-        sharded.launch(["-m", "lwcam.sharded", "--profile", p.profile, "--root", str(paths.root), "--stage", which,
-                        "--result", str(result)], nproc)
-    try:
-        return torch.load(result, weights_only=False)  # written by this package's own processes just now
-    finally:
-        result.unlink(missing_ok=True)
+    # a fresh folder only this user can write to: the file is unpickled, so nobody else may put one there
+    with tempfile.TemporaryDirectory(prefix="lwcam-sharded-") as folder:
+        result = Path(folder) / f"{which}.pt"
+        with environ(LWCAM_STAGE_LOG="off"):  # the processes inherit it; this process times the stage whole
+            sharded.launch(["-m", "lwcam.sharded", "--profile", p.profile, "--root", str(paths.root), "--stage",
+                            which, "--result", str(result)], nproc)
+        return torch.load(result, weights_only=False)  # written just now by the processes this call started
 
 
 def t3_results(params: Mapping[str, Any], paths: RunPaths, images: torch.Tensor, targets: torch.Tensor,
