@@ -25,8 +25,8 @@ $(STAMP): pyproject.toml
 ## NPROC=2 shards T3's and T4's explanations and measures (notebooks 04 and 05) over 2 processes on this machine.
 NPROC ?= 1
 reproduce: $(STAMP)
-	$(PY) -m lwcam.pipeline run --profile $(PROFILE) --nproc $(NPROC)
-	$(PY) -m lwcam.docs
+	$(PY) -m lwcam.study.pipeline run --profile $(PROFILE) --nproc $(NPROC)
+	$(PY) -m lwcam.study.docs
 
 ## A stage's per-image rows and tables sharded over NPROC processes on this machine. STAGE=t3 (the default):
 ## T3's explanations and games, T3_methods and T3_claim (notebook 04's rows); STAGE=t2: T2's per-layer games,
@@ -34,11 +34,11 @@ reproduce: $(STAMP)
 ## docs/distributed.md.
 STAGE ?= t3
 evaluate: $(STAMP)
-	$(PY) -m lwcam.pipeline evaluate --profile $(PROFILE) --nproc $(NPROC) --stage $(STAGE)
+	$(PY) -m lwcam.study.pipeline evaluate --profile $(PROFILE) --nproc $(NPROC) --stage $(STAGE)
 
 ## The README and docs/*.md, rendered from docs/templates/ and the tables under reports/ (every profile's).
 docs: $(STAMP)
-	$(PY) -m lwcam.docs
+	$(PY) -m lwcam.study.docs
 
 ## The whole test suite: ruff, mypy, unit tests and every >>> example, then the notebooks under nbval (quick profile).
 ## The browser tests find a headless Chromium or install one (tests/conftest.py, fixture `chromium`: Debian's
@@ -53,9 +53,9 @@ test: $(STAMP)
 ## then, where a Chromium is installed (Debian's or Playwright's), every page checked in it and the landing page's
 ## screenshot saved. A notebook that raised is marked on the site and fails the target.
 report: $(STAMP)
-	$(PY) -m lwcam.report build --profile $(PROFILE)
-	@if $(PY) -c "import sys; from lwcam.report import find_browser; sys.exit(find_browser() is None)"; then \
-	$(PY) -m lwcam.report check --profile $(PROFILE); \
+	$(PY) -m lwcam.study.report build --profile $(PROFILE)
+	@if $(PY) -c "import sys; from lwcam.study.report import find_browser; sys.exit(find_browser() is None)"; then \
+	$(PY) -m lwcam.study.report check --profile $(PROFILE); \
 	else echo "report: no Chromium found (apt-get install chromium, or $(PY) -m playwright install chromium);" \
 	"the site is built but not checked in a browser"; fi
 

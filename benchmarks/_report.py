@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from lwcam._utils import atomic_write_bytes
-from lwcam.pipeline import cpu_model
+from lwcam.study.pipeline import cpu_model
 
 __all__ = ["add_common_args", "cpu_model", "machine", "machine_line", "write_report"]
 

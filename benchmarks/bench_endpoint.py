@@ -40,7 +40,7 @@ from benchmarks._report import add_common_args, machine, write_report  # noqa: E
 from lwcam import BlackBox  # noqa: E402
 from lwcam._utils import seed_everything  # noqa: E402
 from lwcam.models import build_model, save_checkpoint  # noqa: E402
-from lwcam.serve import ServerProcess  # noqa: E402
+from lwcam.study.serve import ServerProcess  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -55,8 +55,8 @@ from benchmarks._report import add_common_args, machine, write_report  # noqa: E
 from lwcam import BlackBox  # noqa: E402
 from lwcam.baselines import rise  # noqa: E402
 from lwcam.fast import accelerate  # noqa: E402
-from lwcam.metrics import deletion_game  # noqa: E402
 from lwcam.models import build_model  # noqa: E402
+from lwcam.scoring.games import deletion_game  # noqa: E402
 
 MODELS = {"black box": "mobilenet_v2_s8", "student": "regnet_x_s8"}
 CL = torch.channels_last

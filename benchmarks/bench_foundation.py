@@ -27,10 +27,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._report import add_common_args, machine, write_report  # noqa: E402
-from lwcam import pipeline  # noqa: E402
 from lwcam.baselines import center_saliency, random_saliency  # noqa: E402
-from lwcam.metrics import bootstrap_ci, deletion_game, paired_test  # noqa: E402
 from lwcam.models import evaluate_accuracy, load_checkpoint, train_teacher  # noqa: E402
+from lwcam.scoring.games import deletion_game  # noqa: E402
+from lwcam.scoring.stats import bootstrap_ci, paired_test
+from lwcam.study import pipeline  # noqa: E402
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ The protocol plays the deletion and insertion games one row of pixels per step (
 may set ``game_steps`` coarser only if, on the same maps, no method's mean AUC moves by more than
 0.005 and no verdict changes. This script measures that on a profile's trained run
 (``runs/<profile>/``: run ``make reproduce`` or notebook 01 first): notebook 04's explanations of the
-first ``n_eval`` test images (:func:`lwcam.pipeline.explain_t3`, the fusion selected on ``val``), then
+first ``n_eval`` test images (:func:`lwcam.study.pipeline.explain_t3`, the fusion selected on ``val``), then
 T3's games and claims twice on those maps, at the protocol's steps and at ``--steps``, and the fusion
 selection on ``val`` at both.
 
@@ -29,8 +29,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._report import add_common_args, machine, write_report  # noqa: E402
-from lwcam import analysis, evaluation, pipeline  # noqa: E402
-from lwcam.profiles import Profile  # noqa: E402
+from lwcam.scoring import evaluation  # noqa: E402
+from lwcam.study import analysis, pipeline
+from lwcam.study.profiles import Profile  # noqa: E402
 
 TOLERANCE = 0.005
 

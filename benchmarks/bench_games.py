@@ -48,8 +48,8 @@ from benchmarks.torchcam_adapter import torchcam_games  # noqa: E402
 from lwcam import BlackBox  # noqa: E402
 from lwcam._utils import seed_everything  # noqa: E402
 from lwcam.fast import FastForward, accelerate  # noqa: E402
-from lwcam.metrics import deletion_game, gaussian_blur, insertion_game  # noqa: E402
 from lwcam.models import build_model  # noqa: E402
+from lwcam.scoring.games import deletion_game, gaussian_blur, insertion_game  # noqa: E402
 
 # config -> (deletion substrate, insertion start, torchcam baselines: curve -> baseline)
 CONFIGS = {

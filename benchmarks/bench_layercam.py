@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._report import add_common_args, machine, write_report  # noqa: E402
 from lwcam._utils import seed_everything  # noqa: E402
-from lwcam.layercam import LayerwiseGradCAM, auto_layers  # noqa: E402
+from lwcam.cam.layerwise import LayerwiseGradCAM, auto_layers  # noqa: E402
 from lwcam.models import build_model  # noqa: E402
 
 

@@ -33,13 +33,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._report import machine, write_report  # noqa: E402
-from lwcam import evaluation, pipeline  # noqa: E402
-from lwcam.answers import TRAINING_FLOORS  # noqa: E402
 from lwcam.models import evaluate_accuracy  # noqa: E402
-from lwcam.profiles import Profile  # noqa: E402
+from lwcam.scoring import evaluation
+from lwcam.study import pipeline  # noqa: E402
+from lwcam.study.answers import TRAINING_FLOORS  # noqa: E402
+from lwcam.study.profiles import Profile  # noqa: E402
 
 MODES = ("probs", "topk", "label")
-#: the floors' columns (lwcam.answers.TRAINING_FLOORS), then numbers reported without a floor
+#: the floors' columns (lwcam.study.answers.TRAINING_FLOORS), then numbers reported without a floor
 HEADLINES = (*TRAINING_FLOORS, "deletion_lwcam", "deletion_gradcam")
 
 

@@ -1,16 +1,16 @@
 """T3's explanations and games, T2's per-layer games or T4's scorecard, sharded over processes
-(:mod:`lwcam.sharded`): wall time on 1 and 2 processes.
+(:mod:`lwcam.study.sharded`): wall time on 1 and 2 processes.
 
 Side by side in one run, on the same task: ``--n-images`` images of ``--image-size`` px, an untrained
 black box (``mobilenet_v2_s8``, ``weights=None``) and student (``regnet_x_s8``), every T3 method on every
 image (``n_eval_blackbox = n_eval_mp = n``, so each image costs the same), ``--rise-masks`` RISE masks,
 ``--lime-samples`` LIME samples, ``--game-steps`` game steps. Each process count runs under
-:func:`lwcam.sharded.launch` (127.0.0.1, a free port) with one torch thread per process; the time is
-rank 0's wall time of :func:`lwcam.sharded.evaluate_t3` (explain, score, gather, merge) from a barrier
+:func:`lwcam.study.sharded.launch` (127.0.0.1, a free port) with one torch thread per process; the time is
+rank 0's wall time of :func:`lwcam.study.sharded.evaluate_t3` (explain, score, gather, merge) from a barrier
 after the set-up, best of ``--rounds`` rounds, run in turn. ``--stage t2`` times
-:func:`lwcam.sharded.evaluate_t2` instead (the student's per-layer Grad-CAM, every layer's map and the
+:func:`lwcam.study.sharded.evaluate_t2` instead (the student's per-layer Grad-CAM, every layer's map and the
 fused map without it scored on the black box) and writes ``reports/bench_sharded_eval_t2.csv``; ``--stage t4``
-times :func:`lwcam.sharded_t4.run_scorecard_sharded` on ``--n-images`` conflict scenes of ``size x 2 size`` px
+times :func:`lwcam.study.sharded_t4.run_scorecard_sharded` on ``--n-images`` conflict scenes of ``size x 2 size`` px
 (two boxes of two classes each; every T4 method on every scene, ROAD on the first 4 scenes, randomisation in 2
 steps and robustness on the first 2, 2 noise samples) and writes ``reports/bench_sharded_eval_t4.csv``.
 
@@ -45,11 +45,11 @@ IMAGENET_VAL = 50_000
 
 
 def make_task(n: int, size: int, seed: int, rise_masks: int, lime_samples: int, game_steps: int) -> dict:
-    """Every input of :func:`lwcam.sharded.evaluate_t3`, a pure function of the arguments."""
+    """Every input of :func:`lwcam.study.sharded.evaluate_t3`, a pure function of the arguments."""
     from lwcam.blackbox import BlackBox
     from lwcam.models import build_model
-    from lwcam.pipeline import blackbox_labels
-    from lwcam.profiles import Profile
+    from lwcam.study.pipeline import blackbox_labels
+    from lwcam.study.profiles import Profile
 
     params = Profile.from_dict({"image_size": size, "num_classes": 10, "seed": seed, "n_eval": n,
                                 "n_eval_blackbox": n, "n_eval_mp": n, "rise_masks": rise_masks,
@@ -68,9 +68,9 @@ def make_task(n: int, size: int, seed: int, rise_masks: int, lime_samples: int, 
 
 
 def scene_task(task: dict, seed: int) -> tuple[tuple[torch.Tensor, ...], dict]:
-    """Conflict scenes for T4 of ``task``'s image size, twice as wide, and :func:`lwcam.scorecard.run_scorecard`'s
+    """Conflict scenes for T4 of ``task``'s image size, twice as wide, and :func:`lwcam.study.scorecard.run_scorecard`'s
     keyword arguments; a pure function of ``task`` and ``seed``."""
-    from lwcam import scorecard
+    from lwcam.study import scorecard
 
     n, _, size, _ = task["images"].shape
     g = torch.Generator().manual_seed(seed + 1)
@@ -94,8 +94,8 @@ def scene_task(task: dict, seed: int) -> tuple[tuple[torch.Tensor, ...], dict]:
 def _evaluate(stage: str, task: dict) -> Any:
     """One sharded evaluation of ``task``: T3's (``t3``), T2's (``t2``) rows or T4's result (``t4``) on rank 0,
     else ``None``."""
-    from lwcam.sharded import evaluate_t2, evaluate_t3
-    from lwcam.sharded_t4 import run_scorecard_sharded
+    from lwcam.study.sharded import evaluate_t2, evaluate_t3
+    from lwcam.study.sharded_t4 import run_scorecard_sharded
 
     if stage == "t4":
         return run_scorecard_sharded(*task["scenes"], **task["scene_kwargs"])
@@ -110,7 +110,7 @@ def worker(args: argparse.Namespace) -> int:
     """One rank: set up, then time ``evaluate_t3`` ``--rounds`` times from a barrier; rank 0 writes the times."""
     import torch.distributed as dist
 
-    from lwcam.sharded import process_group
+    from lwcam.study.sharded import process_group
 
     torch.set_num_threads(1)
     with process_group() as (rank, world):
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.out is not None:
         return worker(args)
-    from lwcam.sharded import launch
+    from lwcam.study.sharded import launch
 
     info, rows = machine(), []
     with tempfile.TemporaryDirectory() as tmp:

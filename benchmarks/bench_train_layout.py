@@ -32,9 +32,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._report import add_common_args, machine, write_report  # noqa: E402
-from lwcam import BlackBox, distill, pipeline  # noqa: E402
+from lwcam import BlackBox, distill
 from lwcam.models import evaluate_accuracy, train_teacher  # noqa: E402
-from lwcam.profiles import Profile  # noqa: E402
+from lwcam.study import pipeline  # noqa: E402
+from lwcam.study.profiles import Profile  # noqa: E402
 
 TOLERANCE = 0.002
 

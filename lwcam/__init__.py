@@ -1,19 +1,18 @@
 """lwcam: layer-wise Grad-CAM explanations of black-box classifiers via a distilled student.
 
-The four steps, each one module:
+The library, one package or module per step:
 
-1. :mod:`lwcam.blackbox` and :mod:`lwcam.distillation`: query the black box, distil a white-box student.
-2. :mod:`lwcam.layercam`: a class activation map (Grad-CAM or LayerCAM weighting) on every layer of
-   the student in one forward/backward pass.
-3. :mod:`lwcam.fusion`: fuse the layer maps pixel-wise (sum, max, or per-layer weights).
-4. :mod:`lwcam.metrics` and :mod:`lwcam.baselines`: deletion/insertion games on the black box;
-   :mod:`lwcam.measures`: the scorecard's other measures (class-conflict localisation, ROAD,
-   randomisation, robustness, sparseness).
+1. :mod:`lwcam.blackbox` (and :mod:`lwcam.remote`, a black box behind an inference server) and
+   :mod:`lwcam.distillation`: query the black box, distil a white-box student.
+2. :mod:`lwcam.cam`: a class activation map (Grad-CAM, LayerCAM or HiResCAM weighting) on every layer of
+   the student in one forward/backward pass, the layers to use, and their fusion into one map.
+3. :mod:`lwcam.baselines`: the methods lwcam is compared with, each seeing only the model it may see.
+4. :mod:`lwcam.scoring`: every score of a map, one module per family (the deletion and insertion games
+   on the black box, localisation, ROAD, randomisation, robustness, complexity), and the statistics.
 
-:mod:`lwcam.evaluation` runs every method and scores it, :mod:`lwcam.analysis` makes the paper's
-tables (T1, the fusion chosen on ``val``, the claims, F6, F7), :mod:`lwcam.scorecard` the scorecard
-on class-conflict scenes (T4, F8), :mod:`lwcam.profiles` declares a
-run's settings, and :mod:`lwcam.pipeline` runs the notebooks with cached artefacts and timings.
+:mod:`lwcam.data` and :mod:`lwcam.models` hold the data sets and architectures. The paper's study (the
+pipeline, its tables and figures, the report) lives in :mod:`lwcam.study`, which imports the library and
+is never imported by it; see ``docs/architecture.md``.
 """
 
 from __future__ import annotations
@@ -21,6 +20,10 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from typing import Any
+
+from . import _moved
+
+_moved.install()  # the previous release's import paths, with a DeprecationWarning
 
 __version__ = "0.1.0"
 
@@ -31,12 +34,12 @@ _EXPORTS = {
     "CacheError": "lwcam.blackbox",
     "distill": "lwcam.distillation",
     "DistillResult": "lwcam.distillation",
-    "LayerwiseGradCAM": "lwcam.layercam",
-    "LayerMaps": "lwcam.layercam",
-    "fuse": "lwcam.fusion",
-    "deletion_game": "lwcam.metrics",
-    "insertion_game": "lwcam.metrics",
-    "GameResult": "lwcam.metrics",
+    "LayerwiseGradCAM": "lwcam.cam",
+    "LayerMaps": "lwcam.cam",
+    "fuse": "lwcam.cam.fusion",
+    "deletion_game": "lwcam.scoring",
+    "insertion_game": "lwcam.scoring",
+    "GameResult": "lwcam.scoring",
 }
 
 __all__ = [*_EXPORTS, "__version__"]
@@ -48,7 +51,7 @@ _SUBMODULES = frozenset(m.name for m in pkgutil.iter_modules(__path__) if not m.
 def __getattr__(name: str) -> Any:  # lazy: importing lwcam stays cheap
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    if name in _SUBMODULES:
+    if name in _SUBMODULES or f"lwcam.{name}" in _moved.MOVED or f"lwcam.{name}" in _moved.SPLIT:
         return importlib.import_module(f"lwcam.{name}")
     raise AttributeError(f"module 'lwcam' has no attribute {name!r}")
 

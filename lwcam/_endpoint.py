@@ -4,6 +4,10 @@ This module imports nothing from :mod:`lwcam.blackbox`; the black box imports it
 ``BlackBox.from_endpoint`` (so that ``httpx`` is loaded only when a server is used), and
 :mod:`lwcam.remote` imports both. The import graph has no cycle. The public names live in
 :mod:`lwcam.remote`.
+
+Why one file: every defence of the client against a faulty server (the metadata check, the deadline
+on the whole request, the retries and their ``Retry-After``, the check of each answer's version and
+datatype) acts on one request, and is read here in the order a request meets it.
 """
 
 from __future__ import annotations

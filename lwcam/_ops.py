@@ -2,7 +2,7 @@
 
 Each exists once; callers pass their own documented settings:
 
-* the insertion game's start image (:func:`lwcam.metrics.gaussian_blur`): kernel 11, σ 5, reflect
+* the insertion game's start image (:func:`lwcam.scoring.games.gaussian_blur`): kernel 11, σ 5, reflect
   border, kernel weights computed in float64;
 * Meaningful Perturbation's blurred copy: kernel ``2·ceil(3σ)+1``, replicate border, weights in
   float32;

@@ -1,6 +1,6 @@
 """The MLServer side of ``lwcam serve``: a runtime that answers Open Inference Protocol requests with a torch module.
 
-Kept apart from :mod:`lwcam.serve` so that the command can parse its arguments, and say what is
+Kept apart from :mod:`lwcam.study.serve` so that the command can parse its arguments, and say what is
 missing, without the ``serve`` extra (``pip install lwcam[serve]``) installed.
 
 Example:

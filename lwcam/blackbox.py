@@ -14,6 +14,10 @@ Example:
     >>> top = bb(torch.rand(5, 3, 8, 8))
     >>> top.values.shape, top.indices.shape, bb.queries
     (torch.Size([5, 2]), torch.Size([5, 2]), 5)
+
+Why one file: it is the query boundary. Every image that reaches the model being explained goes
+through :class:`BlackBox` (its access mode, its count, the check of every answer, the retries and the
+answer cache), so that what a student can learn from the black box is read in one place.
 """
 
 from __future__ import annotations

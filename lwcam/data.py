@@ -24,6 +24,11 @@ Example:
     >>> image, label, mask = ds[0]
     >>> image.shape, mask.shape, mask.dtype
     (torch.Size([3, 64, 64]), torch.Size([64, 64]), torch.bool)
+
+Why one file: the embedded generator, its class-conflict scenes and the real loaders are three sources
+behind one contract, ``(image, label, mask)`` in the normalised space, and they share the normalisation,
+the mask conventions and :func:`render_arrays`. Each source is a marked section; the file becomes a
+package when a fifth data set arrives.
 """
 
 from __future__ import annotations
@@ -627,7 +632,7 @@ class ConflictScenes(Dataset):
     of object ``a`` and object ``b``, and their masks. See :func:`render_conflict`.
 
     Args:
-        split: the split the halves are drawn from (``"val"`` for selection, ``"test"`` for T4).
+        split: the split the halves are drawn from (``"val"`` for selection, ``"test"`` for the scorecard).
         n: number of scenes.
         image_size: side H of each half (the scene is H × 2H).
         num_classes: number of texture classes (2..10).

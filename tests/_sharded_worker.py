@@ -1,4 +1,4 @@
-"""A tiny T2, T3 and T4 evaluation for the tests, and a script that runs it sharded (see lwcam.sharded).
+"""A tiny T2, T3 and T4 evaluation for the tests, and a script that runs it sharded (see lwcam.study.sharded).
 
 The task: ``--num-images`` 32×32 noise images with a box mask each, an untrained ``mobilenet_v2_s8``
 black box and an untrained ``regnet_x_s8`` student (random weights from fixed seeds, BatchNorm made
@@ -9,7 +9,7 @@ Run as a script under ``torchrun`` (or alone, as one process), it writes rank 0'
 rows to ``rows.csv`` and the layers' names to ``layers.json`` (``--stage t2``), or T4's per-scene, per-object
 and randomisation rows and the runs' costs (``--stage t4``: :func:`make_scorecard_task`'s 32×64 scenes).
 ``--die-rank R --die-after K`` makes rank R exit with code 17 at its K-th black-box forward pass (mid-run).
-``--launch N`` starts the script in N processes with :func:`lwcam.sharded.launch` instead, and exits with 3
+``--launch N`` starts the script in N processes with :func:`lwcam.study.sharded.launch` instead, and exits with 3
 (the error on stderr) when a rank fails.
 """
 
@@ -39,8 +39,8 @@ def make_task(n: int = 6, cache_dir: str | None = None) -> dict[str, Any]:
     With ``cache_dir`` both black boxes keep their answers there (one SQLite file every process shares)."""
     from lwcam.blackbox import BlackBox
     from lwcam.models import build_model
-    from lwcam.pipeline import blackbox_labels
-    from lwcam.profiles import Profile
+    from lwcam.study.pipeline import blackbox_labels
+    from lwcam.study.profiles import Profile
 
     params = Profile.from_dict({"image_size": SIZE, "num_classes": CLASSES, "seed": 0, "n_eval": n,
                                 "n_eval_blackbox": min(3, n), "n_eval_mp": min(2, n), "rise_masks": 16,
@@ -64,11 +64,11 @@ def make_task(n: int = 6, cache_dir: str | None = None) -> dict[str, Any]:
 
 def make_scorecard_task(n: int = 6) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
     """Conflict scenes ``(images, labels, masks)`` of 32×64 px (two disjoint 12-px boxes of two classes each) and
-    :func:`lwcam.scorecard.run_scorecard`'s keyword arguments: every T4 method at small settings, the first 3
+    :func:`lwcam.study.scorecard.run_scorecard`'s keyword arguments: every T4 method at small settings, the first 3
     scenes for the costly methods, ROAD on 3, randomisation (2 steps) and robustness on 2. A pure function of ``n``.
     """
-    from lwcam import scorecard
     from lwcam.models import build_model
+    from lwcam.study import scorecard
 
     task = make_task(n)
     g = torch.Generator().manual_seed(1)
@@ -92,7 +92,7 @@ def make_scorecard_task(n: int = 6) -> tuple[tuple[torch.Tensor, ...], dict[str,
 
 
 def write_scorecard(result: Any, out: Path) -> None:
-    """A :class:`lwcam.scorecard.ScorecardResult`'s rows (``per_scene.csv``, ``per_object.csv``,
+    """A :class:`lwcam.study.scorecard.ScorecardResult`'s rows (``per_scene.csv``, ``per_object.csv``,
     ``randomisation.csv``) and its runs' costs (``costs.json``: images explained, queries per scene) under ``out``."""
     from lwcam._utils import atomic_write_bytes
 
@@ -128,8 +128,8 @@ def _die_at(teacher: torch.nn.Module, calls: int) -> None:
 
 def work(args: argparse.Namespace) -> int:
     from lwcam._utils import atomic_write_bytes
-    from lwcam.sharded import evaluate_t2, evaluate_t3, process_group
-    from lwcam.sharded_t4 import run_scorecard_sharded
+    from lwcam.study.sharded import evaluate_t2, evaluate_t3, process_group
+    from lwcam.study.sharded_t4 import run_scorecard_sharded
 
     torch.set_num_threads(1)
     with process_group(timeout_s=args.timeout) as (rank, _world):
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         from torch.distributed.elastic.multiprocessing.errors import record
 
         return record(work)(args)  # a rank's error reaches the launcher
-    from lwcam.sharded import ShardedRunError, launch
+    from lwcam.study.sharded import ShardedRunError, launch
 
     forward = ["--out", args.out, "--num-images", str(args.num_images), "--die-rank", str(args.die_rank),
                "--die-after", str(args.die_after), "--timeout", str(args.timeout), "--stage", args.stage,

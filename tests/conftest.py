@@ -65,7 +65,7 @@ def _launches(path: str) -> str | None:
     """``None`` when Playwright can start the Chromium at ``path`` headless, else why not."""
     from playwright.sync_api import Error, sync_playwright
 
-    from lwcam.report import CHROMIUM_ARGS
+    from lwcam.study.report import CHROMIUM_ARGS
 
     try:
         with sync_playwright() as pw:
@@ -81,7 +81,7 @@ def _find_or_install_browser(log: Callable[[str], None]) -> tuple[str | None, li
         import playwright.sync_api  # noqa: F401
     except ImportError:
         return None, ["Playwright for Python is not installed (pip install -e '.[dev]')"]
-    from lwcam.report import find_browser
+    from lwcam.study.report import find_browser
 
     misses: list[str] = []
     path = find_browser()

@@ -11,14 +11,14 @@ import torch
 from torch import nn
 
 from lwcam import BlackBox
-from lwcam.analysis import (
+from lwcam.models import SMALL_INPUT_ARCHITECTURES, build_model
+from lwcam.study.analysis import (
     claim_table,
     fusion_grid,
     learned_layer_weights,
     quality_vs_fidelity,
     select_fusion,
 )
-from lwcam.models import SMALL_INPUT_ARCHITECTURES, build_model
 
 
 def _tiny_cnn(seed: int, classes: int = 3) -> nn.Module:
@@ -144,7 +144,7 @@ def test_quality_vs_fidelity_rows() -> None:
 
 @pytest.mark.parametrize("name", sorted(SMALL_INPUT_ARCHITECTURES))
 def test_small_input_architectures_keep_an_8x8_last_map(name: str) -> None:
-    from lwcam.evaluation import layer_resolutions
+    from lwcam.scoring.evaluation import layer_resolutions
 
     model = build_model(name, num_classes=10).eval()
     res = layer_resolutions(model, 64)

@@ -11,7 +11,7 @@ from torch import nn
 import lwcam.baselines as bl
 from lwcam import BlackBox
 from lwcam._ops import gaussian_blur
-from lwcam.layercam import LayerwiseGradCAM
+from lwcam.cam.layerwise import LayerwiseGradCAM
 
 SIZE = 32
 PATCH = (slice(8, 16), slice(16, 24))  # rows, cols of the region that carries the class

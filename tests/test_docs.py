@@ -1,6 +1,6 @@
 """The README and docs/: rendered from docs/templates/ and the tables, never stale, every link alive, no number typed.
 
-Every number a run makes comes into the pages through a placeholder (lwcam.docs), so the committed
+Every number a run makes comes into the pages through a placeholder (lwcam.study.docs), so the committed
 pages must equal what their templates render from the committed tables; after a rerun `make docs`
 (which `make reproduce` calls) brings them up to date.
 """
@@ -15,21 +15,21 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lwcam import docs
-from lwcam.answers import TRAINING_FLOORS, Tables, headline_answers
+from lwcam.study import docs
+from lwcam.study.answers import TRAINING_FLOORS, Tables, headline_answers
 
 ROOT = Path(__file__).resolve().parents[1]
 
 #: Numbers the templates may write in prose: protocol constants that are the code's own defaults, not results.
 ALLOWED_NUMBERS = {
-    "95%": "the CIs' level, lwcam.metrics.bootstrap_ci's default ci=0.95",
+    "95%": "the CIs' level, lwcam.scoring.stats.bootstrap_ci's default ci=0.95",
     "3.11": "the Python version the Makefile asks for",
 }
 
 
 def test_the_committed_pages_equal_what_their_templates_render():
     stale = [p.relative_to(ROOT).as_posix() for p in docs.stale_docs(ROOT)]
-    assert stale == [], f"stale pages {stale}: run `make docs` (python -m lwcam.docs) and commit them"
+    assert stale == [], f"stale pages {stale}: run `make docs` (python -m lwcam.study.docs) and commit them"
 
 
 def test_the_readme_is_a_front_page():

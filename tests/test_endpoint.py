@@ -32,11 +32,11 @@ import torch
 
 from lwcam.blackbox import BlackBox, BlackBoxError
 from lwcam.distillation import DistillResult, distill
-from lwcam.metrics import deletion_game
-from lwcam.pipeline import RunPaths, make_blackbox
-from lwcam.profiles import Profile
 from lwcam.remote import EndpointError, RemoteModel
-from lwcam.serve import ServerProcess, free_port, main
+from lwcam.scoring.games import deletion_game
+from lwcam.study.pipeline import RunPaths, make_blackbox
+from lwcam.study.profiles import Profile
+from lwcam.study.serve import ServerProcess, free_port, main
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))

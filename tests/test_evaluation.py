@@ -9,7 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from lwcam import BlackBox, analysis, evaluation, pipeline
+from lwcam import BlackBox
+from lwcam.cam.batched import layer_maps_batched
+from lwcam.scoring import evaluation
+from lwcam.study import analysis, pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -94,7 +97,7 @@ def test_layer_importance_rows_and_loo(batch):
     teacher, student = _cnn(seed=1), _cnn(seed=2)
     scorer = BlackBox(teacher, 4)
     targets = pipeline.blackbox_labels(scorer, images)
-    names, stack, res = evaluation.layer_maps_batched(student, images, targets, batch_size=4)
+    names, stack, res = layer_maps_batched(student, images, targets, batch_size=4)
     assert stack.shape == (6, len(names), 16, 16) and set(res) == set(names)
     t2 = evaluation.layer_importance(scorer, images, targets, masks, names, stack, resolutions=res)
     assert len(t2) == len(names) + 1
@@ -186,7 +189,7 @@ def _tables_of_a_run(root):
     per_image, _ = evaluation.score_methods(bb, x, t, m, runs)
     t1 = analysis.table_t1(params, meta, float((pipeline.blackbox_labels(bb, x) == y).float().mean()),
                            {"probs": summary})
-    names, stack, res = evaluation.layer_maps_batched(student, x, t)
+    names, stack, res = layer_maps_batched(student, x, t)
     t2 = evaluation.layer_importance(bb, x, t, m, names, stack, resolutions=res)
     t3 = evaluation.summarize(per_image, runs, n_boot=200)
     timeless = [c for c in (*t1.columns, *t3.columns) if "seconds" in c]

@@ -29,7 +29,7 @@ from lwcam.baselines.rise import rise_masks
 from lwcam.blackbox import BlackBox, BlackBoxError, CacheError
 from lwcam.data import SyntheticTextures
 from lwcam.distillation import CHECKPOINT_NAME, DistillConfig, distill
-from lwcam.metrics import deletion_game, insertion_game
+from lwcam.scoring.games import deletion_game, insertion_game
 
 C = 4
 

@@ -11,11 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from lwcam import BlackBox, pipeline
+from lwcam import BlackBox
 from lwcam.baselines.scorecam import scorecam
 from lwcam.fast import ENGINES, AccelerationError, FastForward, accelerate, onnxruntime_available
 from lwcam.models import build_model
-from lwcam.profiles import Profile
+from lwcam.study import pipeline
+from lwcam.study.profiles import Profile
 
 SHAPE = (3, 16, 16)
 NEEDS_ORT = pytest.mark.skipif(not onnxruntime_available(), reason="onnxruntime is not installed")

@@ -11,9 +11,9 @@ import httpx
 import pytest
 import torch
 
-from lwcam import pipeline
-from lwcam.profiles import load_profile
 from lwcam.remote import endpoint_blackbox
+from lwcam.study import pipeline
+from lwcam.study.profiles import load_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 URL_A = "http://127.0.0.1:8080/v2/models/blackbox"

@@ -1,4 +1,4 @@
-"""Tests of lwcam.fusion: the fusion formulas, normalisation and error handling."""
+"""Tests of lwcam.cam.fusion: the fusion formulas, normalisation and error handling."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-import lwcam.fusion as fusion
-from lwcam.fusion import fuse, minmax_normalize
-from lwcam.layercam import LayerMaps
+import lwcam.cam.fusion as fusion
+from lwcam.cam.fusion import fuse, minmax_normalize
+from lwcam.cam.maps import LayerMaps
 
 
 def _maps(seed: int = 0, b: int = 3, n_layers: int = 4, h: int = 6, w: int = 5) -> list[torch.Tensor]:

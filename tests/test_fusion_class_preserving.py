@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import lwcam.fusion_recursive as fusion_recursive
+import lwcam.cam.recursive as fusion_recursive
 from lwcam._ops import area_resize
-from lwcam.fusion import CLASS_PRESERVING_MODES, MODES, fuse, minmax_normalize
-from lwcam.fusion_recursive import refine
-from lwcam.layercam import LayerMaps, explain_lwcam, raw_layer_maps
+from lwcam.cam.batched import explain_lwcam, raw_layer_maps
+from lwcam.cam.fusion import CLASS_PRESERVING_MODES, MODES, fuse, minmax_normalize
+from lwcam.cam.maps import LayerMaps
+from lwcam.cam.recursive import refine
 
 MODE_IDS = list(CLASS_PRESERVING_MODES)
 

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from lwcam.blackbox import BlackBox
-from lwcam.metrics import deletion_game, game_auc, gaussian_blur, insertion_game
+from lwcam.scoring.games import deletion_game, game_auc, gaussian_blur, insertion_game
 
 pytest.importorskip("torchcam.metrics")
 

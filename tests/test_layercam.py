@@ -1,4 +1,4 @@
-"""Tests of lwcam.layercam: correctness against pytorch-grad-cam and closed forms, the
+"""Tests of lwcam.cam: correctness against pytorch-grad-cam and closed forms, the
 one-pass property, batching, robustness and error messages."""
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ import torchvision
 from _models import RESNET_STAGES, randomise_bn
 from torch import nn
 
-import lwcam.layercam as layercam
 from lwcam._utils import seed_everything
-from lwcam.fusion import fuse, minmax_normalize
-from lwcam.layercam import ClassifierOutputTarget, LayerMaps, LayerwiseGradCAM, auto_layers
+from lwcam.cam import batched
+from lwcam.cam.fusion import fuse, minmax_normalize
+from lwcam.cam.layerwise import LayerwiseGradCAM, auto_layers
+from lwcam.cam.maps import ClassifierOutputTarget, LayerMaps
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -293,7 +294,7 @@ def test_raw_layer_maps_share_the_passes_and_match_layer_maps():
     t = torch.tensor([0, 4, 9, 1, 3])
     counts, handle = _counters(net)
     try:
-        names, raw = layercam.raw_layer_maps(net, x, t, ("gradcam", "layercam", "hirescam"), batch_size=2)
+        names, raw = batched.raw_layer_maps(net, x, t, ("gradcam", "layercam", "hirescam"), batch_size=2)
     finally:
         handle.remove()
     assert counts == {"forward": 3, "backward": 3}  # chunks of 2, 2 and 1: one pass each, all weightings
@@ -301,7 +302,7 @@ def test_raw_layer_maps_share_the_passes_and_match_layer_maps():
     assert names == ["1", "4"] and set(raw) == {"gradcam", "layercam", "hirescam"}
     assert [tuple(m.shape) for m in raw["hirescam"]] == [(5, 16, 16), (5, 8, 8)]
     whole = LayerwiseGradCAM(net, weighting=("gradcam", "layercam", "hirescam"), verbose=False)(x, t)
-    names2, stacks, res = layercam.layer_maps_all_weightings(net, x, t, ("gradcam", "hirescam"), batch_size=2)
+    names2, stacks, res = batched.layer_maps_all_weightings(net, x, t, ("gradcam", "hirescam"), batch_size=2)
     assert names2 == names and res == {"1": (16, 16), "4": (8, 8)}
     for w, maps in raw.items():
         for i, (n, m) in enumerate(zip(names, maps, strict=True)):
@@ -823,13 +824,17 @@ def test_error_model_output_not_logits():
 
 
 def test_doctests():
-    assert doctest.testmod(layercam).failed == 0
+    from lwcam.cam import layerwise, locate, maps
+
+    for module in (layerwise, locate, maps, batched):
+        assert doctest.testmod(module).failed == 0
 
 
 def test_upsampled_raw_maps_are_the_stacks_of_layer_maps_all_weightings():
     """One pass serves the sums and the class-preserving fusions: upsampling the native maps gives the very stacks
     (bit for bit at the same chunking; another chunking moves the backward pass by an ulp)."""
-    from lwcam.layercam import layer_maps_all_weightings, raw_layer_maps, upsample_layers
+    from lwcam.cam.batched import layer_maps_all_weightings, raw_layer_maps
+    from lwcam.cam.maps import upsample_layers
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1),

@@ -1,4 +1,4 @@
-"""The scorecard's measures (lwcam.measures): hand-made maps with known answers and cross-checks against
+"""The scorecard's measures (lwcam.scoring): hand-made maps with known answers and cross-checks against
 pytorch-grad-cam's ROAD, Quantus' MPRT and scipy's Spearman."""
 
 from __future__ import annotations
@@ -12,19 +12,13 @@ from scipy import stats
 from torch import nn
 
 from lwcam.blackbox import BlackBox
-from lwcam.measures import (
-    class_sensitivity,
-    map_rank_correlation,
-    max_sensitivity,
-    model_randomisation,
-    road,
-    road_score,
-    sparseness,
-    targeted_deletion,
-    targeted_mass,
-    targeted_pointing,
-)
-from lwcam.metrics import deletion_game
+from lwcam.scoring.complexity import sparseness
+from lwcam.scoring.correlation import map_rank_correlation
+from lwcam.scoring.faithfulness import road, road_score, targeted_deletion
+from lwcam.scoring.games import deletion_game
+from lwcam.scoring.localisation import class_sensitivity, targeted_mass, targeted_pointing
+from lwcam.scoring.randomisation import model_randomisation
+from lwcam.scoring.robustness import max_sensitivity
 
 
 def _masks() -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,17 +10,9 @@ import torch
 from torch import nn
 
 from lwcam.blackbox import BlackBox
-from lwcam.metrics import (
-    GameResult,
-    bootstrap_ci,
-    deletion_game,
-    game_auc,
-    gaussian_blur,
-    insertion_game,
-    paired_test,
-    pointing_game,
-    relevance_mass,
-)
+from lwcam.scoring.games import GameResult, deletion_game, game_auc, gaussian_blur, insertion_game
+from lwcam.scoring.localisation import pointing_game, relevance_mass
+from lwcam.scoring.stats import bootstrap_ci, paired_test
 
 
 def intact_share_model(region: torch.Tensor):

@@ -1,4 +1,4 @@
-"""Tests of lwcam.plots: figure structure, labels, colour scale, saving."""
+"""Tests of lwcam.study.plots: figure structure, labels, colour scale, saving."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from torch import nn
 
-from lwcam import plots
-from lwcam.layercam import LayerwiseGradCAM
+from lwcam.cam.layerwise import LayerwiseGradCAM
+from lwcam.study import plots
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -169,7 +169,7 @@ def test_show_figure_saves_closes_and_displays_the_png_as_saved(tmp_path, monkey
     import matplotlib.pyplot as plt
     from IPython import display as ipd
 
-    from lwcam import pipeline
+    from lwcam.study import pipeline
 
     (tmp_path / "pyproject.toml").touch()
     (tmp_path / "params").mkdir()

@@ -11,8 +11,8 @@ import nbformat
 import papermill
 import pytest
 
-from lwcam import pipeline
-from lwcam.profiles import KEYS, Profile, ProfileError, as_profile, load_profile
+from lwcam.study import pipeline
+from lwcam.study.profiles import KEYS, Profile, ProfileError, as_profile, load_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = sorted(p.stem for p in (ROOT / "params").glob("*.yaml"))
@@ -196,12 +196,12 @@ def test_split_sizes_and_unknown_profiles(tmp_path):
 
 @pytest.mark.parametrize("notebook", sorted((ROOT / "notebooks").glob("0*.ipynb")), ids=lambda p: p.stem)
 def test_every_parameters_cell_is_the_one_line_naming_the_quick_profile(notebook):
-    """The parameters cell names the profile and nothing else; the next code cell loads it (pipeline.load_profile)."""
+    """The parameters cell names the profile and nothing else; the next code cell loads it (pipeline.start_notebook)."""
     code = [c for c in nbformat.read(notebook, as_version=4).cells if c.cell_type == "code"]
     tagged = [i for i, c in enumerate(code) if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1
     assert code[tagged[0]].source == 'profile = "quick"'
-    assert "params = pipeline.load_profile(profile)" in code[tagged[0] + 1].source
+    assert "params, paths = pipeline.start_notebook(profile)" in code[tagged[0] + 1].source
 
 
 @pytest.mark.slow

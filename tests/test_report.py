@@ -1,4 +1,4 @@
-"""The report site (lwcam.report) without a browser: verdicts, offline pages, publish, committed notebooks."""
+"""The report site (lwcam.study.report) without a browser: verdicts, offline pages, publish, committed notebooks."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import papermill
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
-from lwcam import report
+from lwcam.study import report
 
 ROOT = Path(__file__).resolve().parents[1]
 

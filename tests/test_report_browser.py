@@ -1,4 +1,4 @@
-"""The report site in a real browser: headless Chromium driven by Playwright (lwcam.report.check_site).
+"""The report site in a real browser: headless Chromium driven by Playwright (lwcam.study.report.check_site).
 
 The site is built from the ``quick`` run's executed notebooks when ``runs/quick/notebooks`` holds
 them all, and otherwise from the committed ``notebooks/*.ipynb``, which carry their outputs, so
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from lwcam import report
+from lwcam.study import report
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from test_report import _notebook, _project
 
-from lwcam import report
+from lwcam.study import report
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:

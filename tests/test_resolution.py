@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from lwcam.analysis import GATED_MODES, GATED_WEIGHTINGS, fused_maps, fusion_grid
+from lwcam.cam.fusion import fuse
 from lwcam.data import (
     ConflictScenes,
     SyntheticTextures,
@@ -15,9 +15,9 @@ from lwcam.data import (
     object_size_cells,
     render_synthetic,
 )
-from lwcam.fusion import fuse
-from lwcam.profiles import Profile, ProfileError
-from lwcam.resolution import (
+from lwcam.study.analysis import GATED_MODES, GATED_WEIGHTINGS, fused_maps, fusion_grid
+from lwcam.study.profiles import Profile, ProfileError
+from lwcam.study.resolution import (
     object_sizes,
     resolution_claims,
     resolution_goals,
@@ -25,7 +25,7 @@ from lwcam.resolution import (
     size_bin_labels,
     size_units,
 )
-from lwcam.scorecard import MEASURES, scene_means
+from lwcam.study.scorecard import MEASURES, scene_means
 
 
 # ----------------------------------------------------------------------------- the renderer's radius

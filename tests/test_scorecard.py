@@ -9,11 +9,12 @@ import torch
 from torch import nn
 
 import lwcam.baselines as bl
-from lwcam import BlackBox, scorecard
-from lwcam.analysis import select_fusion
+from lwcam import BlackBox
 from lwcam.data import ConflictScenes, object_area_fractions, render_conflict, render_synthetic
-from lwcam.evaluation import MethodRun
-from lwcam.plots import plot_scorecard
+from lwcam.scoring.evaluation import MethodRun
+from lwcam.study import scorecard
+from lwcam.study.analysis import select_fusion
+from lwcam.study.plots import plot_scorecard
 
 
 def _net(classes: int = 4, seed: int = 0) -> nn.Module:

@@ -32,7 +32,7 @@ import pytest
 import torch
 
 from lwcam.blackbox import BlackBox
-from lwcam.serve import ExportedModule, ModelFileError, ServerProcess, free_port, load_module, main
+from lwcam.study.serve import ExportedModule, ModelFileError, ServerProcess, free_port, load_module, main
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
@@ -253,7 +253,7 @@ def test_a_program_taking_more_than_images_is_refused(tmp_path):
 
 def _run_cli(*argv: str, timeout: float = 90) -> tuple[subprocess.CompletedProcess[str], float]:
     t0 = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "lwcam.serve", "serve", *argv], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "lwcam.study.serve", "serve", *argv], capture_output=True, text=True,
                           timeout=timeout, env=ENV, check=False)
     return done, time.monotonic() - t0
 

@@ -29,7 +29,7 @@ import torch
 
 from lwcam.baselines import rise
 from lwcam.blackbox import BlackBox, BlackBoxError
-from lwcam.serve import ServerProcess
+from lwcam.study.serve import ServerProcess
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))

@@ -1,4 +1,4 @@
-"""T2's per-layer games and T3's explanations and games sharded over processes (lwcam.sharded): the rows of
+"""T2's per-layer games and T3's explanations and games sharded over processes (lwcam.study.sharded): the rows of
 one process, in its order.
 
 The task is tests/_sharded_worker.py's: six 32×32 images, untrained small-input models, every T3 method.
@@ -18,18 +18,17 @@ import pandas as pd
 import pytest
 import torch
 
-from lwcam import pipeline
-from lwcam.evaluation import (
+from lwcam.cam import fuse, layer_maps_batched
+from lwcam.scoring.evaluation import (
     FUSED_LAYER,
-    fuse,
     layer_importance,
-    layer_maps_batched,
     layer_table,
     score_methods,
     score_saliency,
     summarize,
 )
-from lwcam.sharded import (
+from lwcam.study import pipeline
+from lwcam.study.sharded import (
     T3Inputs,
     check_nproc,
     evaluate_t2,
@@ -152,7 +151,7 @@ def test_one_process_gives_notebook_04s_rows_and_tables(tmp_path) -> None:
     timing = ["seconds_per_image"]
     pd.testing.assert_frame_equal(t3.drop(columns=[*timing, "resolution"]), reference.drop(columns=timing),
                                   check_exact=True)
-    from lwcam.analysis import claim_table
+    from lwcam.study.analysis import claim_table
 
     pd.testing.assert_frame_equal(claims, claim_table(per_image, seed=p.seed), check_exact=True)
 
@@ -320,14 +319,14 @@ game_steps: 8
 
 @pytest.mark.slow
 def test_the_evaluate_command_on_two_processes_writes_one_process_tables(tmp_path) -> None:
-    """``python -m lwcam.pipeline evaluate`` on a project of its own: teacher, student and fusion made first,
+    """``python -m lwcam.study.pipeline evaluate`` on a project of its own: teacher, student and fusion made first,
     then T3 over two processes, then over one; the same rows and tables but for the seconds."""
     (tmp_path / "pyproject.toml").write_text("")
     (tmp_path / "params").mkdir()
     (tmp_path / "params" / "tiny.yaml").write_text(TINY_PROFILE)
     rows, tables = {}, {}
     for nproc in (2, 1):
-        cmd = [sys.executable, "-m", "lwcam.pipeline", "evaluate", "--profile", "tiny", "--nproc", str(nproc)]
+        cmd = [sys.executable, "-m", "lwcam.study.pipeline", "evaluate", "--profile", "tiny", "--nproc", str(nproc)]
         proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), timeout=400, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert f"T3 over {nproc} processes" in proc.stdout
@@ -341,7 +340,7 @@ def test_the_evaluate_command_on_two_processes_writes_one_process_tables(tmp_pat
 
 
 def test_nccl_only_where_every_local_process_has_a_gpu(monkeypatch) -> None:
-    from lwcam import sharded
+    from lwcam.study import sharded
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")

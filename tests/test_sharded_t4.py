@@ -1,4 +1,4 @@
-"""T4, the scorecard, sharded over processes (lwcam.sharded_t4): the result of one process, in its order.
+"""T4, the scorecard, sharded over processes (lwcam.study.sharded_t4): the result of one process, in its order.
 
 The task is tests/_sharded_worker.py's ``make_scorecard_task``: six 32×64 conflict scenes, untrained
 small-input models, every T4 method at small settings.
@@ -17,9 +17,9 @@ import pandas as pd
 import pytest
 import torch
 
-from lwcam import pipeline, scorecard
-from lwcam.sharded import stage_images, stage_names, stage_outputs
-from lwcam.sharded_t4 import explain_shard_t4, run_scorecard_sharded
+from lwcam.study import pipeline, scorecard
+from lwcam.study.sharded import stage_images, stage_names, stage_outputs
+from lwcam.study.sharded_t4 import explain_shard_t4, run_scorecard_sharded
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _sharded_worker import make_scorecard_task  # noqa: E402
@@ -135,7 +135,7 @@ WALL_TIME = ("seconds_per_image", "seconds_per_scene")
 
 @pytest.mark.slow
 def test_run_with_two_processes_gives_notebooks_04_and_05_the_tables_of_one(tmp_path) -> None:
-    """``python -m lwcam.pipeline run --nproc 2`` on a project of its own: notebooks 04 and 05 shard T3 and T4
+    """``python -m lwcam.study.pipeline run --nproc 2`` on a project of its own: notebooks 04 and 05 shard T3 and T4
     over two processes; the same tables as with one, but for the wall-time columns."""
     import shutil
 
@@ -147,7 +147,7 @@ def test_run_with_two_processes_gives_notebooks_04_and_05_the_tables_of_one(tmp_
     shutil.copytree(ROOT / "notebooks", tmp_path / "notebooks", ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
     tables = {}
     for nproc in (2, 1):
-        cmd = [sys.executable, "-m", "lwcam.pipeline", "run", "--profile", "tiny", "--nproc", str(nproc),
+        cmd = [sys.executable, "-m", "lwcam.study.pipeline", "run", "--profile", "tiny", "--nproc", str(nproc),
                "--only", "04_deletion_game", "05_scorecard"]
         scratch = tmp_path / "scratch"  # the run's temporary folder: the sharded results pass through it
         scratch.mkdir(exist_ok=True)

@@ -17,13 +17,15 @@ import pytest
 import torch
 from torch import nn
 
-from lwcam import analysis, data, evaluation, measures, metrics, models, scorecard
+from lwcam import data, models, scoring
 from lwcam._ops import minmax_normalize
 from lwcam.baselines import center_saliency, fuse_layercam, lime, meaningful_perturbation
 from lwcam.baselines.scorecam import _channel_masks
 from lwcam.blackbox import BlackBox
 from lwcam.distillation import kd_loss
-from lwcam.profiles import Profile, ProfileError
+from lwcam.scoring import evaluation
+from lwcam.study import analysis, scorecard
+from lwcam.study.profiles import Profile, ProfileError
 
 BIG32 = 3e38  # within float32's range (3.4e38); a difference of two of them is not
 BIG64 = 1e308  # within float64's range (1.8e308); a sum of two of them is not
@@ -63,11 +65,11 @@ def test_layercam_fusion_and_scorecam_masks_of_extreme_maps_are_finite():
 
 
 @pytest.mark.parametrize("fn, expected", [
-    (lambda: measures.sparseness(_row(0.0, BIG64)), [0.5]),
-    (lambda: measures.targeted_mass(_row(BIG64, 0.0), torch.tensor([[[True, False]]]),
+    (lambda: scoring.sparseness(_row(0.0, BIG64)), [0.5]),
+    (lambda: scoring.targeted_mass(_row(BIG64, 0.0), torch.tensor([[[True, False]]]),
                                     torch.tensor([[[False, True]]])), [1.0]),
-    (lambda: metrics.relevance_mass(_row(BIG64, BIG64), torch.tensor([[[True, False]]])), [0.5]),
-    (lambda: metrics.game_auc(torch.tensor([BIG64, BIG64, BIG64], dtype=torch.float64)).reshape(1), [BIG64]),
+    (lambda: scoring.relevance_mass(_row(BIG64, BIG64), torch.tensor([[[True, False]]])), [0.5]),
+    (lambda: scoring.game_auc(torch.tensor([BIG64, BIG64, BIG64], dtype=torch.float64)).reshape(1), [BIG64]),
 ])
 def test_float64_extremes_get_the_right_finite_answer(fn, expected):
     out = fn()
@@ -77,8 +79,8 @@ def test_float64_extremes_get_the_right_finite_answer(fn, expected):
 
 def test_max_sensitivity_of_float64_extreme_maps_is_scale_free():
     images = torch.ones(1, 3, 2, 2)
-    plain = measures.max_sensitivity(lambda x, y: x.mean(1).double(), images, 0, radius=0.5, n_samples=2)
-    huge = measures.max_sensitivity(lambda x, y: x.mean(1).double() * BIG64, images, 0, radius=0.5, n_samples=2)
+    plain = scoring.max_sensitivity(lambda x, y: x.mean(1).double(), images, 0, radius=0.5, n_samples=2)
+    huge = scoring.max_sensitivity(lambda x, y: x.mean(1).double() * BIG64, images, 0, radius=0.5, n_samples=2)
     assert float(plain) > 0 and float(huge) == pytest.approx(float(plain), rel=1e-12)
 
 
@@ -97,35 +99,35 @@ def test_kd_loss_of_extreme_logits_is_finite(student, teacher, temperature, expe
 @pytest.mark.parametrize("bad", [[[2.0, 0.5]], [[-0.5, 0.5]]])
 def test_road_score_refuses_values_that_are_not_probabilities(bad):
     with pytest.raises(ValueError, match="scores must be probabilities"):
-        measures.road_score(torch.tensor(bad))
+        scoring.road_score(torch.tensor(bad))
 
 
 @pytest.mark.parametrize("noise", [BIG64, 3.0e38])
 def test_road_refuses_a_noise_that_overflows_float32(noise):
     with pytest.raises(ValueError, match="noise"):
-        measures.road(_net(), torch.rand(1, 3, 4, 4), torch.rand(1, 4, 4), 0, percentages=(50,), noise=noise)
+        scoring.road(_net(), torch.rand(1, 3, 4, 4), torch.rand(1, 4, 4), 0, percentages=(50,), noise=noise)
 
 
 @pytest.mark.parametrize("images, radius", [(torch.ones(1, 3, 2, 2), BIG64), (torch.full((1, 3, 2, 2), 1e38), BIG32)])
 def test_max_sensitivity_refuses_a_radius_that_overflows_the_images(images, radius):
     with pytest.raises(ValueError, match="radius"):
-        measures.max_sensitivity(lambda x, y: x.mean(1), images, 0, radius=radius, n_samples=1)
+        scoring.max_sensitivity(lambda x, y: x.mean(1), images, 0, radius=radius, n_samples=1)
 
 
 def test_game_auc_refuses_nan():
     with pytest.raises(ValueError, match="curves"):
-        metrics.game_auc(torch.tensor([math.nan, 1.0]))
+        scoring.game_auc(torch.tensor([math.nan, 1.0]))
 
 
 def test_bootstrap_refuses_values_whose_mean_overflows():
     with pytest.raises(ValueError, match="values"):
-        metrics.bootstrap_ci([BIG64, BIG64], n_boot=10)
+        scoring.bootstrap_ci([BIG64, BIG64], n_boot=10)
 
 
 @pytest.mark.parametrize("a, b", [([5e307, 5e307], [-5e307, -5e307]), ([1.5e308], [-1.5e308])])
 def test_paired_test_refuses_differences_past_float64(a, b):
     with pytest.raises(ValueError, match=re.escape("a - b")):
-        metrics.paired_test(a, b, n_boot=10)
+        scoring.paired_test(a, b, n_boot=10)
 
 
 @pytest.mark.parametrize("layer_auc, random_auc, name", [([-BIG64], BIG64, "random_auc"), ([1.5], 0.5, "layer_auc")])

@@ -19,7 +19,7 @@ from torch import nn
 import lwcam.baselines as bl
 from lwcam import BlackBox
 from lwcam._utils import seed_everything
-from lwcam.layercam import LayerwiseGradCAM, auto_layers
+from lwcam.cam.layerwise import LayerwiseGradCAM, auto_layers
 
 
 @pytest.fixture(autouse=True, scope="module")

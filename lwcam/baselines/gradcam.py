@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from .._checks import check_images, check_targets
-from ..layercam import LayerMaps, LayerwiseGradCAM, auto_layers
+from ..cam.layerwise import LayerwiseGradCAM, auto_layers
+from ..cam.maps import LayerMaps
 from ._base import Targets, finish, require_module
 
 __all__ = ["gradcam", "last_layer"]

@@ -11,7 +11,7 @@ from torch import nn
 
 from .._checks import check_images, check_targets
 from .._ops import minmax_normalize
-from ..layercam import LayerSpec, LayerwiseGradCAM
+from ..cam.layerwise import LayerSpec, LayerwiseGradCAM
 from ._base import Targets, finish, require_module, upsample
 
 __all__ = ["layercam", "fuse_layercam"]

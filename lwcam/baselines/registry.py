@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..blackbox import BlackBox
-from ..layercam import explain_lwcam
+from ..cam.batched import explain_lwcam
 from .cam import cam
 from .gradcam import gradcam
 from .gradcampp import gradcampp

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from .._checks import check_images, check_targets
 from .._utils import track
 from ..blackbox import BlackBox
-from ..metrics import _evaluation_prob_fn
+from ..scoring.games import _evaluation_prob_fn
 from ._base import Targets, finish, generator, require_blackbox
 
 __all__ = ["rise", "rise_classes", "rise_masks"]

@@ -50,7 +50,7 @@ import httpx
 import torch
 from torch import nn
 
-from ._checks import check_positive_int, check_real
+from .._checks import check_positive_int, check_real
 
 __all__ = ["main", "load_module", "ServerProcess", "free_port", "DEFAULT_HOST", "DEFAULT_PORT", "DEFAULT_NAME"]
 
@@ -346,7 +346,7 @@ def _served_module(args: argparse.Namespace) -> tuple[nn.Module, int]:
         teacher, _ = get_teacher(profile, RunPaths.for_profile(args.profile))
         return teacher, profile.image_size
     if args.checkpoint is not None:
-        from .models import load_checkpoint
+        from ..models import load_checkpoint
 
         return load_checkpoint(args.checkpoint)[0], args.image_size
     return _load_or_exit(args.module), args.image_size
@@ -422,7 +422,7 @@ def serve(args: argparse.Namespace) -> None:
     _check_args(args)
     _check_port_free(args.host, args.port)
     try:
-        from ._serving import ServedModel, run_server
+        from .._serving import ServedModel, run_server
     except ImportError as err:
         raise SystemExit(f"lwcam serve needs the serve extra: pip install 'lwcam[serve]' ({err})") from err
     if args.threads is not None:
@@ -489,7 +489,7 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         """Start the server and wait until it is ready; ``RuntimeError`` (with its log's tail) if it dies first."""
-        command = [sys.executable, "-m", "lwcam.serve", "serve", *self.args, "--port", str(self.port)]
+        command = [sys.executable, "-m", "lwcam.study.serve", "serve", *self.args, "--port", str(self.port)]
         out: Any = subprocess.DEVNULL if self.log is None else self.log.open("ab")
         self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=self.env)
         if out is not subprocess.DEVNULL:

@@ -1,7 +1,7 @@
 """The reproducible pipeline: profiles, run folders, cached artefacts, and the papermill driver.
 
 A *profile* is a YAML file under ``params/`` (``quick``, ``default``, ``imagenet``, ...), read into
-a validated :class:`~lwcam.profiles.Profile`; its keys are the notebooks' papermill parameters.
+a validated :class:`~lwcam.study.profiles.Profile`; its keys are the notebooks' papermill parameters.
 Artefacts that take time to make (rendered data, the black-box teacher, the distilled student,
 black-box answers) live in the run folder ``runs/<profile>/`` and are reused when present, so
 every notebook can run alone.
@@ -10,11 +10,11 @@ Figures go to ``figures/`` and tables to ``reports/`` for the ``default`` profil
 
 Command line::
 
-    python -m lwcam.pipeline run --profile default      # every notebook, every figure and table
-    python -m lwcam.pipeline run --profile quick --only 01_distill
-    python -m lwcam.pipeline run --profile default --nproc 2   # T3 and T4 sharded over 2 processes
-    python -m lwcam.pipeline evaluate --profile quick --nproc 2   # T3's rows and tables, over 2 processes
-    python -m lwcam.pipeline evaluate --profile quick --nproc 2 --stage t2   # T2's; t4: T4's; all: each in turn
+    python -m lwcam.study.pipeline run --profile default      # every notebook, every figure and table
+    python -m lwcam.study.pipeline run --profile quick --only 01_distill
+    python -m lwcam.study.pipeline run --profile default --nproc 2   # T3 and T4 sharded over 2 processes
+    python -m lwcam.study.pipeline evaluate --profile quick --nproc 2   # T3's rows and tables, over 2 processes
+    python -m lwcam.study.pipeline evaluate --profile quick --nproc 2 --stage t2   # T2's; t4: T4's; all: each in turn
 """
 
 from __future__ import annotations
@@ -38,13 +38,13 @@ from typing import Any, cast
 import pandas as pd
 import torch
 
+from .._utils import atomic_write_bytes
+from ..blackbox import BlackBox, Output
+from ..data import DEFAULT_OBJECT_RADIUS, ConflictScenes, SyntheticTextures, get_dataset, load_tensors
+from ..distillation import DistillResult, distill
+from ..fast import FastForward, accelerate
+from ..models import build_model, load_checkpoint, predict_logits, save_checkpoint, train_teacher
 from ._shards import check_nproc
-from ._utils import atomic_write_bytes
-from .blackbox import BlackBox, Output
-from .data import DEFAULT_OBJECT_RADIUS, ConflictScenes, SyntheticTextures, get_dataset, load_tensors
-from .distillation import DistillResult, distill
-from .fast import FastForward, accelerate
-from .models import build_model, load_checkpoint, predict_logits, save_checkpoint, train_teacher
 from .plots import save_figure as _save_png
 from .profiles import Profile, as_profile, project_root
 from .profiles import load_profile as _load_profile
@@ -98,7 +98,7 @@ NOTEBOOKS = ("01_distill", "02_explain", "03_layer_importance", "04_deletion_gam
 
 
 def load_profile(name: str | Mapping[str, Any], root: str | os.PathLike | None = None) -> Profile:
-    """Read and validate ``params/<name>.yaml`` (see :func:`lwcam.profiles.load_profile`).
+    """Read and validate ``params/<name>.yaml`` (see :func:`lwcam.study.profiles.load_profile`).
 
     A notebook's ``parameters`` cell holds one line, ``profile = "quick"``, and its next cell calls this.
     ``name`` may also be a mapping of profile keys, as :func:`run` injects for a profile that differs from
@@ -229,7 +229,7 @@ def student_fingerprint(params: Mapping[str, Any], model_version: str | None = N
     (``model_version``, see :func:`blackbox_version`): a student distilled from one black box is
     never reused for another. For the teacher in process the key is the profile keys alone.
 
-    >>> from lwcam.profiles import Profile
+    >>> from lwcam.study.profiles import Profile
     >>> a = Profile.from_dict({"black_box_url": "http://127.0.0.1:8080/v2/models/a"}, source="example")
     >>> b = a.replace(black_box_url="http://127.0.0.1:8080/v2/models/b")
     >>> fp = student_fingerprint
@@ -287,7 +287,7 @@ def make_blackbox(teacher: torch.nn.Module, params: Mapping[str, Any], paths: Ru
     p = as_profile(params)
     mode = output or p.blackbox_output
     if p.black_box_url is not None:
-        from .remote import split_model_url  # here: httpx is imported only when a server is used
+        from ..remote import split_model_url  # here: httpx is imported only when a server is used
 
         url, name = split_model_url(p.black_box_url)
         return BlackBox.from_endpoint(url, name, p.num_classes, image_size=p.image_size, output=cast(Output, mode),
@@ -353,7 +353,7 @@ def load_conflict(params: Mapping[str, Any], split: str, paths: RunPaths | None,
 
 def fusion_selection(params: Mapping[str, Any], paths: RunPaths, student: torch.nn.Module, scorer: Any,
                      progress: bool | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """:func:`lwcam.analysis.select_fusion` on the profile's first ``n_fusion_val`` ``val`` images, cached.
+    """:func:`lwcam.study.analysis.select_fusion` on the profile's first ``n_fusion_val`` ``val`` images, cached.
 
     The table and the chosen setting are kept in the run folder, keyed by the profile keys that
     determine them, so notebooks 04 and 05 pay for the selection once.
@@ -385,14 +385,15 @@ def fusion_selection(params: Mapping[str, Any], paths: RunPaths, student: torch.
 T3_METHODS = ("lwcam", "lwcam_selected", "gradcam", "layercam", "gradcampp", "scorecam", "gradcam_teacher", "cam",
               "meaningful_perturbation", "rise", "lime", "occlusion", "random", "center", "mask")
 T3_EXPENSIVE = ("scorecam", "rise", "lime", "occlusion")
-#: Images per call of a T3 method (``chunk`` of :func:`lwcam.evaluation.run_methods`); random maps are drawn per chunk.
+#: Images per call of a T3 method (``chunk`` of :func:`lwcam.scoring.evaluation.run_methods`); random maps are drawn
+#: per chunk.
 T3_CHUNK = 50
 
 
 def t3_method_params(params: Mapping[str, Any], chosen: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """The settings T3 hands each method (``method -> keyword arguments``); ``chosen`` is the fusion selected on val.
 
-    >>> from lwcam.profiles import Profile
+    >>> from lwcam.study.profiles import Profile
     >>> t3_method_params(Profile(seed=3), {"mode": "max"})["rise"]["seed"]
     3
     """
@@ -405,7 +406,7 @@ def t3_method_params(params: Mapping[str, Any], chosen: Mapping[str, Any]) -> di
 def t3_limits(params: Mapping[str, Any], n_images: int) -> dict[str, int]:
     """How many of the first evaluation images each T3 method explains (``method -> count``).
 
-    >>> from lwcam.profiles import Profile
+    >>> from lwcam.study.profiles import Profile
     >>> lim = t3_limits(Profile(n_eval_blackbox=2, n_eval_mp=1), 16)
     >>> lim["lwcam"], lim["rise"], lim["meaningful_perturbation"]
     (16, 2, 1)
@@ -422,9 +423,9 @@ def explain_t3(params: Mapping[str, Any], images: torch.Tensor, targets: torch.T
                chosen: Mapping[str, Any]) -> dict[str, Any]:
     """T3's explanations, ``method -> MethodRun`` in :data:`T3_METHODS` order: every method on ``images``,
     :data:`T3_EXPENSIVE` on the first ``n_eval_blackbox``, meaningful perturbation on the first ``n_eval_mp``;
-    ``chosen`` is the fusion selected on ``val`` (:func:`fusion_selection`). :mod:`lwcam.sharded` shares
+    ``chosen`` is the fusion selected on ``val`` (:func:`fusion_selection`). :mod:`lwcam.study.sharded` shares
     the same work out over the processes of a ``torch.distributed`` group."""
-    from .evaluation import run_methods  # here: evaluation imports the baselines, which pipeline does not need
+    from ..scoring.evaluation import run_methods  # here: evaluation imports the baselines, which pipeline does not need
 
     limits = t3_limits(params, len(images))
     settings = t3_method_params(params, chosen)
@@ -469,7 +470,7 @@ def notebook_nproc() -> int:
 
 
 def sharded_result(params: Mapping[str, Any], paths: RunPaths, which: str, nproc: int) -> Any:
-    """Stage ``which`` (``t3`` or ``t4``) of the profile over ``nproc`` processes (:mod:`lwcam.sharded`), what
+    """Stage ``which`` (``t3`` or ``t4``) of the profile over ``nproc`` processes (:mod:`lwcam.study.sharded`), what
     its notebook computes in one process, read back from a private temporary folder.
 
     The processes read the profile from its file: ``params`` must be that profile unchanged.
@@ -484,7 +485,7 @@ def sharded_result(params: Mapping[str, Any], paths: RunPaths, which: str, nproc
     with tempfile.TemporaryDirectory(prefix="lwcam-sharded-") as folder:
         result = Path(folder) / f"{which}.pt"
         with environ(LWCAM_STAGE_LOG="off"):  # the processes inherit it; this process times the stage whole
-            sharded.launch(["-m", "lwcam.sharded", "--profile", p.profile, "--root", str(paths.root), "--stage",
+            sharded.launch(["-m", "lwcam.study.sharded", "--profile", p.profile, "--root", str(paths.root), "--stage",
                             which, "--result", str(result)], nproc)
         return torch.load(result, weights_only=False)  # written just now by the processes this call started
 
@@ -493,9 +494,9 @@ def t3_results(params: Mapping[str, Any], paths: RunPaths, images: torch.Tensor,
                masks: torch.Tensor, *, blackbox: Any, scorer: Any, student: torch.nn.Module,
                teacher: torch.nn.Module, chosen: Mapping[str, Any]) -> tuple[dict[str, Any], pd.DataFrame, dict]:
     """Notebook 04's T3: the explanations (:func:`explain_t3`) scored on ``scorer``
-    (:func:`lwcam.evaluation.score_methods`), ``(runs, per_image, games)``; over :func:`notebook_nproc`
-    processes when it is above 1 (the rows of one process, :mod:`lwcam.sharded`)."""
-    from .evaluation import score_methods
+    (:func:`lwcam.scoring.evaluation.score_methods`), ``(runs, per_image, games)``; over :func:`notebook_nproc`
+    processes when it is above 1 (the rows of one process, :mod:`lwcam.study.sharded`)."""
+    from ..scoring.evaluation import score_methods
 
     nproc = notebook_nproc()
     if nproc > 1:
@@ -544,7 +545,7 @@ class ScorecardInputs:
         return {"lwcam_selected": self.chosen, "lwcam_conflict": self.chosen_conflict}
 
     def run_kwargs(self) -> dict[str, Any]:
-        """:func:`lwcam.scorecard.run_scorecard`'s keyword arguments for these scenes, from the profile."""
+        """:func:`lwcam.study.scorecard.run_scorecard`'s keyword arguments for these scenes, from the profile."""
         from . import scorecard  # here: the scorecard imports the baselines, which pipeline does not need
 
         p, shape = self.params, tuple(int(d) for d in self.scenes[0].shape[1:])
@@ -579,7 +580,7 @@ def scorecard_scenes(params: Mapping[str, Any]) -> int:
 def scorecard_inputs(params: Mapping[str, Any], paths: RunPaths, progress: bool | None = None) -> ScorecardInputs:
     """Notebook 05's inputs: teacher, student and the second-seed student (made first if missing), the first
     test conflict scenes every T4 measure needs, the scene black boxes, and the fusions selected on ``val``
-    (:func:`fusion_selection`, then :func:`lwcam.scorecard.select_fusion_conflict` on ``val`` scenes)."""
+    (:func:`fusion_selection`, then :func:`lwcam.study.scorecard.select_fusion_conflict` on ``val`` scenes)."""
     from . import scorecard
 
     p = as_profile(params)
@@ -600,8 +601,8 @@ def scorecard_inputs(params: Mapping[str, Any], paths: RunPaths, progress: bool 
 
 
 def scorecard_result(inputs: ScorecardInputs) -> Any:
-    """Notebook 05's T4 (:func:`lwcam.scorecard.run_scorecard` of ``inputs``), over :func:`notebook_nproc`
-    processes when it is above 1 (the result of one process, :mod:`lwcam.sharded_t4`)."""
+    """Notebook 05's T4 (:func:`lwcam.study.scorecard.run_scorecard` of ``inputs``), over :func:`notebook_nproc`
+    processes when it is above 1 (the result of one process, :mod:`lwcam.study.sharded_t4`)."""
     from . import scorecard
 
     nproc = notebook_nproc()
@@ -613,7 +614,7 @@ def scorecard_result(inputs: ScorecardInputs) -> Any:
 
 
 def scorecard_tables(result: Any, params: Mapping[str, Any]) -> dict[str, pd.DataFrame]:
-    """T4's tables of a :class:`~lwcam.scorecard.ScorecardResult`: ``T4_scorecard`` (bootstrap CIs),
+    """T4's tables of a :class:`~lwcam.study.scorecard.ScorecardResult`: ``T4_scorecard`` (bootstrap CIs),
     ``T4_randomisation`` (each cascade step), ``T4_claims`` (paired tests) and ``T4_separation``."""
     from . import scorecard
 
@@ -644,7 +645,8 @@ STUDENT_FREE_METHODS = ("rise", "lime", "occlusion", "random", "center", "mask")
 
 def last_map_cell_px(student: torch.nn.Module, image_size: int) -> float:
     """Input pixels per cell of the student's deepest explained map (``layers="auto"``): 8.0 for an 8×8 map at 64 px."""
-    from .layercam import LayerMaps, LayerwiseGradCAM  # here: pipeline itself needs no CAM
+    from ..cam.layerwise import LayerwiseGradCAM  # here: pipeline itself needs no CAM
+    from ..cam.maps import LayerMaps
 
     with LayerwiseGradCAM(student, verbose=False) as cam:
         lm = cam(torch.zeros(1, 3, image_size, image_size), targets=0)
@@ -677,7 +679,7 @@ def blackbox_accuracy_by_size(params: Mapping[str, Any], paths: RunPaths, teache
 
 def resolution_units(params: Mapping[str, Any], paths: RunPaths, teacher: torch.nn.Module,
                      progress: bool | None = None) -> tuple[dict[str, pd.DataFrame], dict[str, pd.DataFrame]]:
-    """T5's units (:func:`lwcam.resolution.size_units`) and the test objects' sizes, per student.
+    """T5's units (:func:`lwcam.study.resolution.size_units`) and the test objects' sizes, per student.
 
     The main student's rows are T4's (notebook 05's, re-read); each ``resolution_students`` architecture
     adds :func:`ablation_scorecard`'s rows beside the student-free ones (:data:`STUDENT_FREE_METHODS`).
@@ -713,10 +715,10 @@ def ablation_scorecard(params: Mapping[str, Any], paths: RunPaths, teacher: torc
     scenes with :data:`ABLATION_METHODS`, the lwcam rows at the settings chosen on ``val`` for the main
     student (``fusions``; a setting whose per-layer weights do not fit this student's layers is left out),
     and no robustness measures (they need a second student). Returns its
-    :class:`~lwcam.scorecard.ScorecardResult` and the pixels per cell of its last map.
+    :class:`~lwcam.study.scorecard.ScorecardResult` and the pixels per cell of its last map.
     """
+    from ..cam.layerwise import auto_layers
     from . import scorecard  # here: the scorecard imports the baselines, which pipeline does not need
-    from .layercam import auto_layers
 
     p = as_profile(params).replace(student=arch, blackbox_output="probs", compare_modes=False)
     sub = RunPaths(profile=f"{p.profile}/ablation_{arch}", root=paths.root)
@@ -1012,14 +1014,39 @@ def show_figure(fig: Any, figure_id: str, paths: RunPaths, dpi: int = 120) -> No
     from matplotlib import pyplot
 
     path = save_figure(fig, figure_id, paths, dpi=dpi)
-    pyplot.close(fig)  # a pyplot figure is freed; lwcam.plots' own figures were never pyplot's
+    pyplot.close(fig)  # a pyplot figure is freed; lwcam.study.plots' own figures were never pyplot's
     display(Image(filename=str(path)))
+
+
+def start_notebook(profile: str | Mapping[str, Any]) -> tuple[Profile, RunPaths]:
+    """A notebook's first cell after ``parameters``: quiet warnings, a headless backend, the profile, the seed.
+
+    Returns the profile (:func:`load_profile` of what papermill injected) and its run paths, and prints where
+    the figures and tables go.
+
+    >>> params, paths = start_notebook("quick")  # doctest: +ELLIPSIS
+    profile=quick  figures -> figures/quick/  tables -> reports/quick/
+    """
+    import warnings
+
+    import matplotlib
+
+    from .._utils import seed_everything
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", message="IProgress not found")
+    matplotlib.use("Agg")
+    params = load_profile(profile)
+    paths = RunPaths.for_profile(params.profile)
+    seed_everything(params.seed)
+    print(f"profile={params.profile}  figures -> {paths.rel(paths.figures)}/  tables -> {paths.rel(paths.reports)}/")
+    return params, paths
 
 
 def _notebook_parameters(profile: Profile, notebook: Path) -> dict[str, str | dict[str, Any]]:
     """What papermill injects: ``profile``, the profile's name, or with the keys where it differs from its file
     a mapping that :func:`load_profile` reads back (each notebook's ``parameters`` cell declares ``profile`` alone)."""
-    import papermill as pm  # here, not at the top: a notebook kernel importing lwcam.pipeline pays ~2 s less
+    import papermill as pm  # here, not at the top: a notebook kernel importing lwcam.study.pipeline pays ~2 s less
 
     declared = list(pm.inspect_notebook(str(notebook)))
     if declared != ["profile"]:
@@ -1095,15 +1122,16 @@ def run(profile: str = "default", only: list[str] | None = None, root: str | os.
 def evaluate(profile: str = "default", nproc: int = 1, root: str | os.PathLike | None = None,
              timeout_s: float = 1800.0, stage: str = "t3") -> list[Path]:
     """A stage's per-image rows and tables for ``profile``, sharded over ``nproc`` processes on this machine
-    (:mod:`lwcam.sharded`); returns the files written.
+    (:mod:`lwcam.study.sharded`); returns the files written.
 
     ``stage``: ``t3`` (the default) T3's explanations and games, ``per_image_methods.csv``, ``T3_methods`` and
     ``T3_claim``, the rows notebook 04 makes; ``t2`` T2's per-layer games, ``per_image_layers.csv`` and
     ``T2_layers``, those of notebook 03; ``t4`` the scorecard's rows (those notebook 06 reads) and ``T4_scorecard``,
-    ``T4_randomisation``, ``T4_claims``, ``T4_separation``, those of notebook 05 (:mod:`lwcam.sharded_t4`); ``all``
+    ``T4_randomisation``, ``T4_claims``, ``T4_separation``, those of notebook 05
+    (:mod:`lwcam.study.sharded_t4`); ``all``
     each, in that order, in one launch. The notebooks also draw the figures. The teacher, the students and the
     fusions selected on ``val`` are made (or read from the run folder) here first, then the processes start;
-    ``timeout_s`` bounds each collective. A failed process raises :class:`lwcam.sharded.ShardedRunError`.
+    ``timeout_s`` bounds each collective. A failed process raises :class:`lwcam.study.sharded.ShardedRunError`.
     """
     from . import sharded  # here: sharded imports this module
 
@@ -1116,7 +1144,7 @@ def evaluate(profile: str = "default", nproc: int = 1, root: str | os.PathLike |
         return sharded.run_worker(profile, str(base), timeout_s, stage)
     prepare: dict[str, Any] = {"t2": sharded.prepare_t2, "t3": sharded.prepare_t3, "t4": sharded.prepare_t4}
     outputs = [path for name in names for path in sharded.stage_outputs(prepare[name](profile, base).paths, name)]
-    sharded.launch(["-m", "lwcam.sharded", "--profile", profile, "--root", str(base), "--timeout", str(timeout_s),
+    sharded.launch(["-m", "lwcam.study.sharded", "--profile", profile, "--root", str(base), "--timeout", str(timeout_s),
                     "--stage", stage], nproc)
     return outputs
 
@@ -1154,7 +1182,7 @@ def _evaluate_command(parser: argparse.ArgumentParser, args: argparse.Namespace)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lwcam.pipeline", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lwcam.study.pipeline", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_run = sub.add_parser("run", help="execute the notebooks for a profile")
     p_run.add_argument("--profile", default="default")

@@ -6,7 +6,7 @@ with its type, its default and what it means (``Profile.describe()`` prints the 
 a file validates it: an unknown key or a value of the wrong type is an error that names the key
 and the file; a key the file leaves out takes the declared default. A notebook's one papermill
 parameter is the profile's name (``profile = "quick"``); its next cell reads the file with
-:func:`lwcam.pipeline.load_profile`.
+:func:`lwcam.study.pipeline.load_profile`.
 
 Example:
     >>> p = Profile(profile="demo", num_classes=4)
@@ -15,7 +15,7 @@ Example:
     >>> Profile.from_dict({"topk": "two"})
     Traceback (most recent call last):
     ...
-    lwcam.profiles.ProfileError: profile key 'topk' must be int, got 'two' (str)
+    lwcam.study.profiles.ProfileError: profile key 'topk' must be int, got 'two' (str)
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ class Profile(Mapping[str, Any]):
                 raise ProfileError(f"profile key {f.name!r} must be one of {list(choices)}, got {value!r}")
             object.__setattr__(self, f.name, value)
         if self.object_radius is not None:
-            from .data import check_object_radius  # here: the data module is heavy, a profile is read anywhere
+            from ..data import check_object_radius  # here: the data module is heavy, a profile is read anywhere
 
             try:
                 object.__setattr__(self, "object_radius", list(check_object_radius(self.object_radius,
@@ -180,7 +180,8 @@ class Profile(Mapping[str, Any]):
         if unknown:
             hints = {k: difflib.get_close_matches(str(k), KEYS, n=1) for k in unknown}
             named = ", ".join(f"{k!r}" + (f" (did you mean {hints[k][0]!r}?)" if hints[k] else "") for k in unknown)
-            raise ProfileError(f"{where}unknown profile key {named}; the keys are those of lwcam.profiles.Profile")
+            raise ProfileError(f"{where}unknown profile key {named}; "
+                               "the keys are those of lwcam.study.profiles.Profile")
         try:
             return cls(**values)
         except ProfileError as err:
@@ -311,7 +312,7 @@ def _in_range(name: str, value: Any) -> Any:
     """``value`` if it is ``None`` or lies in the key's :data:`_RANGES` interval; else an error naming the key."""
     if value is None or name not in _RANGES:
         return value
-    from ._checks import check_real  # here: importing this module stays free of torch
+    from .._checks import check_real  # here: importing this module stays free of torch
 
     low, high, low_open, high_open = _RANGES[name]
     try:

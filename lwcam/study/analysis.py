@@ -1,6 +1,6 @@
 """The paper's analyses: T1, the fusion grid chosen on ``val``, the claim tests, F6 and F7.
 
-:mod:`lwcam.pipeline` finds and caches artefacts; this module turns them into the tables and
+:mod:`lwcam.study.pipeline` finds and caches artefacts; this module turns them into the tables and
 figure data that the notebooks save. Each function takes tensors and models, never a split name,
 so what it reads is exactly what it is handed: :func:`select_fusion` is given ``val`` images
 only and cannot see ``test``.
@@ -8,7 +8,7 @@ only and cannot see ``test``.
 The fusion grid (:func:`fusion_grid`) is declared once: weighting (Grad-CAM, LayerCAM) ×
 normalisation (per-layer min-max, none) × mode (sum, max, weighted) × layer weights (uniform,
 one layer, all but one layer, and weights learned on ``val``), and beside those sums the
-class-preserving fusions of :data:`lwcam.fusion.CLASS_PRESERVING_MODES` (deep-gated, geometric-mean
+class-preserving fusions of :data:`lwcam.cam.fusion.CLASS_PRESERVING_MODES` (deep-gated, geometric-mean
 product, Poly-CAM, mass-preserving recursive refinement), each on Grad-CAM, LayerCAM and HiResCAM
 shallow maps, all gated by the student's last-layer Grad-CAM, fused from the maps at their own
 resolutions. The learned weights are
@@ -30,14 +30,15 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ._checks import check_positive_int, check_real
-from ._utils import track
-from .baselines import random_saliency, rise
-from .evaluation import compare, explain_lwcam
-from .fusion import CLASS_PRESERVING_MODES, fuse
-from .layercam import raw_layer_maps, upsample_layers
-from .metrics import deletion_game, insertion_game
-from .models import predict_logits
+from .._checks import check_positive_int, check_real
+from .._utils import track
+from ..baselines import random_saliency, rise
+from ..cam.batched import explain_lwcam, raw_layer_maps
+from ..cam.fusion import CLASS_PRESERVING_MODES, fuse
+from ..cam.maps import upsample_layers
+from ..models import predict_logits
+from ..scoring.evaluation import compare
+from ..scoring.games import deletion_game, insertion_game
 
 __all__ = [
     "table_t1",
@@ -139,8 +140,8 @@ def fusion_grid(names: Sequence[str], learned: Mapping[str, list[float] | None])
 def fused_maps(stacks: Mapping[str, torch.Tensor], raws: Mapping[str, Sequence[torch.Tensor]],
                spec: Mapping[str, Any], size: tuple[int, int]) -> torch.Tensor:
     """One grid setting's saliency from maps already computed: ``stacks`` (weighting -> upsampled (B,L,H,W),
-    :func:`~lwcam.layercam.upsample_layers`) for the sums, ``raws`` (weighting -> native maps,
-    :func:`~lwcam.layercam.raw_layer_maps`) for the class-preserving modes; equal to :func:`explain_lwcam`."""
+    :func:`~lwcam.cam.maps.upsample_layers`) for the sums, ``raws`` (weighting -> native maps,
+    :func:`~lwcam.cam.batched.raw_layer_maps`) for the class-preserving modes; equal to :func:`explain_lwcam`."""
     kw = {k: v for k, v in spec.items() if k not in ("weighting", "gate_weighting")}
     if spec["mode"] not in CLASS_PRESERVING_MODES:
         return fuse(stacks[spec["weighting"]], **kw)

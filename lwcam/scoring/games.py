@@ -1,7 +1,6 @@
-"""Faithfulness and ground-truth metrics for saliency maps, plus the statistics to report them.
+"""The deletion and insertion games (Petsiuk et al., 2018, "RISE"): faithfulness on the model being explained.
 
-Deletion and insertion games (Petsiuk et al., 2018, "RISE") score a saliency map on the
-model being explained, which in lwcam is the black box:
+They score a saliency map on the model being explained, which in lwcam is the black box:
 
 * Pixels are ranked by saliency, descending. Ties are broken by flat pixel index
   (row-major, lower index first), so the order is deterministic.
@@ -15,7 +14,7 @@ model being explained, which in lwcam is the black box:
 * The curve ``s_0, ..., s_{n-1}`` is the softmax probability of the target class at each of the
   ``n = ceil(H * W / step) + 1`` steps, and
 
-  .. math:: \\mathrm{AUC} = \\frac{1}{n - 1}\\Big(\\sum_{t=0}^{n-1} s_t - \\frac{s_0}{2} - \\frac{s_{n-1}}{2}\\Big),
+  .. math:: \\mathrm{AUC} = \frac{1}{n - 1}\\Big(\\sum_{t=0}^{n-1} s_t - \frac{s_0}{2} - \frac{s_{n-1}}{2}\\Big),
 
   the trapezoid rule on ``n`` equally spaced points of ``[0, 1]``. The AUC lies in ``[0, 1]``.
   Deletion: lower is better. Insertion: higher is better.
@@ -23,10 +22,6 @@ model being explained, which in lwcam is the black box:
 Every (image, step) pair is built with one vectorised ``torch.where`` on a pixel-rank map, and the
 pairs are sent to the model in chunks of ``batch_size`` images, so there is no Python loop over
 pixels or steps.
-
-Ground-truth metrics (:func:`pointing_game`, :func:`relevance_mass`) compare a saliency map with an
-object mask. :func:`bootstrap_ci` and :func:`paired_test` turn per-image scores into a mean with a
-95% confidence interval and a paired comparison of two methods on the same images.
 
 Example:
     >>> import torch
@@ -41,36 +36,27 @@ Example:
 from __future__ import annotations
 
 import numbers
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import numpy as np
 import torch
-from scipy import stats
 from torch import nn
 
-from ._checks import check_classes, check_images, check_map, check_targets
-from ._ops import gaussian_blur, pow2_scale
-from ._utils import is_cpu_convnet, track
-from .blackbox import BlackBox, as_prob_fn
+from .._checks import check_classes, check_images, check_map, check_targets
+from .._ops import gaussian_blur, pow2_scale
+from .._utils import is_cpu_convnet, track
+from ..blackbox import BlackBox, as_prob_fn
+from ._meta import score
+from .stats import bootstrap_ci
 
-__all__ = [
-    "GameResult",
-    "PairedResult",
-    "deletion_game",
-    "insertion_game",
-    "gaussian_blur",
-    "game_auc",
-    "pointing_game",
-    "relevance_mass",
-    "bootstrap_ci",
-    "paired_test",
-]
+__all__ = ["GameResult", "deletion_game", "insertion_game", "game_auc", "gaussian_blur", "Model", "Canvas", "Targets"]
 
 Model = BlackBox | nn.Module | Callable[[torch.Tensor], torch.Tensor]
 Canvas = str | torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
+
+
 Targets = int | Sequence[int] | torch.Tensor | np.ndarray
 
 _NAMED_CANVASES = ("zeros", "mean", "blur")
@@ -135,18 +121,6 @@ class GameResult:
         )
 
 
-class PairedResult(NamedTuple):
-    """A paired comparison of two methods on the same images (see :func:`paired_test`)."""
-
-    mean_diff: float
-    ci_low: float
-    ci_high: float
-    p_value: float
-    n: int
-    test: str = "wilcoxon"
-    alternative: str = "two-sided"
-
-
 # --------------------------------------------------------------------------- helpers
 def game_auc(curves: torch.Tensor) -> torch.Tensor:
     """Area under equally spaced curves on ``[0, 1]`` by the trapezoid rule.
@@ -186,6 +160,8 @@ def game_auc(curves: torch.Tensor) -> torch.Tensor:
 #: The ``"blur"`` canvas (the insertion game's default start): :func:`gaussian_blur` with ``blur_kernel``
 #: (default 11) and ``blur_sigma`` (default 5), a reflect border and kernel weights computed in float64.
 BLUR_BORDER: Literal["reflect"] = "reflect"
+
+
 BLUR_KERNEL_DTYPE = torch.float64
 
 
@@ -426,6 +402,7 @@ def _play_targets(kind: Literal["deletion", "insertion"], model: Model, images: 
 
 
 # --------------------------------------------------------------------------- games
+@score("faithfulness", "lower", needs=("model",))
 def deletion_game(model: Model, images: torch.Tensor, saliency: torch.Tensor, targets: Targets, *,
                   step: int | None = None, substrate: Canvas = "zeros", blur_kernel: int = 11,
                   blur_sigma: float = 5.0, batch_size: int = 256, progress: bool | None = None) -> GameResult:
@@ -476,6 +453,7 @@ def deletion_game(model: Model, images: torch.Tensor, saliency: torch.Tensor, ta
                  blur_kernel=blur_kernel, blur_sigma=blur_sigma, batch_size=batch_size, progress=progress)
 
 
+@score("faithfulness", "higher", needs=("model",))
 def insertion_game(model: Model, images: torch.Tensor, saliency: torch.Tensor, targets: Targets, *,
                    step: int | None = None, start: Canvas = "blur", blur_kernel: int = 11,
                    blur_sigma: float = 5.0, batch_size: int = 256, progress: bool | None = None) -> GameResult:
@@ -501,206 +479,3 @@ def insertion_game(model: Model, images: torch.Tensor, saliency: torch.Tensor, t
     """
     return _play("insertion", model, images, saliency, targets, step=step, canvas=start,
                  blur_kernel=blur_kernel, blur_sigma=blur_sigma, batch_size=batch_size, progress=progress)
-
-
-# --------------------------------------------------------------------------- ground truth
-def _check_pair(saliency: object, masks: object) -> tuple[torch.Tensor, torch.Tensor]:
-    sal = check_map(saliency)
-    b, h, w = sal.shape
-    m = check_map(masks, b, h, w, name="masks")
-    if m.dtype != torch.bool:
-        if not ((m == 0) | (m == 1)).all():
-            raise ValueError("masks must be boolean or contain only 0 and 1")
-        m = m != 0
-    return sal, m.to(sal.device)
-
-
-def pointing_game(saliency: torch.Tensor, masks: torch.Tensor, *, return_valid: bool = False
-                  ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Pointing game: does the saliency maximum fall inside the object mask?
-
-    ``hit_i = masks_i[argmax(saliency_i)]``, where ties go to the lowest flat (row-major) index.
-
-    An image whose mask is empty has no object to point at: its ``hit`` is ``False`` and its
-    ``valid`` flag is ``False``. Average ``hit[valid]`` to score a method; pass
-    ``return_valid=True`` to get the flag.
-
-    Args:
-        saliency: (B, H, W) or (B, 1, H, W) real-valued maps (no NaN/Inf).
-        masks: (B, H, W) or (B, 1, H, W) bool (or 0/1) object masks.
-        return_valid: also return ``valid = masks.any()`` per image.
-
-    Returns:
-        ``hit`` (B,) bool, or ``(hit, valid)`` when ``return_valid``.
-
-    Example:
-        >>> s = torch.tensor([[[0.0, 1.0], [0.0, 0.0]]])
-        >>> pointing_game(s, torch.tensor([[[False, True], [False, False]]])).tolist()
-        [True]
-    """
-    sal, m = _check_pair(saliency, masks)
-    idx = sal.flatten(1).argmax(dim=1)  # first maximal index
-    valid = m.flatten(1).any(dim=1)
-    hit = m.flatten(1).gather(1, idx.unsqueeze(1)).squeeze(1) & valid
-    return (hit, valid) if return_valid else hit
-
-
-def relevance_mass(saliency: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Relevance mass accuracy (Arras et al., CLEVR-XAI): the share of positive saliency inside the mask.
-
-    ``mass_i = sum(relu(s_i) * mask_i) / sum(relu(s_i))``, in ``[0, 1]``. A map with no positive
-    value (all zeros or negative) has no mass to place and scores ``0.0`` (never NaN).
-
-    Args:
-        saliency: (B, H, W) or (B, 1, H, W) real-valued maps (no NaN/Inf).
-        masks: (B, H, W) or (B, 1, H, W) bool (or 0/1) object masks.
-
-    Returns:
-        (B,) float64.
-
-    Example:
-        >>> s = torch.tensor([[[3.0, 1.0], [-2.0, 0.0]]])
-        >>> relevance_mass(s, torch.tensor([[[True, False], [True, False]]])).tolist()
-        [0.75]
-    """
-    sal, m = _check_pair(saliency, masks)
-    pos = sal.to(torch.float64).clamp_min(0).flatten(1)
-    total = pos.sum(dim=1)
-    if not bool(torch.isfinite(total).all()):  # float64 maps near 1e308: their sum overflows, a share does not
-        pos = pos / pow2_scale(pos)
-        total = pos.sum(dim=1)
-    inside = (pos * m.flatten(1)).sum(dim=1)
-    return torch.where(total > 0, inside / torch.where(total > 0, total, torch.ones_like(total)),
-                       torch.zeros_like(total))
-
-
-# --------------------------------------------------------------------------- statistics
-def _as_1d_float(values: object, name: str) -> np.ndarray:
-    if isinstance(values, torch.Tensor):
-        values = values.detach().cpu().to(torch.float64).numpy()
-    arr = np.asarray(values, dtype=np.float64)
-    if arr.ndim != 1:
-        raise ValueError(f"{name} must be one-dimensional, got shape {arr.shape}")
-    if np.isinf(arr).any():
-        raise ValueError(f"{name} contains Inf")
-    finite = arr[~np.isnan(arr)]
-    if finite.size and float(np.abs(finite).max()) > np.finfo(np.float64).max / finite.size:
-        raise ValueError(f"{name}: values too large to average in float64 (max |value| "
-                         f"{np.abs(finite).max():.4g} over {finite.size} values overflows a sum); rescale them")
-    return arr
-
-
-def _bootstrap_means(x: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
-    """``n_boot`` means of resamples of ``x`` with replacement, vectorised in bounded chunks."""
-    rng = np.random.default_rng(seed)
-    n = x.shape[0]
-    out = np.empty(n_boot, dtype=np.float64)
-    per = max(1, 4_000_000 // n)
-    for lo in range(0, n_boot, per):
-        hi = min(lo + per, n_boot)
-        idx = rng.integers(0, n, size=(hi - lo, n))
-        out[lo:hi] = x[idx].mean(axis=1)
-    return out
-
-
-def _check_boot_args(n_boot: int, ci: float, seed: int) -> None:
-    if isinstance(n_boot, bool) or not isinstance(n_boot, numbers.Integral) or n_boot < 1:
-        raise ValueError(f"n_boot must be a positive int, got {n_boot!r}")
-    if not 0 < ci < 1:
-        raise ValueError(f"ci must be in (0, 1), got {ci!r}")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-
-
-def bootstrap_ci(values: object, n_boot: int = 10000, ci: float = 0.95, seed: int = 0
-                 ) -> tuple[float, float, float]:
-    """Mean with a percentile bootstrap confidence interval.
-
-    Resample the values with replacement ``n_boot`` times, take each resample's mean, and report
-    the ``(1 - ci) / 2`` and ``(1 + ci) / 2`` quantiles of those means. NaN values (for example
-    images a metric does not apply to) are dropped first; Inf raises. Deterministic given ``seed``.
-
-    Args:
-        values: 1-D array-like or tensor of per-image scores.
-        n_boot: number of bootstrap resamples.
-        ci: confidence level in (0, 1).
-        seed: seed of the resampling generator.
-
-    Returns:
-        ``(mean, low, high)`` as floats; ``low <= mean <= high`` up to resampling noise.
-
-    Raises:
-        ValueError: no values, or only NaN values.
-
-    Example:
-        >>> m, lo, hi = bootstrap_ci([0.2, 0.4, 0.6, 0.8], n_boot=2000)
-        >>> round(m, 2), lo < m < hi
-        (0.5, True)
-    """
-    _check_boot_args(n_boot, ci, seed)
-    x = _as_1d_float(values, "values")
-    if x.size == 0:
-        raise ValueError("bootstrap_ci needs at least one value, got an empty input")
-    x = x[~np.isnan(x)]
-    if x.size == 0:
-        raise ValueError("bootstrap_ci got only NaN values")
-    mean = float(x.mean())
-    if x.size == 1:
-        return mean, mean, mean
-    means = _bootstrap_means(x, int(n_boot), int(seed))
-    low, high = np.quantile(means, [(1 - ci) / 2, (1 + ci) / 2])
-    return mean, float(low), float(high)
-
-
-def paired_test(a: object, b: object, *, n_boot: int = 10000, ci: float = 0.95, seed: int = 0,
-                alternative: Literal["two-sided", "less", "greater"] = "two-sided") -> PairedResult:
-    """Compare two methods scored on the same images.
-
-    ``d_i = a_i - b_i``. The result holds ``mean(d)`` with a paired percentile bootstrap CI
-    (images resampled together, see :func:`bootstrap_ci`) and the p-value of a Wilcoxon
-    signed-rank test of ``d`` (``scipy.stats.wilcoxon``, zero differences dropped, its default
-    ``zero_method="wilcox"``). ``alternative="less"`` tests whether ``a`` tends to be below ``b``
-    (e.g. a lower deletion AUC), ``"greater"`` the reverse.
-
-    Pairs in which either value is NaN are dropped. When every difference is zero there is no
-    evidence of a difference and the p-value is ``1.0``.
-
-    Args:
-        a: 1-D per-image scores of the first method.
-        b: 1-D per-image scores of the second method, same length and order.
-        n_boot: bootstrap resamples for the CI.
-        ci: confidence level of the CI.
-        seed: seed of the resampling generator.
-        alternative: ``"two-sided"``, ``"less"`` or ``"greater"``.
-
-    Returns:
-        A :class:`PairedResult` ``(mean_diff, ci_low, ci_high, p_value, n, test, alternative)``.
-
-    Raises:
-        ValueError: ``a`` and ``b`` differ in shape, or no complete pair is left.
-
-    Example:
-        >>> r = paired_test([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], [0.3, 0.5, 0.4, 0.6, 0.9, 0.7])
-        >>> round(r.mean_diff, 3), r.p_value < 0.05, r.n
-        (-0.217, True, 6)
-    """
-    if alternative not in ("two-sided", "less", "greater"):
-        raise ValueError(f"alternative must be 'two-sided', 'less' or 'greater', got {alternative!r}")
-    _check_boot_args(n_boot, ci, seed)
-    xa, xb = _as_1d_float(a, "a"), _as_1d_float(b, "b")
-    if xa.shape != xb.shape:
-        raise ValueError(f"a and b must have the same shape (paired per image), got {xa.shape} and {xb.shape}")
-    keep = ~(np.isnan(xa) | np.isnan(xb))
-    with np.errstate(over="ignore"):
-        d = _as_1d_float(xa[keep] - xb[keep], "a - b")  # Inf where a and b near ±1.8e308 differ past float64
-    if d.size == 0:
-        raise ValueError("paired_test needs at least one pair without NaN")
-    mean, low, high = bootstrap_ci(d, n_boot=n_boot, ci=ci, seed=seed)
-    if not np.any(d != 0):
-        p = 1.0
-    else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", category=RuntimeWarning)
-            p = float(stats.wilcoxon(d, zero_method="wilcox", alternative=alternative).pvalue)
-    return PairedResult(mean_diff=mean, ci_low=low, ci_high=high, p_value=p, n=int(d.size),
-                        test="wilcoxon", alternative=alternative)

@@ -4,7 +4,7 @@ Each object of a class-conflict scene is given its size in **cells of the studen
 equivalent diameter :math:`2\\sqrt{A/\\pi}` (:func:`lwcam.data.object_size_cells`) over the width of a
 cell, the input size divided by the last map's size (8 px for an 8×8 map of a 64-px image, 32 px for
 a 2×2 map). An object of one cell is a single value of last-layer Grad-CAM; the class-preserving
-fusions of :mod:`lwcam.fusion` may only move the deep map's mass inside its cells.
+fusions of :mod:`lwcam.cam.fusion` may only move the deep map's mass inside its cells.
 
 The objects are binned by that size (:data:`SIZE_EDGES`: ≤ 1.5, 1.5–3, > 3 cells). Within a bin the
 unit is the **scene**: a method's measures on the objects of one scene that fall in the bin are
@@ -29,9 +29,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .data import object_size_cells
-from .evaluation import compare
-from .metrics import bootstrap_ci
+from ..data import object_size_cells
+from ..scoring.evaluation import compare
+from ..scoring.stats import bootstrap_ci
 from .scorecard import MEASURES
 
 __all__ = ["SIZE_EDGES", "RESOLUTION_PAIRS", "HEADLINE_MEASURES", "GOAL_TOLERANCE", "size_bin_labels",
@@ -120,7 +120,7 @@ def accuracy_by_size(correct: torch.Tensor, masks: torch.Tensor, cell_px: float,
 def size_units(per_object: pd.DataFrame, sizes: pd.DataFrame) -> pd.DataFrame:
     """One row per (method, bin, scene): each measure's mean over the scene's objects in that bin.
 
-    ``per_object`` is :attr:`lwcam.scorecard.ScorecardResult.per_object`; ``sizes`` is :func:`object_sizes`.
+    ``per_object`` is :attr:`lwcam.study.scorecard.ScorecardResult.per_object`; ``sizes`` is :func:`object_sizes`.
     """
     merged = per_object.merge(sizes, on=["image", "object"], how="left", validate="many_to_one")
     if merged["size_bin"].isna().any():

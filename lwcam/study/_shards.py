@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from ._utils import atomic_write_bytes
+from .._utils import atomic_write_bytes
 
 __all__ = ["LAYOUT_METHODS", "check_nproc", "shard_positions", "rank_and_world", "gather_to_rank0",
            "merge_method_runs", "save_result"]
@@ -80,7 +80,7 @@ def gather_to_rank0(mine: T) -> list[T] | None:
 
 
 def merge_method_runs(parts: Sequence[Any]) -> Any:
-    """One method's :class:`~lwcam.evaluation.MethodRun` of each rank (in rank order) as one: maps and indices
+    """One method's :class:`~lwcam.scoring.evaluation.MethodRun` of each rank (in rank order) as one: maps and indices
     concatenated, seconds and queries per image averaged over every image."""
     n = sum(len(r.indices) for r in parts)
     seconds = sum(r.seconds_per_image * len(r.indices) for r in parts) / n

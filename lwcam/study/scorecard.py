@@ -2,10 +2,10 @@
 
 Each class-conflict scene (:class:`lwcam.data.ConflictScenes`: two objects of different classes side
 by side) is explained **twice**, once per object class, by every method through the registry
-(:func:`lwcam.evaluation.run_methods`), each method seeing only the model it may see. RISE reads both
+(:func:`lwcam.scoring.evaluation.run_methods`), each method seeing only the model it may see. RISE reads both
 classes from one set of masked queries (:func:`lwcam.baselines.rise_classes`); every other method is
 simply run once per class, with the same settings, so a method that ignores the class (random noise
-with a fixed seed, the centre bias) gives the same map twice. The measures of :mod:`lwcam.measures`
+with a fixed seed, the centre bias) gives the same map twice. The measures of :mod:`lwcam.scoring`
 are then taken per scene, on the black box:
 
 * **localisation**: targeted pointing, targeted mass (mean of the two maps), class sensitivity (the
@@ -62,27 +62,22 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ._checks import check_positive_int, check_real
-from ._utils import track
+from .._checks import check_positive_int, check_real
+from .._utils import track
+from ..baselines import METHODS, rise_classes
+from ..blackbox import BlackBox
+from ..cam.batched import raw_layer_maps
+from ..cam.maps import upsample_layers
+from ..data import object_area_fractions
+from ..scoring.complexity import sparseness
+from ..scoring.correlation import map_rank_correlation
+from ..scoring.evaluation import MethodRun, compare, run_methods, summarize
+from ..scoring.faithfulness import road, road_score, targeted_deletion
+from ..scoring.localisation import class_sensitivity, targeted_mass, targeted_pointing
+from ..scoring.randomisation import model_randomisation
+from ..scoring.robustness import max_sensitivity
+from ..scoring.stats import paired_test
 from .analysis import GATED_WEIGHTINGS, WEIGHTING_LABELS, fused_maps
-from .baselines import METHODS, rise_classes
-from .blackbox import BlackBox
-from .data import object_area_fractions
-from .evaluation import MethodRun, compare, run_methods, summarize
-from .layercam import raw_layer_maps, upsample_layers
-from .measures import (
-    class_sensitivity,
-    map_rank_correlation,
-    max_sensitivity,
-    model_randomisation,
-    road,
-    road_score,
-    sparseness,
-    targeted_deletion,
-    targeted_mass,
-    targeted_pointing,
-)
-from .metrics import paired_test
 
 __all__ = [
     "Measure",
@@ -177,7 +172,7 @@ class ScorecardResult:
     Attributes:
         per_scene: one row per (method, scene): ``method``, ``image`` (scene index) and every
             :data:`MEASURES` column (NaN where a measure was not taken on that scene).
-        runs: name -> :class:`~lwcam.evaluation.MethodRun` whose ``saliency`` is ``(n,2,H,W)`` (the
+        runs: name -> :class:`~lwcam.scoring.evaluation.MethodRun` whose ``saliency`` is ``(n,2,H,W)`` (the
             maps for object ``a`` and object ``b``) and whose costs are **per scene** (both maps).
         randomisation: one row per (method, step, scene) with ``rank_correlation``.
         per_object: one row per (method, scene, object) (:func:`score_objects`); the randomisation and
@@ -340,7 +335,7 @@ def explain_scenes(images: torch.Tensor, labels: torch.Tensor, masks: torch.Tens
         progress: show a progress bar over methods (``None``: only on a TTY).
 
     Returns:
-        name -> :class:`~lwcam.evaluation.MethodRun` with ``(k,2,H,W)`` saliency and per-scene costs.
+        name -> :class:`~lwcam.scoring.evaluation.MethodRun` with ``(k,2,H,W)`` saliency and per-scene costs.
     """
     if isinstance(methods, str) or len(methods) == 0:
         raise ValueError(f"methods must be a non-empty sequence of method names, got {methods!r}")
@@ -414,8 +409,8 @@ def score_objects(scorer: Any, images: torch.Tensor, labels: torch.Tensor, masks
 
 def road_values(scorer: Any, images: torch.Tensor, labels: torch.Tensor, run: MethodRun, n_road: int, *,
                 road_percentages: Sequence[float] = SCORECARD_ROAD_PERCENTAGES, seed: int = 0) -> pd.DataFrame:
-    """ROAD MoRF and LeRF (:func:`~lwcam.measures.road_score`) of ``run``'s map of object ``a``, with ``a`` as
-    the target, on its first ``n_road`` scenes: columns ``image``, ``road_morf``, ``road_lerf``.
+    """ROAD MoRF and LeRF (:func:`~lwcam.scoring.faithfulness.road_score`) of ``run``'s map of object ``a``, with
+    ``a`` as the target, on its first ``n_road`` scenes: columns ``image``, ``road_morf``, ``road_lerf``.
 
     The imputation noise comes from ``seed`` afresh on every call, so one method's values do not depend on
     which other methods were scored before it.
@@ -503,7 +498,7 @@ def _grouped_factory(model: nn.Module, groups: list[list[str]]) -> tuple[Callabl
     """A factory of fresh copies of ``model`` holding one resettable :class:`_Group` per cascade step, and their names.
 
     The groups are registered after every other module and bottom first, so that
-    :func:`~lwcam.measures.model_randomisation` (which walks the modules from the last registered)
+    :func:`~lwcam.scoring.randomisation.model_randomisation` (which walks the modules from the last registered)
     resets the top group first; the model keeps its own structure, layer names and function.
     """
     names = [f"randomisation_step_{i + 1}" for i in range(len(groups))]
@@ -841,7 +836,7 @@ def rank_table(t4: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 # ----------------------------------------------------------------------------- fusion on val
 def _spec(row: Mapping[Any, Any]) -> dict[str, Any]:
-    """A fusion setting's :func:`~lwcam.evaluation.explain_lwcam` arguments from its row of the selection table."""
+    """A fusion setting's :func:`~lwcam.cam.batched.explain_lwcam` arguments from its row of the selection table."""
     spec: dict[str, Any] = {"weighting": row["weighting"], "mode": row["mode"], "normalize": row["normalize"]}
     weights = row.get("weights")
     if isinstance(weights, str) and weights.strip():
@@ -863,12 +858,12 @@ def select_fusion_conflict(student: nn.Module, selection: pd.DataFrame, val_imag
     """The conflict-aware fusion criterion, on ``val`` conflict scenes only.
 
     Declared criterion: among the settings of the fusion grid whose ``val`` deletion AUC (the table of
-    :func:`lwcam.analysis.select_fusion`) is within ``tolerance`` of the best, the one with the highest
+    :func:`lwcam.study.analysis.select_fusion`) is within ``tolerance`` of the best, the one with the highest
     mean targeted mass on the ``val`` scenes (both classes); ties go to the lower deletion AUC.
 
     Args:
         student: the distilled student.
-        selection: :func:`~lwcam.analysis.select_fusion`'s table (``fusion``, ``weighting``, ``normalize``,
+        selection: :func:`~lwcam.study.analysis.select_fusion`'s table (``fusion``, ``weighting``, ``normalize``,
             ``mode``, ``weights``, ``val_deletion_auc``, ``selected_on_val``).
         val_images, val_labels, val_masks: ``val`` conflict scenes. Nothing else is read.
         tolerance: the deletion AUC tolerance.

@@ -8,21 +8,21 @@ writes none.
 
 * **T2** (``--stage t2``, notebook 03's rows): the student's Grad-CAM per layer of the first
   ``n_layer_eval`` test images, each layer's map and the fused map without it scored on the black box
-  (:func:`lwcam.evaluation.layer_rows`); rows layer by layer, shallow to deep, then the fused map, images
-  ascending; ``T2_layers`` is :func:`lwcam.evaluation.layer_table` of them, as notebook 03 writes it.
+  (:func:`lwcam.scoring.evaluation.layer_rows`); rows layer by layer, shallow to deep, then the fused map, images
+  ascending; ``T2_layers`` is :func:`lwcam.scoring.evaluation.layer_table` of them, as notebook 03 writes it.
   Every map is normalised per image, and the Wilcoxon p-values take the profile's seed over the
   gathered rows, so the rows and table are those of one process.
 * **T3** (``--stage t3``, the default; notebook 04's rows): every T3 method that explains those images
-  (:func:`lwcam.pipeline.t3_limits`), the maps scored on the black box (:class:`ShardRows`); rows method
-  by method in :data:`~lwcam.pipeline.T3_METHODS` order, images ascending.
+  (:func:`lwcam.study.pipeline.t3_limits`), the maps scored on the black box (:class:`ShardRows`); rows method
+  by method in :data:`~lwcam.study.pipeline.T3_METHODS` order, images ascending.
 
 * **T4** (``--stage t4``, notebook 05's rows): the scorecard, sharded by scene for the explanations and the
   localisation measures and by method for the measures taken on the first scenes only (ROAD, randomisation,
-  robustness), whose noise is drawn scene after scene (:mod:`lwcam.sharded_t4`).
+  robustness), whose noise is drawn scene after scene (:mod:`lwcam.study.sharded_t4`).
 
 T3's rows are those of one process: every map depends on its own image only. RISE's masks and LIME's
 samples come from the profile's seed, shared by every image, never from the rank; the random maps,
-drawn per chunk of :data:`~lwcam.pipeline.T3_CHUNK` images of the whole batch, are drawn by each rank
+drawn per chunk of :data:`~lwcam.study.pipeline.T3_CHUNK` images of the whole batch, are drawn by each rank
 for the chunks its images lie in, whole, and cut to its images. What may differ is the floating-point
 rounding of a forward pass over a batch of another size (well below 1e-6 in an AUC).
 
@@ -39,9 +39,9 @@ this machine (127.0.0.1, a free port, no restart); a rank that fails ends the ru
 
 Command line::
 
-    python -m lwcam.pipeline evaluate --profile quick --nproc 2      # one machine (--stage t2|t3|t4|all)
+    python -m lwcam.study.pipeline evaluate --profile quick --nproc 2      # one machine (--stage t2|t3|t4|all)
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_id=lwcam --rdzv_backend=c10d \\
-        --rdzv_endpoint=HOST_OF_NODE0:29500 -m lwcam.sharded --profile default --stage all   # on each node
+        --rdzv_endpoint=HOST_OF_NODE0:29500 -m lwcam.study.sharded --profile default --stage all   # on each node
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
+from .._utils import atomic_write_bytes
 from ._shards import (
     LAYOUT_METHODS,
     check_nproc,
@@ -70,7 +71,6 @@ from ._shards import (
     save_result,
     shard_positions,
 )
-from ._utils import atomic_write_bytes
 from .pipeline import (
     T3_CHUNK,
     T3_METHODS,
@@ -118,7 +118,7 @@ class ShardRows:
             agrees``, ``image`` the position in the whole evaluation batch.
         costs: ``method -> (seconds, black-box queries, images explained)``, summed over the rank's calls.
         runs, games: with ``keep``, the maps (``method -> MethodRun``) and the games (``method -> (deletion,
-            insertion)`` :class:`~lwcam.metrics.GameResult`) of those images; else ``None``.
+            insertion)`` :class:`~lwcam.scoring.games.GameResult`) of those images; else ``None``.
     """
 
     per_image: pd.DataFrame
@@ -130,8 +130,8 @@ class ShardRows:
 def _explain_layout(name: str, images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor,
                     mine: torch.Tensor, limit: int, settings: Mapping[str, Any]) -> Any:
     """A :data:`LAYOUT_METHODS` method on the images ``mine``: the whole chunks of one process, cut to ``mine``."""
-    from .baselines import METHODS  # here: the baselines are imported only by a run that explains
-    from .evaluation import MethodRun
+    from ..baselines import METHODS  # here: the baselines are imported only by a run that explains
+    from ..scoring.evaluation import MethodRun
 
     method, maps, seconds = METHODS[name], [], 0.0
     for start in sorted({int(i) // T3_CHUNK * T3_CHUNK for i in mine}):
@@ -150,10 +150,10 @@ def explain_shard(params: Mapping[str, Any], images: torch.Tensor, targets: torc
                   chosen: Mapping[str, Any]) -> dict[str, Any]:
     """T3's explanations of the images at ``positions`` (of the whole batch ``images``), ``method -> MethodRun``.
 
-    A method explains those of ``positions`` that it explains in one process (:func:`lwcam.pipeline.t3_limits`);
+    A method explains those of ``positions`` that it explains in one process (:func:`lwcam.study.pipeline.t3_limits`);
     a method with none of them is left out. Each run's ``indices`` are positions in the whole batch.
     """
-    from .evaluation import run_methods  # here: evaluation imports the baselines
+    from ..scoring.evaluation import run_methods  # here: evaluation imports the baselines
 
     limits, settings = t3_limits(params, len(images)), t3_method_params(params, chosen)
     runs: dict[str, Any] = {}
@@ -177,7 +177,7 @@ def t3_shard(params: Mapping[str, Any], images: torch.Tensor, targets: torch.Ten
     """The per-image T3 rows of the images at ``positions``: explained (:func:`explain_shard`), scored on
     ``scorer`` (the games' access), with ``agrees`` (does the student's class equal ``targets``); with ``keep``
     also the maps and the games."""
-    from .evaluation import score_methods  # here: evaluation imports the baselines
+    from ..scoring.evaluation import score_methods  # here: evaluation imports the baselines
 
     p = as_profile(params)
     positions = torch.as_tensor(positions, dtype=torch.long)
@@ -243,7 +243,7 @@ def merge_shards(shards: Sequence[ShardRows]) -> ShardRows:
 
 
 def _merge_game(parts: Sequence[Any]) -> Any:
-    """One game's results of the ranks (in rank order) as one :class:`~lwcam.metrics.GameResult`."""
+    """One game's results of the ranks (in rank order) as one :class:`~lwcam.scoring.games.GameResult`."""
     counted = [g.blackbox_queries for g in parts]
     return replace(parts[0], curves=torch.cat([g.curves for g in parts]), auc=torch.cat([g.auc for g in parts]),
                    targets=torch.cat([g.targets for g in parts]), queries=sum(g.queries for g in parts),
@@ -331,9 +331,9 @@ def prepare_t3(profile: str, root: str | os.PathLike | None = None) -> T3Inputs:
 
 def t3_tables(rows: ShardRows, inputs: T3Inputs) -> tuple[pd.DataFrame, pd.DataFrame]:
     """T3 (``T3_methods``) and its claims (``T3_claim``) from the merged rows, as notebook 04 makes them."""
+    from ..baselines import METHODS
+    from ..scoring.evaluation import MethodRun, method_resolution, summarize
     from .analysis import claim_table  # here: analysis imports the baselines
-    from .baselines import METHODS
-    from .evaluation import MethodRun, method_resolution, summarize
 
     settings = t3_method_params(inputs.params, inputs.chosen)
     runs = {}
@@ -363,7 +363,7 @@ def write_t3(rows: ShardRows, inputs: T3Inputs) -> list[Path]:
 # --------------------------------------------------------------------------- T2: the per-layer games
 @dataclass
 class LayerRows:
-    """Per-image T2 rows (:func:`lwcam.evaluation.layer_rows`) of some images, with the layers' names and
+    """Per-image T2 rows (:func:`lwcam.scoring.evaluation.layer_rows`) of some images, with the layers' names and
     native resolutions (shallow to deep)."""
 
     per_image: pd.DataFrame
@@ -374,8 +374,9 @@ class LayerRows:
 def t2_shard(params: Mapping[str, Any], images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor,
              positions: torch.Tensor, *, scorer: Any, student: torch.nn.Module) -> LayerRows:
     """The per-image T2 rows of the images at ``positions``: the student's Grad-CAM per layer
-    (:func:`lwcam.evaluation.layer_maps_batched`), each layer and the fused maps scored on ``scorer``."""
-    from .evaluation import layer_maps_batched, layer_rows  # here: evaluation imports the baselines
+    (:func:`lwcam.cam.batched.layer_maps_batched`), each layer and the fused maps scored on ``scorer``."""
+    from ..cam.batched import layer_maps_batched
+    from ..scoring.evaluation import layer_rows  # here: evaluation imports the baselines
 
     p = as_profile(params)
     positions = torch.as_tensor(positions, dtype=torch.long)
@@ -388,7 +389,7 @@ def t2_shard(params: Mapping[str, Any], images: torch.Tensor, targets: torch.Ten
 def merge_layer_shards(shards: Sequence[LayerRows]) -> LayerRows:
     """The ranks' T2 rows (in rank order) as one process writes them: layer by layer, shallow to deep, then the
     fused map, images ascending. ``ValueError`` when the ranks saw other layers."""
-    from .evaluation import FUSED_LAYER
+    from ..scoring.evaluation import FUSED_LAYER
 
     first = shards[0]
     for r, shard in enumerate(shards):
@@ -450,8 +451,8 @@ def prepare_t2(profile: str, root: str | os.PathLike | None = None) -> T2Inputs:
 
 def write_t2(rows: LayerRows, inputs: T2Inputs) -> list[Path]:
     """Write the per-image rows (``per_image_layers.csv`` in the run folder) and ``T2_layers``, as notebook 03
-    writes T2 (:func:`lwcam.evaluation.layer_table`); every file atomically, and only from complete rows."""
-    from .evaluation import layer_table
+    writes T2 (:func:`lwcam.scoring.evaluation.layer_table`); every file atomically, and only from complete rows."""
+    from ..scoring.evaluation import layer_table
 
     t2 = layer_table(rows.per_image, resolutions=rows.resolutions, seed=inputs.params.seed)
     per_image_path = inputs.paths.run / "per_image_layers.csv"
@@ -461,13 +462,14 @@ def write_t2(rows: LayerRows, inputs: T2Inputs) -> list[Path]:
 
 # --------------------------------------------------------------------------- T4: the scorecard
 def prepare_t4(profile: str, root: str | os.PathLike | None = None) -> ScorecardInputs:
-    """Notebook 05's inputs for ``profile`` (:func:`lwcam.pipeline.scorecard_inputs`), models made first if missing."""
+    """Notebook 05's inputs for ``profile`` (:func:`lwcam.study.pipeline.scorecard_inputs`), models made first if
+    missing."""
     return scorecard_inputs(load_profile(profile, root), RunPaths.for_profile(profile, root), progress=False)
 
 
 def _run_t4(profile: str, root: str | None, rank: int, world: int, result: Path | None = None) -> list[Path]:
-    """One rank's share of T4 (:func:`lwcam.sharded_t4.run_scorecard_sharded`); rank 0 writes the rows and T4's
-    tables (:func:`write_t4`), or with ``result`` only saves the :class:`~lwcam.scorecard.ScorecardResult` there
+    """One rank's share of T4 (:func:`lwcam.study.sharded_t4.run_scorecard_sharded`); rank 0 writes the rows and T4's
+    tables (:func:`write_t4`), or with ``result`` only saves the :class:`~lwcam.study.scorecard.ScorecardResult` there
     (notebook 05 reads it)."""
     from .sharded_t4 import run_scorecard_sharded  # here: it imports the scorecard and the baselines
 
@@ -482,7 +484,7 @@ def _run_t4(profile: str, root: str | None, rank: int, world: int, result: Path 
 
 
 def write_t4(result: Any, inputs: ScorecardInputs) -> list[Path]:
-    """T4's rows (those notebook 06 reads, :func:`lwcam.pipeline.save_scorecard_rows`) and tables, each
+    """T4's rows (those notebook 06 reads, :func:`lwcam.study.pipeline.save_scorecard_rows`) and tables, each
     written atomically, as notebook 05 writes them."""
     paths = inputs.paths
     written = save_scorecard_rows(paths, result, inputs.fusions)
@@ -637,10 +639,10 @@ def launch(args: Sequence[str], nproc: int, *, port: int | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    """One rank of ``python -m lwcam.sharded --profile NAME`` (under ``torchrun``, or alone as one process)."""
+    """One rank of ``python -m lwcam.study.sharded --profile NAME`` (under ``torchrun``, or alone as one process)."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    parser = argparse.ArgumentParser(prog="python -m lwcam.sharded", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lwcam.study.sharded", description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="default")
     parser.add_argument("--root", default=None, help="the project root (default: found from here)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,

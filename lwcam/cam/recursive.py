@@ -8,7 +8,7 @@ The layer maps :math:`S_1, \\dots, S_L` (shallow to deep, each at its own resolu
     P_L = S_L, \\qquad P_l = f\\big(S_l, P_{l+1}\\big), \\quad l = L-1, \\dots, 1,
 
 and the fusion returns :math:`P_1` at the output size, min-max normalised
-(:func:`lwcam.fusion.fuse`, modes ``"polycam"`` and ``"recursive"``).
+(:func:`lwcam.cam.fusion.fuse`, modes ``"polycam"`` and ``"recursive"``).
 
 ``"polycam"`` (Poly-CAM, Englebert et al., ICPR 2022):
 
@@ -73,7 +73,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._ops import area_resize, pow2_scale
+from .._ops import area_resize, pow2_scale
 
 __all__ = ["refine", "smooth_resize", "REFINEMENTS", "LNORM_FLOOR"]
 

@@ -47,7 +47,7 @@ mode              fused map, then min-max normalised
                   over its exact block mean on :math:`P_{l+1}`'s grid, ``alpha`` default 0.1
 ================  ==========================================================================
 
-(:mod:`lwcam.fusion_recursive` has the two recursions in full; ``"recursive"`` keeps each deep
+(:mod:`lwcam.cam.recursive` has the two recursions in full; ``"recursive"`` keeps each deep
 cell's total mass exactly, ``"polycam"`` follows the reference code, bilinear upsampling
 included.) They compute in float64, so maps up to ±3.4e38 give finite results; they always
 min-max normalise (``normalize="none"`` is refused). ``polycam`` and ``recursive`` clamp the
@@ -109,8 +109,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._ops import area_resize, minmax_normalize
-from .fusion_recursive import REFINEMENTS, refine, smooth_resize
+from .._ops import area_resize, minmax_normalize
+from .recursive import REFINEMENTS, refine, smooth_resize
 
 __all__ = ["fuse", "minmax_normalize", "MODES", "CLASS_PRESERVING_MODES", "NORMALIZE", "NamedMaps"]
 
@@ -128,7 +128,7 @@ RECURSIVE_ALPHA = 0.1
 
 @runtime_checkable
 class NamedMaps(Protocol):
-    """Named per-layer maps, as a :class:`~lwcam.layercam.LayerMaps` holds them."""
+    """Named per-layer maps, as a :class:`~lwcam.cam.maps.LayerMaps` holds them."""
 
     names: list[str]
     maps: dict[str, Tensor]
@@ -348,7 +348,7 @@ def fuse(maps: NamedMaps | Mapping[str, Tensor] | Sequence[Tensor] | Tensor, mod
     """Fuse L per-layer maps of B images into one (B,H,W) saliency map.
 
     Args:
-        maps: a :class:`~lwcam.layercam.LayerMaps` (its upsampled ``.maps``; its native ``.raw``
+        maps: a :class:`~lwcam.cam.maps.LayerMaps` (its upsampled ``.maps``; its native ``.raw``
             for the class-preserving modes), a dict ``name -> (B,H,W)``, a list of (B,H,W)
             tensors, or a (B,L,H,W) tensor, shallow to deep. All maps must be finite and, except
             for the class-preserving modes, share one shape.

@@ -1,6 +1,6 @@
 """Evaluation: run explainers on a test set and score them on the black box.
 
-This module orchestrates what :mod:`lwcam.metrics` measures: it explains a batch of images
+This module orchestrates what :mod:`lwcam.scoring` measures: it explains a batch of images
 with lwcam (the fused layer-wise Grad-CAM of the student) and with the baselines of
 :mod:`lwcam.baselines`, each given only the model access it is allowed, then plays the
 deletion and insertion games on the **black box** and scores the maps against the
@@ -27,33 +27,28 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
-from ._checks import check_positive_int
-from ._utils import track
-from .baselines import LWCAM_LABEL, METHODS, Explanation
-from .fusion import fuse
-from .layercam import LayerMaps, LayerwiseGradCAM, explain_lwcam, layer_maps_all_weightings, layer_maps_batched
-from .metrics import (
-    GameResult,
-    bootstrap_ci,
-    deletion_game,
-    insertion_game,
-    paired_test,
-    pointing_game,
-    relevance_mass,
-)
+from .._checks import check_positive_int
+from .._utils import track
+from ..baselines import LWCAM_LABEL, METHODS, Explanation
+from ..cam.batched import explain_lwcam
+from ..cam.fusion import fuse
+from ..cam.layerwise import LayerwiseGradCAM
+from ..cam.maps import LayerMaps
+from .games import GameResult, deletion_game, insertion_game
+from .localisation import pointing_game, relevance_mass
+from .stats import bootstrap_ci, paired_test
+
+if TYPE_CHECKING:  # pandas is imported only by the functions that make a table
+    import pandas as pd
 
 __all__ = [
     "MethodRun",
-    "Explanation",
-    "layer_maps_batched",
-    "explain_lwcam",
     "run_methods",
     "score_methods",
     "score_saliency",
@@ -61,7 +56,6 @@ __all__ = [
     "compare",
     "LWCAM_LABEL",
     "LWCAM_METHODS",
-    "layer_maps_all_weightings",
     "FUSED_LAYER",
     "layer_rows",
     "layer_table",
@@ -159,6 +153,7 @@ def score_saliency(blackbox: Any, images: torch.Tensor, saliency: torch.Tensor, 
                    masks: torch.Tensor | None = None, *, step: int | None = None, batch_size: int = 512,
                    substrate: Any = "zeros", start: Any = "blur") -> tuple[pd.DataFrame, GameResult, GameResult]:
     """Deletion and insertion AUCs on the black box, and (with masks) pointing and relevance mass, per image."""
+    import pandas as pd
     dele = deletion_game(blackbox, images, saliency, targets, step=step, substrate=substrate, batch_size=batch_size)
     ins = insertion_game(blackbox, images, saliency, targets, step=step, start=start, batch_size=batch_size)
     df = pd.DataFrame({"deletion_auc": dele.auc.numpy(), "insertion_auc": ins.auc.numpy()})
@@ -179,6 +174,7 @@ def score_methods(blackbox: Any, images: torch.Tensor, targets: torch.Tensor, ma
         ``method, image, deletion_auc, insertion_auc, pointing, mass``, and
         ``name -> (deletion GameResult, insertion GameResult)``.
     """
+    import pandas as pd
     frames, games = [], {}
     for name, run in track(runs.items(), total=len(runs), desc="deletion/insertion", enabled=progress):
         idx = run.indices
@@ -201,11 +197,12 @@ def _check_columns(per_image: pd.DataFrame, wanted: Sequence[str], name: str) ->
 
 def summarize(per_image: pd.DataFrame, runs: Mapping[str, MethodRun], *, n_boot: int = 10000,
               seed: int = 0, metrics: Sequence[str] | None = None) -> pd.DataFrame:
-    """T3-style table: per method the mean of each metric with its 95% bootstrap CI, time and queries.
+    """A table with one row per method: the mean of each metric with its 95% bootstrap CI, time and queries.
 
-    ``metrics`` names the columns of ``per_image`` to summarise (default T3's: deletion and
+    ``metrics`` names the columns of ``per_image`` to summarise (default: deletion and
     insertion AUC, pointing and mass, those present).
     """
+    import pandas as pd
     rows = []
     if metrics is None:
         metrics = [m for m in ("deletion_auc", "insertion_auc", "pointing", "mass") if m in per_image]
@@ -244,7 +241,7 @@ def compare(per_image: pd.DataFrame, a: str, b: str, metric: str = "deletion_auc
             "ci_high": res.ci_high, "p_value": res.p_value, "alternative": alternative}
 
 
-#: T2's name for the fused map of every layer (its last row, at depth ``len(names)``).
+#: The layer name of the fused map of every layer in :func:`layer_rows` (its last row, at depth ``len(names)``).
 FUSED_LAYER = "fused (all layers)"
 
 
@@ -254,7 +251,8 @@ def _nan_like(values: pd.Series) -> np.ndarray:
 
 
 def _keyed(scores: pd.DataFrame, layer: str, depth: int, image: np.ndarray) -> pd.DataFrame:
-    """``scores`` (one row per image) with T2's key columns ``layer, depth, image`` in front."""
+    """``scores`` (one row per image) with the key columns ``layer, depth, image`` in front."""
+    import pandas as pd
     return pd.concat([pd.DataFrame({"layer": layer, "depth": depth, "image": image}, index=scores.index), scores],
                      axis=1)
 
@@ -262,7 +260,7 @@ def _keyed(scores: pd.DataFrame, layer: str, depth: int, image: np.ndarray) -> p
 def layer_rows(scorer: Any, images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor | None,
                names: Sequence[str], stack: torch.Tensor, *, mode: str = "sum", normalize: str = "minmax",
                step: int | None = None, positions: torch.Tensor | None = None) -> pd.DataFrame:
-    """T2's per-image rows: each layer's map alone and the fused map without it, then the fused map.
+    """Per-image rows of the layer study: each layer's map alone and the fused map without it, then the fused map.
 
     One row per (layer, image), layers shallow to deep and then :data:`FUSED_LAYER`, images in order:
     ``layer, depth, image, deletion_auc, insertion_auc[, pointing, mass], loo_deletion_auc,
@@ -272,6 +270,7 @@ def layer_rows(scorer: Any, images: torch.Tensor, targets: torch.Tensor, masks: 
     the rows of a slice of the images are the rows of the whole batch at those images.
     ``positions`` (default ``0..B-1``) are the images' positions in the whole batch, for ``image``.
     """
+    import pandas as pd
     if stack.shape[1] != len(names):
         raise ValueError(f"stack has {stack.shape[1]} layers but {len(names)} names were given")
     image = np.arange(len(images)) if positions is None else torch.as_tensor(positions).numpy()
@@ -293,13 +292,14 @@ def layer_rows(scorer: Any, images: torch.Tensor, targets: torch.Tensor, masks: 
 
 
 def layer_table(rows: pd.DataFrame, *, resolutions: Mapping[str, Any] | None = None, seed: int = 0) -> pd.DataFrame:
-    """T2 from :func:`layer_rows`' per-image rows (of every image, in that order): one row per layer, then fused.
+    """A table from :func:`layer_rows`' per-image rows (of every image, in that order): one row per layer, then fused.
 
     Per layer the means of its map's AUCs (and pointing and mass, where the rows hold them); the
     leave-one-out effect ``loo_deletion_delta = mean(AUC_del(fused without l) − AUC_del(fused))``
     (positive: the layer helps), its paired two-sided Wilcoxon p-value (``seed`` for the bootstrap), and
     ``loo_insertion_delta = mean(AUC_ins(fused) − AUC_ins(fused without l))``.
     """
+    import pandas as pd
     _check_columns(rows, ["layer", "depth", "image", "deletion_auc", "insertion_auc", "loo_deletion_auc",
                           "loo_insertion_auc"], "rows")
     full = rows[rows["layer"] == FUSED_LAYER]
@@ -334,14 +334,14 @@ def layer_importance(scorer: Any, images: torch.Tensor, targets: torch.Tensor, m
                      names: Sequence[str], stack: torch.Tensor, *, resolutions: Mapping[str, Any] | None = None,
                      mode: str = "sum", normalize: str = "minmax", step: int | None = None,
                      seed: int = 0) -> pd.DataFrame:
-    """T2: each layer's own map scored on the black box, and its leave-one-out effect on the fused map.
+    """Layer importance: each layer's own map scored on the black box, and its leave-one-out effect on the fused map.
 
     For layer ``l``: deletion/insertion AUC, pointing and relevance mass of its map alone; then
     the fused map without ``l`` (``weights`` zero at ``l``) against the full fused map:
     ``loo_deletion_delta = AUC_del(fused without l) − AUC_del(fused)`` (positive: the fused map
     deletes worse without the layer, so the layer helps), with a paired two-sided Wilcoxon p-value.
     Insertion likewise, with the sign flipped so that positive again means the layer helps.
-    It is :func:`layer_table` of :func:`layer_rows` (which :mod:`lwcam.sharded` splits over processes).
+    It is :func:`layer_table` of :func:`layer_rows` (which :mod:`lwcam.study.sharded` splits over processes).
     """
     rows = layer_rows(scorer, images, targets, masks, names, stack, mode=mode, normalize=normalize, step=step)
     return layer_table(rows, resolutions=resolutions, seed=seed)

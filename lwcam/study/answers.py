@@ -12,8 +12,8 @@ into the four answers a reader comes for:
 * **size**: where layer-wise fusion helps (object size against the student's last-map cells, T5)?
 
 Every number and every verdict word of an answer comes from the tables, so an answer cannot
-contradict them after a rerun. :mod:`lwcam.docs` renders them into the README and the docs,
-:mod:`lwcam.report` onto the site's landing page.
+contradict them after a rerun. :mod:`lwcam.study.docs` renders them into the README and the docs,
+:mod:`lwcam.study.report` onto the site's landing page.
 
 Example:
     >>> import tempfile
@@ -91,6 +91,22 @@ def claim_verdict(mean_diff: float, p_value: float, alternative: str, alpha: flo
         raise ValueError(f"alternative must be 'less' or 'greater', got {alternative!r}")
     better = mean_diff < 0 if alternative == "less" else mean_diff > 0
     return "holds" if better and p_value < alpha else "does not hold"
+
+
+def claim_lines(claims: pd.DataFrame) -> list[str]:
+    """One line per claim, as the notebooks print it: the pair, the measure, the means, ``p`` and the verdict.
+
+    >>> t = pd.DataFrame({"a": ["lwcam"], "b": ["rise"], "metric": ["deletion_auc"], "n": [8], "mean_a": [0.1],
+    ...                   "mean_b": [0.2], "mean_diff": [-0.1], "p_value": [0.001], "alternative": ["less"]})
+    >>> claim_lines(t)
+    ['lwcam vs rise (deletion_auc, n=8): 0.100 vs 0.200, p = 0.001 -> holds']
+    """
+    lines = []
+    for _, c in with_verdicts(claims).iterrows():
+        subset = f", {c.subset}" if "subset" in claims else ""
+        lines.append(f"{c.a} vs {c.b} ({c.metric}{subset}, n={c.n}): {c.mean_a:.3f} vs {c.mean_b:.3f}, "
+                     f"p = {c.p_value:.3g} -> {c.verdict}")
+    return lines
 
 
 def with_verdicts(claims: pd.DataFrame) -> pd.DataFrame:

@@ -1,11 +1,11 @@
 """T4, the scorecard, sharded over the processes of a ``torch.distributed`` group (``--stage t4``).
 
-:func:`lwcam.scorecard.run_scorecard` in two shardings, each chosen so that every value is the one a single
+:func:`lwcam.study.scorecard.run_scorecard` in two shardings, each chosen so that every value is the one a single
 process computes:
 
 * **by scene**: the explanations (both classes of every scene) and the localisation measures
-  (:func:`lwcam.scorecard.score_objects`): each rank takes its contiguous slice of the scenes
-  (:func:`lwcam.sharded.shard_positions`). A scene's maps and measures depend on that scene only; the one
+  (:func:`lwcam.study.scorecard.score_objects`): each rank takes its contiguous slice of the scenes
+  (:func:`lwcam.study.sharded.shard_positions`). A scene's maps and measures depend on that scene only; the one
   exception, the random map, drawn per chunk of scenes, is drawn by every rank for all the scenes it draws
   in one process (it costs nothing) and cut to the rank's scenes;
 * **by method**: ROAD, the randomisation check and the robustness measures, taken on the first scenes
@@ -16,13 +16,13 @@ process computes:
   randomised models, and would otherwise load one rank).
 
 Rank 0 gathers every piece (``gather_object``), puts the rows in one process's order and finishes the result
-(:func:`lwcam.scorecard.finish_scorecard`); it alone writes tables, and only once every rank has answered.
+(:func:`lwcam.study.scorecard.finish_scorecard`); it alone writes tables, and only once every rank has answered.
 What may differ from one process is the rounding of a forward pass over a batch of another size (well below
 1e-6).
 
-The T4 stage of a profile (its inputs, the launch, the tables) is :mod:`lwcam.sharded`'s: ``python -m
-lwcam.pipeline evaluate --profile quick --stage t4 --nproc 2`` (``make evaluate STAGE=t4 NPROC=2``), or
-``torchrun ... -m lwcam.sharded --stage t4`` on each node.
+The T4 stage of a profile (its inputs, the launch, the tables) is :mod:`lwcam.study.sharded`'s: ``python -m
+lwcam.study.pipeline evaluate --profile quick --stage t4 --nproc 2`` (``make evaluate STAGE=t4 NPROC=2``), or
+``torchrun ... -m lwcam.study.sharded --stage t4`` on each node.
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .._checks import check_positive_int
+from ..scoring.evaluation import MethodRun
 from . import scorecard as sc
-from ._checks import check_positive_int
 from ._shards import (
     LAYOUT_METHODS,
     check_nproc,
@@ -46,7 +47,6 @@ from ._shards import (
     rank_and_world,
     shard_positions,
 )
-from .evaluation import MethodRun
 
 __all__ = ["T4Shard", "share_methods", "explain_shard_t4", "run_scorecard_sharded"]
 
@@ -63,11 +63,11 @@ class T4Shard:
 
 def explain_shard_t4(images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, positions: torch.Tensor, *,
                      methods: Sequence[str], limits: Mapping[str, int], **kwargs: Any) -> dict[str, MethodRun]:
-    """:func:`~lwcam.scorecard.explain_scenes` of the scenes at ``positions`` (of the whole batch), each run's
+    """:func:`~lwcam.study.scorecard.explain_scenes` of the scenes at ``positions`` (of the whole batch), each run's
     ``indices`` positions in the whole batch; a method with none of its scenes here is left out. ``limits``:
-    the scenes each method explains (:func:`~lwcam.scorecard.scene_limits`).
+    the scenes each method explains (:func:`~lwcam.study.scorecard.scene_limits`).
 
-    ``kwargs`` go to :func:`~lwcam.scorecard.explain_scenes` (models, ``method_params``, ``progress``).
+    ``kwargs`` go to :func:`~lwcam.study.scorecard.explain_scenes` (models, ``method_params``, ``progress``).
     """
     runs: dict[str, MethodRun] = {}
     for name in methods:
@@ -115,7 +115,7 @@ def share_methods(costs: Mapping[str, float], world: int) -> list[list[str]]:
 
 
 def _merge_runs(parts: Sequence[Mapping[str, MethodRun]], methods: Sequence[str]) -> dict[str, MethodRun]:
-    """The ranks' runs (in rank order) as one per method (:func:`lwcam._shards.merge_method_runs`)."""
+    """The ranks' runs (in rank order) as one per method (:func:`lwcam.study._shards.merge_method_runs`)."""
     return {name: merge_method_runs([p[name] for p in parts if name in p]) for name in methods}
 
 
@@ -150,7 +150,7 @@ def run_scorecard_sharded(images: torch.Tensor, labels: torch.Tensor, masks: tor
                           wrap: Callable[[nn.Module], Any] | None = None,
                           road_percentages: Sequence[float] = sc.SCORECARD_ROAD_PERCENTAGES, step: int | None = None,
                           seed: int = 0) -> sc.ScorecardResult | None:
-    """:func:`~lwcam.scorecard.run_scorecard` over the default process group (one process without one).
+    """:func:`~lwcam.study.scorecard.run_scorecard` over the default process group (one process without one).
 
     Every rank passes the same arguments; rank 0 returns the result of every scene, the others ``None``.
     """

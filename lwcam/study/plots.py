@@ -32,11 +32,11 @@ from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 from scipy import stats
 
-from ._ops import minmax_normalize
-from ._utils import atomic_write_bytes
-from .data import denormalize as _denormalize
-from .layercam import LayerMaps
-from .metrics import game_auc
+from .._ops import minmax_normalize
+from .._utils import atomic_write_bytes
+from ..cam.maps import LayerMaps
+from ..data import denormalize as _denormalize
+from ..scoring.games import game_auc
 
 __all__ = [
     "denormalize",
@@ -192,7 +192,7 @@ def plot_layer_maps(images: Any, layer_maps: Any, fused: Any, *, mean: Sequence[
 
     Args:
         images: (B,3,H,W) in the model's normalised space.
-        layer_maps: a :class:`~lwcam.layercam.LayerMaps`, or a dict ``name -> (B,h,w)`` (maps
+        layer_maps: a :class:`~lwcam.cam.maps.LayerMaps`, or a dict ``name -> (B,h,w)`` (maps
             smaller than the image are taken as native resolution and upsampled bilinearly).
         fused: (B,H,W) fused saliency.
         mean, std: the normalisation constants of ``images``.
@@ -252,7 +252,7 @@ def plot_method_grid(images: Any, saliencies: Mapping[str, Any], *, mean: Sequen
 
 
 def _mean_auc(curves: np.ndarray) -> float:
-    """Mean area under (B, n) curves, :func:`lwcam.metrics.game_auc`."""
+    """Mean area under (B, n) curves, :func:`lwcam.scoring.games.game_auc`."""
     return float(game_auc(torch.as_tensor(curves, dtype=torch.float64)).mean())
 
 
@@ -475,7 +475,7 @@ def plot_quality_vs_fidelity(table: Any, reference: Mapping[str, float], referen
 
     Args:
         table: rows with ``epoch``, ``setting``, ``agreement``, ``deletion_auc`` and ``insertion_auc``
-            (:func:`lwcam.analysis.quality_vs_fidelity`).
+            (:func:`lwcam.study.analysis.quality_vs_fidelity`).
         reference: ``{"deletion_auc": ..., "insertion_auc": ...}`` of a reference method on the same
             images, drawn as a horizontal line.
         reference_label: its name in the legend.
@@ -512,7 +512,7 @@ def plot_scorecard(ranks: Any, values: Any, higher_is_better: Mapping[str, bool]
     """F8: which method wins where, as a heat map of ranks (rows methods, columns measures) annotated with the values.
 
     Args:
-        ranks: DataFrame (methods × measures) of ranks, 1 = best (e.g. :func:`lwcam.scorecard.rank_table`).
+        ranks: DataFrame (methods × measures) of ranks, 1 = best (e.g. :func:`lwcam.study.scorecard.rank_table`).
         values: DataFrame of the same shape: the values written in the cells.
         higher_is_better: column -> direction; the column labels get ↑ (higher is better) or ↓.
         title: the figure's title.
@@ -550,7 +550,7 @@ def plot_resolution(t5: Any, measures: Mapping[str, tuple[str, bool]], methods: 
     """F9: each headline measure against object size, one line per method (and line style per student).
 
     Args:
-        t5: T5 (:func:`lwcam.resolution.resolution_table`): ``student``, ``size_bin``, ``method``, ``label``,
+        t5: T5 (:func:`lwcam.study.resolution.resolution_table`): ``student``, ``size_bin``, ``method``, ``label``,
             each measure with ``_ci_low`` and ``_ci_high``; bins small to large by ``median_size_cells``.
         measures: column -> (axis label, higher is better), one panel each.
         methods: the methods drawn (default all), in legend order.

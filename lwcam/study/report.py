@@ -1,9 +1,9 @@
 """The report: a profile's executed notebooks, figures and tables as one static HTML site.
 
-:func:`build` renders the executed notebooks that :func:`lwcam.pipeline.run` leaves in
+:func:`build` renders the executed notebooks that :func:`lwcam.study.pipeline.run` leaves in
 ``runs/<profile>/notebooks/`` with nbconvert's ``lab`` template, less every script that template
 would fetch from a CDN (require.js, MathJax, Mermaid, the widget manager), and writes a landing
-page that answers first: the run's answers in a few sentences (:func:`lwcam.answers.headline_answers`,
+page that answers first: the run's answers in a few sentences (:func:`lwcam.study.answers.headline_answers`,
 the same the README shows) beside the scorecard (F8) and methods (F3) figures; then the claims with
 their verdicts (a short summary per pair of methods, every claim folded in ``<details>``), T3
 (folded), every figure, the list of tables, the notebooks and the timings.
@@ -29,7 +29,7 @@ Failure behaviour:
 * A notebook whose cell raised (an ``error`` output or papermill's error marker) is built, and
   marked: a banner on the landing page and on that notebook's page names the notebook and the
   exception, and every table and figure that notebook makes is flagged as possibly stale or
-  incomplete. ``python -m lwcam.report build`` then exits with status 1, and ``check`` reports
+  incomplete. ``python -m lwcam.study.report build`` then exits with status 1, and ``check`` reports
   the banner as a problem.
 
 :func:`check_site` opens every page in headless Chromium (Debian's ``/usr/bin/chromium``, or
@@ -43,9 +43,9 @@ own ``parameters`` cell (``profile = "quick"``, what nbval runs on) and loses pa
 
 Command line::
 
-    python -m lwcam.report build --profile default     # site/index.html
-    python -m lwcam.report check --profile default     # browser check, reports/site_landing.png
-    python -m lwcam.report publish --profile default   # runs/default/notebooks -> notebooks/
+    python -m lwcam.study.report build --profile default     # site/index.html
+    python -m lwcam.study.report check --profile default     # browser check, reports/site_landing.png
+    python -m lwcam.study.report publish --profile default   # runs/default/notebooks -> notebooks/
 """
 
 from __future__ import annotations
@@ -483,7 +483,7 @@ def _figures_section(figures: list[Path], makers: Mapping[str, str], stale: Mapp
 def _tables_section(tables: list[Path], makers: Mapping[str, str], stale: Mapping[str, NotebookFailure]) -> str:
     rows = []
     for t in tables:
-        maker = makers.get(t.stem, "lwcam.pipeline" if t.stem == "timings" else
+        maker = makers.get(t.stem, "lwcam.study.pipeline" if t.stem == "timings" else
                            "benchmarks/" + t.stem + ".py" if t.stem.startswith("bench_") else "")
         link = f'<a href="notebooks/{maker}.html">{html.escape(maker)}</a>' if t.stem in makers else html.escape(maker)
         link += _stale_mark(t.stem, stale)
@@ -574,7 +574,7 @@ def _executed_notebooks(folder: Path, profile: str) -> list[Path]:
     found = sorted(folder.glob("*.ipynb"))
     if not found:
         raise FileNotFoundError(f"no executed notebooks under {folder}; run `make reproduce PROFILE={profile}` "
-                                "(python -m lwcam.pipeline run --profile ...) first")
+                                "(python -m lwcam.study.pipeline run --profile ...) first")
     return found
 
 
@@ -761,7 +761,7 @@ def build(profile: str = "default", root: str | os.PathLike | None = None, out: 
     staging = _staging_dir(out_dir)
     try:
         _write_site(staging, _Run(profile, base, shown_source, nbs, failures))
-        _install(staging, out_dir, claimed, {"generator": "lwcam.report", "profile": profile,
+        _install(staging, out_dir, claimed, {"generator": "lwcam.study.report", "profile": profile,
                                              "failed": [f.to_dict() for f in failures]})
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -944,7 +944,7 @@ def check_site(site: str | os.PathLike, screenshot: str | os.PathLike | None = N
         raise ImportError("check_site needs Playwright for Python (pip install playwright; in the dev extra)") from exc
     index = Path(site).resolve() / "index.html"
     if not index.exists():
-        raise FileNotFoundError(f"site: no {index}; build the site first (python -m lwcam.report build)")
+        raise FileNotFoundError(f"site: no {index}; build the site first (python -m lwcam.study.report build)")
     if browser is None:
         browser = find_browser()
         if browser is None:
@@ -1076,7 +1076,7 @@ def _visit(page: Any, path: Path, where: str, result: SiteCheck) -> tuple[set[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lwcam.report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lwcam.study.report", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     commands = {}
     for cmd, text in (("build", "build the static site from a profile's executed notebooks"),
