@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 ## NPROC=2 shards T3's and T4's explanations and measures (notebooks 04 and 05) over 2 processes on this machine.
 NPROC ?= 1
 reproduce: $(STAMP)
-	$(PY) -m lwcam.study.pipeline run --profile $(PROFILE) --nproc $(NPROC)
+	$(PY) -m lwcam.study run --profile $(PROFILE) --nproc $(NPROC)
 	$(PY) -m lwcam.study.docs
 
 ## A stage's per-image rows and tables sharded over NPROC processes on this machine. STAGE=t3 (the default):
@@ -34,7 +34,7 @@ reproduce: $(STAMP)
 ## docs/distributed.md.
 STAGE ?= t3
 evaluate: $(STAMP)
-	$(PY) -m lwcam.study.pipeline evaluate --profile $(PROFILE) --nproc $(NPROC) --stage $(STAGE)
+	$(PY) -m lwcam.study evaluate --profile $(PROFILE) --nproc $(NPROC) --stage $(STAGE)
 
 ## The README and docs/*.md, rendered from docs/templates/ and the tables under reports/ (every profile's).
 docs: $(STAMP)

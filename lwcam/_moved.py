@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["MOVED", "SPLIT", "install"]
+__all__ = ["MOVED", "RUN_AS", "SPLIT", "install"]
 
 #: old module -> its new home, for modules that moved whole.
 MOVED = {
@@ -39,6 +39,9 @@ MOVED = {
     "lwcam.fusion_recursive": "lwcam.cam.recursive",
     "lwcam.evaluation": "lwcam.scoring.evaluation",
 }
+
+#: ``python -m <old>`` runs this module where it is not the new home itself (the command line left the pipeline).
+RUN_AS = {"lwcam.pipeline": "lwcam.study"}
 
 #: old module -> the new modules its public names went to, for modules that were split.
 SPLIT = {
@@ -100,7 +103,7 @@ class _MovedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         """``python -m <old path>``: warn, then run the new module as ``__main__``."""
         if fullname not in MOVED:
             raise ImportError(f"{fullname} was split into {SPLIT.get(fullname)} and cannot be run")
-        new = MOVED[fullname]
+        new = RUN_AS.get(fullname, MOVED[fullname])
         source = (f"import runpy, warnings\n"
                   f"warnings.warn({fullname!r} + ' is deprecated; run python -m {new}', DeprecationWarning)\n"
                   f"runpy.run_module({new!r}, run_name='__main__', alter_sys=True)\n")

@@ -18,7 +18,7 @@ import sys
 import warnings
 
 import pytest
-from _imports import LWCAM, import_graph, module_files
+from _imports import LWCAM, import_graph, module_files, reaches
 
 from lwcam import _moved, scoring
 from lwcam.study import scorecard
@@ -27,20 +27,10 @@ ROOT = LWCAM.parent
 LIBRARY = sorted(m for m in module_files() if not (m == "lwcam.study" or m.startswith("lwcam.study.")))
 
 
-def _reach(graph: dict[str, set[str]], start: str) -> set[str]:
-    seen: set[str] = set()
-    todo = [start]
-    while todo:
-        for nxt in graph[todo.pop()] - seen:
-            seen.add(nxt)
-            todo.append(nxt)
-    return seen
-
-
 def test_the_library_never_imports_the_study():
     graph = import_graph()
     assert len(LIBRARY) >= 40 and "lwcam.study.pipeline" in graph
-    leaks = {m: sorted(r for r in _reach(graph, m) if r.startswith("lwcam.study")) for m in LIBRARY}
+    leaks = {m: sorted(r for r in reaches(graph, m) if r.startswith("lwcam.study")) for m in LIBRARY}
     assert {m: r for m, r in leaks.items() if r} == {}
 
 
@@ -53,7 +43,7 @@ def test_the_import_walk_sees_a_library_module_that_imports_the_study(tmp_path):
     (pkg / "study" / "pipeline.py").write_text("")
     (pkg / "data.py").write_text("def f():\n    from .study import pipeline\n")
     graph = import_graph(pkg)
-    assert "lwcam.study.pipeline" in _reach(graph, "lwcam.data")
+    assert "lwcam.study.pipeline" in reaches(graph, "lwcam.data")
 
 
 BLOCKER = """
@@ -190,7 +180,7 @@ def test_python_m_on_an_old_path_runs_the_new_module_and_warns():
     out = subprocess.run([sys.executable, "-m", "lwcam.pipeline", "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "lwcam.study.pipeline" in out.stdout and "DeprecationWarning" in out.stderr
+    assert "python -m lwcam.study" in out.stdout and "DeprecationWarning" in out.stderr
 
 
 def test_an_unknown_module_is_not_found_by_the_old_paths_finder():

@@ -27,7 +27,7 @@ from lwcam.scoring.evaluation import (
     score_saliency,
     summarize,
 )
-from lwcam.study import pipeline
+from lwcam.study import cli, pipeline
 from lwcam.study.sharded import (
     T3Inputs,
     check_nproc,
@@ -92,7 +92,7 @@ def test_more_processes_than_images_is_refused() -> None:
 def test_cli_refuses_a_bad_nproc_before_any_work(value, words, capsys, monkeypatch) -> None:
     monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit) as stop:
-        pipeline.main(["evaluate", "--profile", "quick", "--nproc", value])
+        cli.main(["evaluate", "--profile", "quick", "--nproc", value])
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "--nproc" in err and words in err
@@ -104,7 +104,7 @@ def test_cli_refuses_a_bad_nproc_before_any_work(value, words, capsys, monkeypat
 def test_cli_checks_nproc_against_the_stages_images(stage, value, words, capsys, monkeypatch) -> None:
     monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit) as stop:
-        pipeline.main(["evaluate", "--profile", "quick", "--stage", stage, "--nproc", value])
+        cli.main(["evaluate", "--profile", "quick", "--stage", stage, "--nproc", value])
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "--nproc" in err and words in err
@@ -113,7 +113,7 @@ def test_cli_checks_nproc_against_the_stages_images(stage, value, words, capsys,
 def test_cli_refuses_an_unknown_stage(capsys, monkeypatch) -> None:
     monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit) as stop:
-        pipeline.main(["evaluate", "--profile", "quick", "--stage", "t5", "--nproc", "1"])
+        cli.main(["evaluate", "--profile", "quick", "--stage", "t5", "--nproc", "1"])
     assert stop.value.code == 2
     assert "--stage" in capsys.readouterr().err
 
@@ -319,14 +319,14 @@ game_steps: 8
 
 @pytest.mark.slow
 def test_the_evaluate_command_on_two_processes_writes_one_process_tables(tmp_path) -> None:
-    """``python -m lwcam.study.pipeline evaluate`` on a project of its own: teacher, student and fusion made first,
+    """``python -m lwcam.study evaluate`` on a project of its own: teacher, student and fusion made first,
     then T3 over two processes, then over one; the same rows and tables but for the seconds."""
     (tmp_path / "pyproject.toml").write_text("")
     (tmp_path / "params").mkdir()
     (tmp_path / "params" / "tiny.yaml").write_text(TINY_PROFILE)
     rows, tables = {}, {}
     for nproc in (2, 1):
-        cmd = [sys.executable, "-m", "lwcam.study.pipeline", "evaluate", "--profile", "tiny", "--nproc", str(nproc)]
+        cmd = [sys.executable, "-m", "lwcam.study", "evaluate", "--profile", "tiny", "--nproc", str(nproc)]
         proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), timeout=400, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert f"T3 over {nproc} processes" in proc.stdout

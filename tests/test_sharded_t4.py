@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import torch
 
-from lwcam.study import pipeline, scorecard
+from lwcam.study import cli, pipeline, scorecard
 from lwcam.study.sharded import stage_images, stage_names, stage_outputs
 from lwcam.study.sharded_t4 import explain_shard_t4, run_scorecard_sharded
 
@@ -135,7 +135,7 @@ WALL_TIME = ("seconds_per_image", "seconds_per_scene")
 
 @pytest.mark.slow
 def test_run_with_two_processes_gives_notebooks_04_and_05_the_tables_of_one(tmp_path) -> None:
-    """``python -m lwcam.study.pipeline run --nproc 2`` on a project of its own: notebooks 04 and 05 shard T3 and T4
+    """``python -m lwcam.study run --nproc 2`` on a project of its own: notebooks 04 and 05 shard T3 and T4
     over two processes; the same tables as with one, but for the wall-time columns."""
     import shutil
 
@@ -147,7 +147,7 @@ def test_run_with_two_processes_gives_notebooks_04_and_05_the_tables_of_one(tmp_
     shutil.copytree(ROOT / "notebooks", tmp_path / "notebooks", ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
     tables = {}
     for nproc in (2, 1):
-        cmd = [sys.executable, "-m", "lwcam.study.pipeline", "run", "--profile", "tiny", "--nproc", str(nproc),
+        cmd = [sys.executable, "-m", "lwcam.study", "run", "--profile", "tiny", "--nproc", str(nproc),
                "--only", "04_deletion_game", "05_scorecard"]
         scratch = tmp_path / "scratch"  # the run's temporary folder: the sharded results pass through it
         scratch.mkdir(exist_ok=True)
@@ -167,7 +167,7 @@ def test_run_with_two_processes_gives_notebooks_04_and_05_the_tables_of_one(tmp_
 
 def test_run_refuses_a_bad_nproc_by_name(capsys) -> None:
     with pytest.raises(SystemExit):
-        pipeline.main(["run", "--profile", "quick", "--nproc", "0"])
+        cli.main(["run", "--profile", "quick", "--nproc", "0"])
     assert "argument --nproc: --nproc must be at least 1, got 0" in capsys.readouterr().err
     with pytest.raises(ValueError, match="overrides= needs nproc=1"):
         pipeline.run("quick", nproc=2, overrides={"n_eval": 4})
@@ -189,7 +189,7 @@ def test_a_notebook_reads_its_process_count_from_the_environment(monkeypatch) ->
 @pytest.mark.parametrize("stage, what", [("t4", "T4"), ("all", "T2, T3 and T4")])
 def test_the_evaluate_command_names_the_t4_stage(stage, what, capsys, monkeypatch) -> None:
     calls = []
-    monkeypatch.setattr(pipeline, "evaluate", lambda *a, **k: calls.append((a, k)) or [])
-    assert pipeline.main(["evaluate", "--profile", "quick", "--stage", stage, "--nproc", "1"]) == 0
+    monkeypatch.setattr(cli, "evaluate", lambda *a, **k: calls.append((a, k)) or [])
+    assert cli.main(["evaluate", "--profile", "quick", "--stage", stage, "--nproc", "1"]) == 0
     assert calls[0][1]["stage"] == stage
     assert f"profile quick: {what} over 1 processes" in capsys.readouterr().out

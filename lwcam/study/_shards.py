@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import io
 import numbers
+import os
+import socket
+import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +22,7 @@ import torch.distributed as dist
 from .._utils import atomic_write_bytes
 
 __all__ = ["LAYOUT_METHODS", "check_nproc", "shard_positions", "rank_and_world", "gather_to_rank0",
-           "merge_method_runs", "save_result"]
+           "merge_method_runs", "save_result", "ShardedRunError", "launch"]
 
 T = TypeVar("T")
 
@@ -96,3 +99,64 @@ def save_result(value: Any, path: Path) -> list[Path]:
     torch.save(value, buffer)
     atomic_write_bytes(buffer.getvalue(), Path(path))
     return [Path(path)]
+
+
+class ShardedRunError(RuntimeError):
+    """A sharded run failed: a rank ended with an error or was killed; the message names the rank."""
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _describe(failure: Any) -> str:
+    """How one process ended: its exit code or signal, and its error where it reported one."""
+    how = f"exit code {failure.exitcode}" if failure.exitcode >= 0 else f"signal {-failure.exitcode}"
+    message = failure.message.get("message", "") if isinstance(failure.message, dict) else failure.message
+    message = str(message).strip()
+    if failure.exitcode < 0 or not message or message.startswith("To enable traceback"):
+        return f"{how}, no error reported: killed, or ended without a Python exception"
+    return f"{how}: {message[:1000]}"
+
+
+def _failure_message(err: Any) -> str:
+    """The first rank to fail, how and why; the ranks that failed after it, and those the launcher stopped
+    (``SIGTERM``); from ``torch.distributed.elastic``'s ``ChildFailedError``."""
+    failures = err.failures
+    own = [r for r in failures if failures[r].exitcode != -15] or list(failures)
+    first = min(own, key=lambda r: (failures[r].timestamp, r))
+    text = f"rank {first} failed ({_describe(failures[first])})"
+    for rank in sorted(r for r in own if r != first):
+        text += f"; rank {rank} failed too ({_describe(failures[rank])})"
+    stopped = sorted(r for r in failures if r not in own)
+    if stopped:
+        text += f"; rank(s) {', '.join(map(str, stopped))} stopped"
+    return text + "; no table was written"
+
+
+def launch(args: Sequence[str], nproc: int, *, port: int | None = None,
+           rendezvous_timeout_s: int = 300) -> None:
+    """Run ``python -u <args>`` in ``nproc`` processes on this machine, as ``torchrun`` would start them.
+
+    The processes meet at 127.0.0.1 on ``port`` (default: a free one) and see ``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; ``OMP_NUM_THREADS`` is 1 unless it is set. No
+    process is restarted: the first to fail ends the run (the others are stopped) and
+    :class:`ShardedRunError` names its rank.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    nproc = check_nproc(nproc)
+    port = _free_port() if port is None else port
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"lwcam-{os.getpid()}",
+                          rdzv_backend="static", rdzv_endpoint=f"127.0.0.1:{port}",
+                          rdzv_configs={"rank": 0, "timeout": rendezvous_timeout_s}, max_restarts=0,
+                          monitor_interval=0.1, start_method="spawn", shutdown_timeout=10)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        elastic_launch(config, sys.executable)("-u", *args)
+    except ChildFailedError as err:
+        raise ShardedRunError(_failure_message(err)) from None

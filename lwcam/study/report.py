@@ -574,7 +574,7 @@ def _executed_notebooks(folder: Path, profile: str) -> list[Path]:
     found = sorted(folder.glob("*.ipynb"))
     if not found:
         raise FileNotFoundError(f"no executed notebooks under {folder}; run `make reproduce PROFILE={profile}` "
-                                "(python -m lwcam.study.pipeline run --profile ...) first")
+                                "(python -m lwcam.study run --profile ...) first")
     return found
 
 

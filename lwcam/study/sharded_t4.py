@@ -21,7 +21,7 @@ What may differ from one process is the rounding of a forward pass over a batch 
 1e-6).
 
 The T4 stage of a profile (its inputs, the launch, the tables) is :mod:`lwcam.study.sharded`'s: ``python -m
-lwcam.study.pipeline evaluate --profile quick --stage t4 --nproc 2`` (``make evaluate STAGE=t4 NPROC=2``), or
+lwcam.study evaluate --profile quick --stage t4 --nproc 2`` (``make evaluate STAGE=t4 NPROC=2``), or
 ``torchrun ... -m lwcam.study.sharded --stage t4`` on each node.
 """
 
