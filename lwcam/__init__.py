@@ -51,7 +51,7 @@ _SUBMODULES = frozenset(m.name for m in pkgutil.iter_modules(__path__) if not m.
 def __getattr__(name: str) -> Any:  # lazy: importing lwcam stays cheap
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    if name in _SUBMODULES or f"lwcam.{name}" in _moved.MOVED or f"lwcam.{name}" in _moved.SPLIT:
+    if name in _SUBMODULES or f"lwcam.{name}" in _moved.OLD_PATHS:
         return importlib.import_module(f"lwcam.{name}")
     raise AttributeError(f"module 'lwcam' has no attribute {name!r}")
 

@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["MOVED", "RUN_AS", "SPLIT", "install"]
+__all__ = ["MOVED", "RUN_AS", "SPLIT", "OLD_PATHS", "install"]
 
 #: old module -> its new home, for modules that moved whole.
 MOVED = {
@@ -50,6 +50,10 @@ SPLIT = {
     "lwcam.measures": ("lwcam.scoring.localisation", "lwcam.scoring.faithfulness", "lwcam.scoring.randomisation",
                        "lwcam.scoring.robustness", "lwcam.scoring.complexity", "lwcam.scoring.correlation"),
 }
+
+
+#: every old path the finder answers for
+OLD_PATHS = frozenset(MOVED) | frozenset(SPLIT)
 
 
 def _stacklevel() -> int:
@@ -80,7 +84,7 @@ class _MovedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def find_spec(self, fullname: str, path: Sequence[str] | None = None,
                   target: types.ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
-        if fullname in MOVED or fullname in SPLIT:
+        if fullname in OLD_PATHS:
             return importlib.machinery.ModuleSpec(fullname, self)
         return None
 

@@ -49,7 +49,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -168,7 +168,7 @@ class LayerwiseGradCAM:
                     f"layers must be 'auto' or a sequence of layer names/modules, got {layers!r}")
             self._requested: list[str] = []
         else:
-            self._requested = self._resolve_explicit(layers)
+            self._requested = resolve_layers(self._modules, layers)
         self._names: list[str] | None = None  # resolved and ordered on the first call
         self._handles: list[Any] = []
         self._hooked: list[str] = []
@@ -205,10 +205,6 @@ class LayerwiseGradCAM:
         return f"LayerwiseGradCAM({type(self.model).__name__}, layers={layers}, weighting={self.weighting!r})"
 
     # ------------------------------------------------------------------ layer bookkeeping
-    def _resolve_explicit(self, layers: Iterable[str | nn.Module]) -> list[str]:
-        return resolve_layers(self._modules, layers)
-
-
     def _hook_targets(self) -> list[str]:
         if self._names is not None:
             return list(self._names)

@@ -1,14 +1,14 @@
 """One layer's class activation map from its activations and gradients, and the maps of many layers.
 
-:func:`layer_cam` is the formula of every weighting (``gradcam``, ``layercam``, ``hirescam``; see
+One function holds the formula of every weighting (``gradcam``, ``layercam``, ``hirescam``; see
 :mod:`lwcam.cam.layerwise` for the equations); :class:`LayerMaps` holds one batch's maps of every layer,
-raw and upsampled to the input size, and fuses them (:func:`lwcam.cam.fusion.fuse`).
+raw and upsampled to the input size, and fuses them (:func:`lwcam.cam.fusion.fuse`);
+:class:`ClassifierOutputTarget` is the default target, one class's logit.
 
 Example:
     >>> import torch
-    >>> act, grad = torch.ones(1, 2, 2, 2), torch.ones(1, 2, 2, 2)
-    >>> _layer_cam(act, grad, "gradcam").tolist()
-    [[[2.0, 2.0], [2.0, 2.0]]]
+    >>> ClassifierOutputTarget(1)(torch.tensor([[0.5, 2.0], [1.0, -1.0]])).tolist()
+    [2.0, -1.0]
 """
 
 from __future__ import annotations
@@ -201,8 +201,9 @@ def _upsample(cam: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 def upsample_layers(raw: Sequence[Tensor], size: tuple[int, int]) -> Tensor:
-    """Native-resolution layer maps (:func:`raw_layer_maps`) as the (B,L,H,W) stack of upsampled maps that
-    :func:`layer_maps_all_weightings` returns, so one pass serves both the sums and the class-preserving fusions.
+    """Native-resolution layer maps (:func:`lwcam.cam.batched.raw_layer_maps`) as the (B,L,H,W) stack of upsampled
+    maps that :func:`lwcam.cam.batched.layer_maps_all_weightings` returns, so one pass serves both the sums and
+    the class-preserving fusions.
 
     Example:
         >>> upsample_layers([torch.ones(2, 4, 4), torch.zeros(2, 2, 2)], (8, 8)).shape

@@ -2,8 +2,9 @@
 
 As Quantus states each metric's ``evaluation_category`` and ``score_direction`` on the metric itself,
 every public score of :mod:`lwcam.scoring` is declared with :func:`score`, which records a
-:class:`ScoreInfo` in :data:`SCORES` and on the function (``fn.score_info``). A table or a plot that
-needs to know whether higher is better reads it from here, never from a copy of its own.
+:class:`ScoreInfo` in :data:`SCORES` and on the function (``fn.score_info``). A table column that is a
+score's value states the same direction; ``tests/test_architecture.py`` checks the scorecard's columns
+against these declarations (a column derived from a score, such as a difference, states its own).
 
 Example:
     >>> @score("complexity", "higher", needs=())

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import sharded
-from ._shards import ShardedRunError, check_nproc
+from ._shards import ShardedRunError, check_nproc, launch
 from .pipeline import load_profile, project_root, run
 
 __all__ = ["evaluate", "main"]
@@ -46,23 +46,21 @@ def evaluate(profile: str = "default", nproc: int = 1, root: str | os.PathLike |
     names = sharded.stage_names(stage)
     params = load_profile(profile, base)
     for name in names:
-        sharded.check_nproc(nproc, sharded.stage_images(params, name)[0])
+        check_nproc(nproc, sharded.stage_images(params, name)[0])
     if nproc == 1:
         return sharded.run_worker(profile, str(base), timeout_s, stage)
     prepare: dict[str, Any] = {"t2": sharded.prepare_t2, "t3": sharded.prepare_t3, "t4": sharded.prepare_t4}
     outputs = [path for name in names for path in sharded.stage_outputs(prepare[name](profile, base).paths, name)]
-    sharded.launch(["-m", "lwcam.study.sharded", "--profile", profile, "--root", str(base), "--timeout", str(timeout_s),
+    launch(["-m", "lwcam.study.sharded", "--profile", profile, "--root", str(base), "--timeout", str(timeout_s),
                     "--stage", stage], nproc)
     return outputs
 
 
 def _check_evaluate_nproc(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """``parser.error`` naming ``--nproc`` when it is not a process count every stage of ``--stage`` can shard."""
-    from .sharded import stage_images, stage_names
-
     params = load_profile(args.profile)
-    for name in stage_names(args.stage):
-        n_images, key = stage_images(params, name)
+    for name in sharded.stage_names(args.stage):
+        n_images, key = sharded.stage_images(params, name)
         try:
             check_nproc(args.nproc, n_images)
         except (TypeError, ValueError) as err:
